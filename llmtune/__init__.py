@@ -1,0 +1,1 @@
+"""llmtune: find good LoRA / QLoRA hyperparameters."""
