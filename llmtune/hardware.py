@@ -1,0 +1,106 @@
+"""The one door to hardware and optional libraries: CUDA, bitsandbytes, NVML, trackers.
+
+Everything here is cached and cheap. The search process (the parent) may call `gpu_count` and
+`gpu_memory_bytes`, which use NVML and never create a CUDA context: only trial processes do.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+
+class MissingDependency(RuntimeError):
+    """An optional library a setting needs is not installed or not usable here."""
+
+
+@functools.lru_cache(maxsize=1)
+def _nvml():
+    """Initialised pynvml module, or None when there is no NVIDIA driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:  # no library, no driver, no device: all mean "no NVML"
+        return None
+
+
+def gpu_count() -> int:
+    """Visible NVIDIA GPUs, without touching CUDA (safe in the parent process)."""
+    nvml = _nvml()
+    if nvml is None:
+        return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    n = nvml.nvmlDeviceGetCount()
+    if visible is not None:
+        return len([v for v in visible.split(",") if v.strip() and v.strip() != "-1"])
+    return n
+
+
+def gpu_memory_bytes(index: int = 0) -> int | None:
+    """Total memory of a GPU (NVML index), or None without NVML."""
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        return int(nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index)).total)
+    except Exception:
+        return None
+
+
+def cuda_available() -> bool:
+    """CUDA usable by torch in this process (call only inside trial processes)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "cpu":
+        return "cpu"
+    if cuda_available():
+        return "cuda"
+    if requested == "cuda":
+        raise MissingDependency("train.device is cuda but torch sees no CUDA GPU; install a CUDA build of torch or set train.device: auto")
+    return "cpu"
+
+
+def bitsandbytes_ready(device: str) -> None:
+    """Raise a clear error when 8/4-bit quantization cannot run on this device."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MissingDependency("quantization 8bit/4bit needs bitsandbytes: pip install bitsandbytes")
+    if device == "cpu":
+        return  # bitsandbytes >= 0.45 ships CPU kernels for 4-bit and 8-bit layers
+    import bitsandbytes  # noqa: F401  (fails early with its own message when its CUDA library is broken)
+
+
+def tracker_ready(name: str) -> None:
+    module = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}[name]
+    if importlib.util.find_spec(module) is None:
+        raise MissingDependency(f"train.report_to names {name}, which is not installed: pip install {module}")
+
+
+def process_gpu_memory_bytes(device_index: int = 0) -> int | None:
+    """GPU memory NVML sees used by this process on a device (includes the CUDA context)."""
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        handle = nvml.nvmlDeviceGetHandleByIndex(device_index)
+        pid = os.getpid()
+        for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == pid and proc.usedGpuMemory is not None:
+                return int(proc.usedGpuMemory)
+        # In containers pids differ from the host's: fall back to the device's used memory.
+        return int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
+    except Exception:
+        return None
+
+
+def nvml_index_of_current_device() -> int:
+    """NVML index of CUDA device 0 of this process (CUDA_VISIBLE_DEVICES maps them)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    first = visible.split(",")[0].strip() if visible else "0"
+    return int(first) if first.isdigit() else 0

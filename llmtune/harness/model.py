@@ -1,0 +1,121 @@
+"""Load the base model (16/32-bit, 8-bit or 4-bit) and put the trial's LoRA adapter on it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llmtune import hardware
+from llmtune.recipe import ModelConfig
+from llmtune.space import resolve_target_modules
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def pick_dtype(requested: str, device: str) -> torch.dtype:
+    """auto: bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU (fast and exact there)."""
+    if requested != "auto":
+        return DTYPES[requested]
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(settings: dict[str, Any], dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    q = settings["quantization"]
+    if q == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if q == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=settings["bnb_4bit_quant_type"],
+            bnb_4bit_use_double_quant=bool(settings["bnb_4bit_use_double_quant"]),
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    return None
+
+
+def resolved_model_path(cfg: ModelConfig) -> str:
+    from llmtune.tiny import resolve_model_name
+
+    return resolve_model_name(cfg.name, log=None)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolved_model_path(cfg), revision=cfg.revision,
+                                        trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked out of attention and loss, any id works
+    return tok
+
+
+def load_base(cfg: ModelConfig, settings: dict[str, Any], device: str, dtype: torch.dtype):
+    """The frozen base model on `device`, quantized as the trial asks."""
+    from transformers import AutoModelForCausalLM
+
+    qconfig = quantization_config(settings, dtype)
+    if qconfig is not None:
+        hardware.bitsandbytes_ready(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolved_model_path(cfg),
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=dtype,
+        quantization_config=qconfig,
+        attn_implementation=cfg.attn_implementation,
+        device_map={"": device} if (qconfig is not None or device == "cuda") else None,
+    )
+    model.config.use_cache = False  # no KV cache while training; generation turns it back on
+    return model
+
+
+def apply_lora(model: Any, settings: dict[str, Any]):
+    """Wrap the base with the trial's LoRA adapter; gradient checkpointing as asked."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    checkpointing = bool(settings["gradient_checkpointing"])
+    ckpt_kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen inputs, no input grads hack
+    if settings["quantization"] != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs=ckpt_kwargs)
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    targets = resolve_target_modules(settings["lora_target_modules"])
+    if isinstance(targets, list):
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in targets if t not in names]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise ValueError(f"search.lora_target_modules: {missing} not in this model; its linear layers are {linear}")
+    lora = LoraConfig(
+        r=int(settings["lora_r"]),
+        lora_alpha=float(settings["lora_alpha"]),
+        lora_dropout=float(settings["lora_dropout"]),
+        target_modules=targets,
+        use_rslora=bool(settings["use_rslora"]),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def count_params(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit packed weights counted as their logical size."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return int(trainable), int(total)
+
+
+def quantized_layer_types(model: Any) -> dict[str, int]:
+    """How many layers of each bitsandbytes type the model holds (for reports and tests)."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        name = type(m).__name__
+        if name in ("Linear4bit", "Linear8bitLt"):
+            counts[name] = counts.get(name, 0) + 1
+    return counts

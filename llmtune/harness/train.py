@@ -1,0 +1,287 @@
+"""Run one trial: load, adapt, train on the planned batches with periodic eval, measure, save.
+
+`run_trial` is what a trial process executes. It talks to its parent only through `on_event`
+(phase changes, progress, and each eval, whose answer may be "stop": the pruner's verdict).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtune import hardware
+from llmtune.harness import data as D
+from llmtune.harness import model as M
+from llmtune.harness.measure import GiB, measure_latency, sync, track_peak_memory
+from llmtune.recipe import Recipe
+from llmtune.result import COMPLETE, CRASHED, OOM, PRUNED, TrialResult
+from llmtune.space import trial_settings
+
+EventFn = Callable[[dict[str, Any]], Any]
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("llmtune", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "optuna"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def eval_fractions(recipe: Recipe, extra: list[float] | None = None) -> list[float]:
+    """0 (the untrained adapter = base model), the recipe's evenly spaced points, and extra ones."""
+    n = recipe.train.eval_points
+    points = {0.0, *(round(i / n, 6) for i in range(1, n + 1)), *(round(f, 6) for f in (extra or []))}
+    return sorted(p for p in points if 0.0 <= p <= 1.0)
+
+
+def _tensors(batch: D.Batch, device: str) -> dict[str, torch.Tensor]:
+    out = {"input_ids": torch.tensor(batch.input_ids, device=device)}
+    if batch.attention_mask is not None:
+        out["attention_mask"] = torch.tensor(batch.attention_mask, device=device)
+    if batch.position_ids is not None:
+        out["position_ids"] = torch.tensor(batch.position_ids, device=device)
+    return out
+
+
+def _loss_sum(model: Any, batch: D.Batch, device: str) -> torch.Tensor:
+    """Summed next-token cross-entropy over the batch's label tokens (float32)."""
+    logits = model(**_tensors(batch, device), use_cache=False).logits
+    labels = torch.tensor(batch.labels, device=device)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=D.IGNORE, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model: Any, batches: list[D.Batch], device: str) -> float:
+    """Token-weighted mean loss over the fixed eval set (independent of batch size)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for b in batches:
+        total += float(_loss_sum(model, b, device))
+        count += b.label_tokens
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if name in ("adamw_8bit", "paged_adamw_8bit"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit
+        return cls(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=params[0].is_cuda)
+
+
+class _Trackers:
+    """Training logs to tensorboard / mlflow / wandb when the recipe's train.report_to asks."""
+
+    def __init__(self, names: list[str], out_dir: Path, run_name: str, config: dict[str, Any]):
+        self.sinks: list[Callable[[dict[str, float], int], None]] = []
+        for name in names:
+            hardware.tracker_ready(name)
+            if name == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(out_dir / "tensorboard"))
+                self.sinks.append(lambda m, s, w=writer: [w.add_scalar(k, v, s) for k, v in m.items()] and w.flush())
+            elif name == "mlflow":
+                import mlflow
+
+                mlflow.start_run(run_name=run_name)
+                mlflow.log_params({k: str(v) for k, v in config.items()})
+                self.sinks.append(lambda m, s: mlflow.log_metrics(m, step=s))
+            elif name == "wandb":
+                import wandb
+
+                wandb.init(project=os.environ.get("WANDB_PROJECT", "llmtune"), name=run_name, config=config)
+                self.sinks.append(lambda m, s: wandb.log(m, step=s))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for sink in self.sinks:
+            sink(metrics, step)
+
+
+def _inject_fault(trial_number: int | None) -> None:
+    """Test hook: LLMTUNE_FAULT='oom', 'crash' or 'hang', optionally '@1,3' for given trial numbers."""
+    fault = os.environ.get("LLMTUNE_FAULT", "")
+    if not fault:
+        return
+    kind, _, which = fault.partition("@")
+    if which and str(trial_number) not in which.split(","):
+        return
+    if kind == "oom":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by LLMTUNE_FAULT)")
+    if kind == "crash":
+        raise RuntimeError("injected crash (LLMTUNE_FAULT)")
+    if kind == "hang":
+        time.sleep(10**6)
+
+
+def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fractions: list[float] | None = None,
+              on_event: EventFn | None = None, trial_number: int | None = None, save_adapter: bool = True) -> TrialResult:
+    """Run one trial and return its result (also written to out_dir/result.json).
+
+    Out-of-memory becomes status "oom"; any other error "crashed" with the traceback tail.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = trial_settings(values)
+    emit = on_event or (lambda event: None)
+    result = TrialResult(status=COMPLETE, settings=settings)
+    started = time.perf_counter()
+    try:
+        _run(recipe, settings, out, fractions or eval_fractions(recipe), emit, result, trial_number, save_adapter)
+    except torch.OutOfMemoryError as e:
+        result.status, result.reason = OOM, f"out of memory: {str(e).splitlines()[0][:300]}"
+    except MemoryError:
+        result.status, result.reason = OOM, "out of host memory (MemoryError)"
+    except Exception as e:
+        result.status = CRASHED
+        result.reason = f"{type(e).__name__}: {e}"[:2000]
+        result.info["traceback"] = traceback.format_exc()[-4000:]
+    result.info["wall_time_s"] = time.perf_counter() - started
+    result.save(out / "result.json")
+    return result
+
+
+def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[float], emit: EventFn,
+         result: TrialResult, trial_number: int | None, save_adapter: bool) -> None:
+    info = result.info
+    info.update(versions=_versions(), trial_number=trial_number, output_dir=str(out))
+    threads = os.environ.get("LLMTUNE_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    torch.manual_seed(recipe.train.seed)
+
+    emit({"event": "phase", "phase": "loading"})
+    t0 = time.perf_counter()
+    device = hardware.resolve_device(recipe.train.device)
+    dtype = M.pick_dtype(recipe.model.dtype, device)
+    info.update(device=device, dtype=str(dtype).removeprefix("torch."))
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    tokenizer = M.load_tokenizer(recipe.model)
+    splits = D.load_splits(recipe.data)
+    info["data_fingerprint"] = splits.fingerprint
+    seq_len = int(settings["sequence_len"])
+    train_examples, dropped = D.encode_all(splits.train, recipe.data, tokenizer, seq_len)
+    eval_examples, _ = D.encode_all(splits.eval, recipe.data, tokenizer, recipe.data.eval_max_length)
+    plan = D.plan_batches(train_examples, budget=recipe.train.budget, micro_batch_size=int(settings["micro_batch_size"]),
+                          grad_accum=recipe.train.gradient_accumulation_steps, sequence_len=seq_len,
+                          packing=bool(settings["sample_packing"]), pad_id=tokenizer.pad_token_id, seed=recipe.train.seed)
+    eval_set = D.eval_batches(eval_examples, recipe.train.eval_batch_size, tokenizer.pad_token_id)
+    totals = plan.totals()
+    info.update(plan=totals, padding_share=D.padding_share(plan), dropped_examples=dropped,
+                truncated_examples=sum(e.truncated for e in train_examples),
+                eval_examples=len(eval_examples), eval_tokens=sum(b.label_tokens for b in eval_set))
+
+    base = M.load_base(recipe.model, settings, device, dtype)
+    model = M.apply_lora(base, settings)
+    trainable, total = M.count_params(model)
+    result.metrics["trainable_params"] = float(trainable)
+    info.update(total_params=total, quantized_layers=M.quantized_layer_types(model),
+                gradient_checkpointing=bool(getattr(model, "is_gradient_checkpointing", False)))
+    info["load_s"] = time.perf_counter() - t0
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(recipe.train.optimizer, params, float(settings["learning_rate"]), recipe.train.weight_decay)
+    n_steps = len(plan.steps)
+    warmup = settings.get("warmup_steps")
+    warmup = int(warmup) if warmup is not None else int(math.ceil(float(settings["warmup_ratio"]) * n_steps))
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(recipe.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=n_steps)
+    trackers = _Trackers(recipe.train.report_to, out, f"trial-{trial_number}", settings)
+
+    eval_after = {plan.step_at(f): f for f in sorted(fractions) if f > 0}
+    eval_s = 0.0
+
+    def run_eval(fraction: float, step: int) -> bool:
+        nonlocal eval_s
+        emit({"event": "phase", "phase": "eval"})
+        t = time.perf_counter()
+        loss = evaluate(model, eval_set, device)
+        eval_s += time.perf_counter() - t
+        result.curve.append([fraction, loss])
+        trackers.log({"eval/loss": loss}, step)
+        stop = emit({"event": "eval", "fraction": fraction, "eval_loss": loss, "step": step})
+        emit({"event": "phase", "phase": "train"})
+        return bool(stop)
+
+    if 0.0 in fractions:
+        run_eval(0.0, 0)
+    model.train()
+    train_s = 0.0
+    real_tokens = examples_seen = 0
+    last_progress = time.perf_counter()
+    stopped = False
+    with track_peak_memory(device) as train_peak:
+        for i, step in enumerate(plan.steps):
+            if i == 0:
+                _inject_fault(trial_number)
+            sync(device)
+            t = time.perf_counter()
+            n_labels = max(1, sum(b.label_tokens for b in step))
+            step_loss = 0.0
+            for batch in step:
+                loss = _loss_sum(model, batch, device) / n_labels
+                loss.backward()
+                step_loss += float(loss.detach())
+            if recipe.train.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync(device)
+            train_s += time.perf_counter() - t
+            real_tokens += sum(b.real_tokens for b in step)
+            examples_seen += sum(b.examples for b in step)
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"training loss became {step_loss} at step {i + 1}; lower learning_rate")
+            if time.perf_counter() - last_progress > 1.0 or i == n_steps - 1:
+                trackers.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0]}, i + 1)
+                emit({"event": "progress", "fraction": plan.progress[i], "step": i + 1, "steps": n_steps, "loss": step_loss})
+                last_progress = time.perf_counter()
+            if i in eval_after and run_eval(eval_after[i], i + 1):
+                result.status, result.reason = PRUNED, f"pruned at {eval_after[i]:.3g} of the budget"
+                stopped = True
+                break
+
+    result.metrics.update(
+        eval_loss=result.curve[-1][1] if result.curve else float("nan"),
+        peak_memory_gb=train_peak.gb,
+        train_throughput=real_tokens / train_s if train_s else 0.0,
+        train_time_s=train_s,
+    )
+    info.update(peak_memory=vars(train_peak), trained_tokens=real_tokens, trained_examples=examples_seen,
+                steps_done=i + 1 if plan.steps else 0, eval_s=eval_s, warmup_steps=warmup)
+    if stopped:
+        return
+    if recipe.measure.latency:
+        emit({"event": "phase", "phase": "latency"})
+        t = time.perf_counter()
+        n = recipe.measure.latency_prompts
+        prompts = [D.prompt_ids(r, recipe.data, tokenizer, recipe.data.eval_max_length) for r in splits.eval[:n]]
+        lat = measure_latency(model, prompts, recipe.measure.max_new_tokens, device)
+        result.metrics.update(ttft_ms=lat.ttft_ms, latency_ms=lat.ms_per_token, generation_memory_gb=lat.memory.bytes / GiB)
+        info["latency_s"] = time.perf_counter() - t
+    if save_adapter:
+        emit({"event": "phase", "phase": "saving"})
+        model.save_pretrained(str(out / "adapter"))
+        info["adapter_dir"] = str(out / "adapter")

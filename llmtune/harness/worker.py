@@ -1,0 +1,42 @@
+"""Entry point of a trial process: ``python -m llmtune.harness.worker spec.json``.
+
+Protocol: one JSON object per line on the original stdout (events); for each ``eval`` event the
+parent answers one line on stdin, ``{"stop": bool}``. Everything else the process prints (libraries,
+warnings, tracebacks) goes to stderr, which the parent sends to ``trial.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+
+def main(spec_path: str) -> int:
+    channel = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints must not corrupt the event channel
+    sys.stdout = sys.stderr
+
+    spec = json.loads(open(spec_path).read())
+
+    def on_event(event: dict[str, Any]) -> bool:
+        channel.write(json.dumps(event) + "\n")
+        channel.flush()
+        if event.get("event") != "eval":
+            return False
+        answer = sys.stdin.readline()
+        return bool(answer and json.loads(answer).get("stop"))
+
+    from llmtune.harness.train import run_trial
+    from llmtune.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(spec["recipe"])
+    result = run_trial(recipe, spec["values"], spec["out_dir"], fractions=spec["fractions"],
+                       on_event=on_event, trial_number=spec.get("trial_number"))
+    print(f"trial finished: {result.status} {result.reason}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,160 @@
+"""Run each trial in its own child process, with a timeout, and map every ending to a status.
+
+A process that exits gives all of its (GPU) memory back, so one trial's leak or crash never reaches
+the next. Parent and child talk over the child's stdin/stdout in JSON lines; everything the child
+prints goes to ``trial.log`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmtune.result import COMPLETE, CRASHED, INTERRUPTED, OOM, STATUSES, TIMEOUT, TrialResult
+
+OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "torch.OutOfMemoryError", "MemoryError", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+@dataclass
+class TrialJob:
+    recipe: dict[str, Any]              # Recipe.to_dict(): the child validates it again
+    values: dict[str, Any]              # the trial's settings
+    out_dir: Path
+    fractions: list[float]              # where to evaluate (eval points and pruning rungs)
+    trial_number: int | None = None
+    timeout: float = 3600.0
+    env: dict[str, str] = field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES, LLMTUNE_THREADS
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def classify(returncode: int | None, result: TrialResult | None, tail: str, *, timed_out: bool,
+             interrupted: bool, timeout: float) -> tuple[str, str]:
+    """The one place that decides how a trial ended: (status, reason)."""
+    if interrupted:
+        return INTERRUPTED, "the search was interrupted while this trial ran"
+    if timed_out:
+        return TIMEOUT, f"killed after study.trial_timeout of {timeout:g}s"
+    if result is not None and result.status in STATUSES:
+        return result.status, result.reason
+    if any(m in tail for m in OOM_MARKERS):
+        return OOM, "out of memory (from the trial log)"
+    if returncode is not None and returncode < 0 and -returncode == signal.SIGKILL:
+        return OOM, "killed by SIGKILL with no result: most likely the kernel's out-of-memory killer"
+    last = tail.strip().splitlines()[-1] if tail.strip() else "no output"
+    return CRASHED, f"trial process exited with code {returncode}: {last[:300]}"
+
+
+class TrialProcess:
+    """One running trial. `wait` drives it to the end, answering eval events with `on_event`."""
+
+    def __init__(self, job: TrialJob):
+        self.job = job
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        self.spec_path = job.out_dir / "spec.json"
+        self.log_path = job.out_dir / "trial.log"
+        self.result_path = job.out_dir / "result.json"
+        self.result_path.unlink(missing_ok=True)  # a retried trial must not read an old result
+        self.spec_path.write_text(json.dumps({
+            "recipe": job.recipe, "values": job.values, "out_dir": str(job.out_dir),
+            "fractions": job.fractions, "trial_number": job.trial_number}, default=str))
+        env = {**os.environ, **job.env, "PYTHONUNBUFFERED": "1"}
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmtune.harness.worker", str(self.spec_path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
+            start_new_session=True,  # its own process group: a kill reaches its helpers too
+        )
+        self.started = time.time()
+        self._messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self._messages.put(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        self._messages.put(None)
+
+    def _reply(self, answer: dict[str, Any]) -> None:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write((json.dumps(answer) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the child is gone; its exit is handled below
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, on_event: Callable[[dict[str, Any]], Any] | None = None,
+             heartbeat: Callable[[], None] | None = None, stop: threading.Event | None = None) -> TrialResult:
+        timed_out = interrupted = False
+        deadline = self.started + self.job.timeout
+        try:
+            while True:
+                if stop is not None and stop.is_set():
+                    interrupted = True
+                    self.kill()
+                    break
+                if time.time() > deadline:
+                    timed_out = True
+                    self.kill()
+                    break
+                try:
+                    msg = self._messages.get(timeout=0.25)
+                except queue.Empty:
+                    if heartbeat:
+                        heartbeat()
+                    continue
+                if msg is None:
+                    break
+                answer = on_event(msg) if on_event else None
+                if msg.get("event") == "eval":
+                    self._reply({"stop": bool(answer)})
+                if heartbeat:
+                    heartbeat()
+        except KeyboardInterrupt:
+            interrupted = True
+            self.kill()
+        finally:
+            self.proc.wait()
+            self._log.close()
+        result = TrialResult.load(self.result_path) if self.result_path.exists() else None
+        tail = log_tail(self.log_path)
+        status, reason = classify(self.proc.returncode, result, tail, timed_out=timed_out,
+                                  interrupted=interrupted, timeout=self.job.timeout)
+        if result is None:
+            result = TrialResult(status=status, reason=reason, settings=self.job.values)
+        result.status, result.reason = status, reason
+        if status != COMPLETE and tail:
+            result.info.setdefault("log_tail", tail)
+        result.info["process_wall_s"] = time.time() - self.started
+        return result
+
+
+def run_trial_process(job: TrialJob, on_event: Callable[[dict[str, Any]], Any] | None = None,
+                      heartbeat: Callable[[], None] | None = None, stop: threading.Event | None = None) -> TrialResult:
+    """Run one trial in a fresh process and return its classified result."""
+    return TrialProcess(job).wait(on_event, heartbeat, stop)
