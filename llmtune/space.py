@@ -202,7 +202,7 @@ def parse_spec(param: Param, raw: Any, path: str) -> tuple[Spec | None, list[Pro
             why = _check_value(param, v)
             if why:
                 problems.append(Problem(f"{path}.{end}", why))
-        log = raw.get("log", param.log)
+        log = raw.get("log", param.log and raw.get("step") is None)  # a step implies a linear grid
         if not isinstance(log, bool):
             problems.append(Problem(f"{path}.log", f"{_fmt(log)} is not true or false"))
         if low >= high:

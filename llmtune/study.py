@@ -1,0 +1,457 @@
+"""The search: an Optuna study driven by ask/tell, one child process per trial.
+
+What llmtune adds to Optuna (ARCHITECTURE decisions 1-3): trials run isolated in processes;
+out-of-memory and over-budget trials are told as *infeasible* (constraint values > 0) so samplers
+steer away from them; a killed or interrupted search resumes where it stopped and retries the
+trial it lost; pruning works with several objectives through the recorded learning curves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from llmtune import __version__
+from llmtune.pruning import make_pruner
+from llmtune.recipe import Recipe
+from llmtune.result import (
+    COMPLETE,
+    CRASHED,
+    INFEASIBLE,
+    INTERRUPTED,
+    OVER_BUDGET,
+    PRUNED,
+    TIMEOUT,
+    TrialResult,
+    finite,
+)
+from llmtune.runner import TrialJob, run_trial_process
+from llmtune.space import SearchSpace
+
+# llmtune drives heartbeats itself around ask/tell (the trial runs in a child process), which is
+# what these warnings are about; they would only confuse users.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+# Trial user attributes written by llmtune (visible in optuna-dashboard).
+STATUS, REASON, METRICS_KEY, CURVE, SETTINGS, DIR, INFO = (
+    "llmtune.status", "llmtune.reason", "llmtune.metrics", "llmtune.curve", "llmtune.settings", "llmtune.dir",
+    "llmtune.info")
+OWNER = "llmtune.owner"  # system attr: host:pid of the search process running the trial
+RETRY_OF = "llmtune.retry_of"
+# Trials in these ends count towards n_trials; interrupted ones are retried instead.
+FINAL_FAILURES = (CRASHED, TIMEOUT)
+HEARTBEAT_INTERVAL, GRACE_PERIOD = 20, 90
+
+
+class SearchError(RuntimeError):
+    """The search cannot start or resume as asked (says how to fix it)."""
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of a storage URL (user:secret@host -> user:***@host)."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+def storage_url(recipe: Recipe, override: str | None = None) -> str:
+    url = override or os.environ.get("LLMTUNE_STORAGE") or recipe.study.storage
+    if url:
+        return os.path.expandvars(url)
+    out = Path(recipe.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{out / 'study.db'}"
+
+
+def _retry_failed(study: optuna.Study, trial: FrozenTrial) -> None:
+    """A trial whose process or search died is failed and queued again with the same settings."""
+    study._storage.set_trial_user_attr(trial._trial_id, STATUS, INTERRUPTED)
+    study._storage.set_trial_user_attr(trial._trial_id, REASON, "its search process died (no heartbeat); retried")
+    study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    if url.startswith("sqlite:") or "://" in url:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+            heartbeat_stale_trial_callback=_retry_failed,
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None)
+    raise SearchError(f"study.storage {url!r} is not a database URL; use sqlite:///path.db or postgresql://user@host/db")
+
+
+def make_sampler(recipe: Recipe, space: SearchSpace, parallel: bool) -> tuple[optuna.samplers.BaseSampler, str]:
+    """The sampler the recipe names; ``auto`` picks by objectives, space and budget and says why."""
+    name, seed = recipe.study.sampler, recipe.study.seed
+    n_obj = len(recipe.objectives)
+    n_trials = recipe.study.n_trials or 100
+    if name == "auto":
+        grid = space.grid_size()
+        if grid is not None and grid <= n_trials:
+            name, why = "grid", f"the space has {grid} points, within n_trials={n_trials}: try them all"
+        elif n_obj > 1 and n_trials > 200:
+            name, why = "nsga2", f"{n_obj} objectives and a large budget ({n_trials} trials)"
+        else:
+            name, why = "tpe", f"{'multi-objective ' if n_obj > 1 else ''}TPE suits small budgets over mixed, conditional spaces"
+    else:
+        why = "as the recipe asks"
+    startup = max(4, min(10, n_trials // 4))
+    if name == "tpe":
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, n_startup_trials=startup,
+            constant_liar=parallel)
+    elif name == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=max(8, min(50, n_trials // 5)))
+    elif name == "gp":
+        try:
+            import scipy  # noqa: F401
+        except ImportError:
+            raise SearchError("study.sampler gp needs scipy: pip install scipy") from None
+        sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    elif name == "random":
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    elif name == "grid":
+        grid = space.grid()
+        if grid is None:
+            raise SearchError("study.sampler grid needs every searched setting to be a list of choices or a range with step")
+        sampler = optuna.samplers.GridSampler(grid or {"_": [0]}, seed=seed)
+    elif name == "cmaes":
+        if n_obj > 1:
+            raise SearchError("study.sampler cmaes handles one objective only; use tpe or nsga2")
+        sampler = optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup)
+    else:  # validated by the recipe already
+        raise SearchError(f"unknown sampler {name!r}")
+    return sampler, f"{name} ({why})"
+
+
+def _running_elsewhere(owner: str) -> bool:
+    """False when `owner` (host:pid) is a dead process on this host."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine: the heartbeat decides
+    try:
+        os.kill(int(pid), 0)
+        return int(pid) != os.getpid()
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def recover_lost_trials(study: optuna.Study) -> list[int]:
+    """Fail and requeue RUNNING trials whose search process on this host is gone."""
+    lost = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.system_attrs.get(OWNER)
+        if owner and not _running_elsewhere(owner):
+            study._storage.set_trial_user_attr(t._trial_id, STATUS, INTERRUPTED)
+            study._storage.set_trial_user_attr(t._trial_id, REASON, "the search stopped while it ran; retried")
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number}, skip_if_exists=False)
+            lost.append(t.number)
+    optuna.storages.fail_stale_trials(study)  # other hosts: by heartbeat
+    return lost
+
+
+def counted(study: optuna.Study) -> tuple[int, int]:
+    """(finished trials that count towards n_trials, running trials)."""
+    done = running = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            done += 1
+        elif t.state == TrialState.FAIL and t.user_attrs.get(STATUS) in FINAL_FAILURES:
+            done += 1
+        elif t.state == TrialState.RUNNING:
+            running += 1
+    return done, running
+
+
+def check_resume(study: optuna.Study, recipe: Recipe, space: SearchSpace, data_fingerprint: str) -> None:
+    """A study resumes only with the same objectives, search space and data; else say what to do."""
+    attrs = study.user_attrs
+    expected = {
+        "llmtune.objectives": recipe.objectives,
+        "llmtune.space": space.signature(),
+        "llmtune.data_fingerprint": data_fingerprint,
+        "llmtune.recipe_fingerprint": recipe.fingerprint(),
+    }
+    if "llmtune.space" not in attrs:
+        for k, v in expected.items():
+            study.set_user_attr(k, v)
+        study.set_user_attr("llmtune.recipe", json.loads(json.dumps(recipe.to_dict(), default=str)))
+        study.set_user_attr("llmtune.version", __version__)
+        return
+    what = {"llmtune.objectives": "objectives", "llmtune.space": "search space",
+            "llmtune.data_fingerprint": "data", "llmtune.recipe_fingerprint": "training settings"}
+    changed = [what[k] for k, v in expected.items() if json.dumps(attrs.get(k), sort_keys=True) != json.dumps(v, sort_keys=True)]
+    if changed:
+        raise SearchError(
+            f"study {study.study_name!r} was run with different {', '.join(changed)}; its trials would not compare. "
+            f"Start a new study: pass --study-name NEW (or set study.study_name), or use another output_dir.")
+
+
+def feasibility_gate(recipe: Recipe, values: dict[str, Any]) -> str | None:
+    """Reason a config is predicted over the memory budget (never run), or None. See llmtune.memory."""
+    limit = recipe.constraints.get("peak_memory_gb", {}).get("max")
+    if limit is None:
+        return None
+    try:
+        from llmtune.gate import predicted_peak_gb
+    except ImportError:
+        return None
+    predicted = predicted_peak_gb(recipe, values)
+    if predicted is not None and predicted > limit:
+        return f"predicted peak memory {predicted:.2f} GB is over the budget of {limit:g} GB; not run"
+    return None
+
+
+class Search:
+    """One search process: any number of worker threads, each running trial processes in turn."""
+
+    def __init__(self, recipe: Recipe, *, storage: str | None = None, n_trials: int | None = None,
+                 workers: int = 1, gpus: list[str] | None = None, study_name: str | None = None,
+                 progress: Any = None, log: Callable[[str], None] = print):
+        self.recipe = recipe
+        self.space = recipe.space
+        self.n_trials = n_trials or recipe.study.n_trials
+        self.gpus = gpus or []
+        self.workers = len(self.gpus) if self.gpus else max(1, workers)
+        self.url = storage_url(recipe, storage)
+        self.study_name = study_name or recipe.study.study_name or recipe.name
+        self.log = log
+        self.progress = progress
+        self.pruner = make_pruner(recipe.study.pruner, **recipe.study.pruner_settings)
+        self.stop = threading.Event()
+        self.output_dir = Path(recipe.output_dir)
+        self._lock = threading.Lock()
+        self.started = time.time()
+
+    # -- setup ---------------------------------------------------------------------------------
+    def prepare(self) -> optuna.Study:
+        from llmtune.harness.data import load_splits
+        from llmtune.tiny import resolve_data_source, resolve_model_name
+
+        # Build the offline demo assets once here, not in N trial processes at once.
+        resolve_model_name(self.recipe.model.name, log=self.log)
+        resolve_data_source(self.recipe.data.source, log=self.log)
+        self.data_fingerprint = load_splits(self.recipe.data).fingerprint
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.sampler, self.sampler_why = make_sampler(self.recipe, self.space, self.workers > 1)
+        directions = list(self.recipe.objectives.values())
+        study = optuna.create_study(storage=open_storage(self.url), study_name=self.study_name,
+                                    directions=directions, sampler=self.sampler, load_if_exists=True)
+        if list(d.name.lower() for d in study.directions) != directions:
+            raise SearchError(f"study {self.study_name!r} exists with other objectives; pass --study-name NEW")
+        check_resume(study, self.recipe, self.space, self.data_fingerprint)
+        lost = recover_lost_trials(study)
+        if lost:
+            self.log(f"retrying trial(s) {', '.join(map(str, lost))} that a stopped search left unfinished")
+        self.study = study
+        return study
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> optuna.Study:
+        study = self.prepare()
+        self.log(f"study {self.study_name!r} in {mask_url(self.url)}; sampler {self.sampler_why}; "
+                 f"pruner {self.pruner.describe()}; {self.workers} worker(s)")
+        if self.progress:
+            self.progress.start(self)
+        threads = [threading.Thread(target=self._worker, args=(i,), daemon=True) for i in range(self.workers)]
+        for t in threads:
+            t.start()
+        try:
+            while any(t.is_alive() for t in threads):
+                for t in threads:
+                    t.join(timeout=0.2)
+        except KeyboardInterrupt:
+            self.stop.set()
+            self.log("stopping: the running trial(s) are marked interrupted and will be retried on the next run")
+            for t in threads:
+                t.join(timeout=30)
+            raise
+        finally:
+            if self.progress:
+                self.progress.stop()
+        return study
+
+    def _budget_left(self) -> bool:
+        if self.stop.is_set():
+            return False
+        if self.recipe.study.timeout and time.time() - self.started > self.recipe.study.timeout:
+            return False
+        if self.n_trials is None:
+            return True
+        done, running = counted(self.study)
+        waiting = len(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        return done + running < self.n_trials or (waiting > 0 and done < self.n_trials)
+
+    def _worker(self, index: int) -> None:
+        env: dict[str, str] = {}
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[index]
+        if self.workers > 1 and not self.gpus:
+            env["LLMTUNE_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.workers))
+        while True:
+            with self._lock:  # ask atomically within this process so workers never overshoot n_trials
+                if not self._budget_left():
+                    return
+                trial = self.study.ask()
+                self.study._storage.set_trial_system_attr(trial._trial_id, OWNER, f"{socket.gethostname()}:{os.getpid()}")
+            self._run_one(trial, env)
+
+    def _run_one(self, trial: optuna.Trial, env: dict[str, str]) -> None:
+        values = self.space.suggest(trial)
+        storage, tid = self.study._storage, trial._trial_id
+        trial_dir = (self.output_dir / "trials" / f"{trial.number:04d}").resolve()
+        storage.set_trial_user_attr(tid, SETTINGS, json.loads(json.dumps(values, default=str)))
+        storage.set_trial_user_attr(tid, DIR, str(trial_dir))
+        storage.set_trial_user_attr(tid, STATUS, "running")
+        if self.progress:
+            self.progress.trial_started(trial.number, values)
+        reason = feasibility_gate(self.recipe, values)
+        if reason:
+            result = TrialResult(status=OVER_BUDGET, reason=reason, settings=values)
+        else:
+            curve: list[list[float]] = []
+
+            def on_event(event: dict[str, Any]) -> bool:
+                if self.progress:
+                    self.progress.trial_event(trial.number, event)
+                if event.get("event") != "eval":
+                    return False
+                curve.append([event["fraction"], event["eval_loss"]])
+                storage.set_trial_user_attr(tid, CURVE, curve)
+                return self.pruner.should_prune(self.study, trial.number, event["fraction"], event["eval_loss"])
+
+            job = TrialJob(recipe=json.loads(json.dumps(self.recipe.to_dict(), default=str)), values=values,
+                           out_dir=trial_dir, fractions=self._fractions(), trial_number=trial.number,
+                           timeout=self.recipe.study.trial_timeout, env=env)
+            last_beat = [0.0]
+
+            def heartbeat() -> None:
+                if time.time() - last_beat[0] > HEARTBEAT_INTERVAL / 2:
+                    storage.record_heartbeat(tid)
+                    last_beat[0] = time.time()
+
+            result = run_trial_process(job, on_event=on_event, heartbeat=heartbeat, stop=self.stop)
+        self._tell(trial, result)
+        if self.progress:
+            self.progress.trial_finished(trial.number, result)
+
+    def _fractions(self) -> list[float]:
+        from llmtune.harness.train import eval_fractions
+
+        return eval_fractions(self.recipe, self.pruner.rungs())
+
+    # -- recording -----------------------------------------------------------------------------
+    def _constraints(self, result: TrialResult) -> dict[str, float]:
+        """Optuna constraint values (<= 0 feasible): "infeasible" for OOM / over budget, then one per
+        recipe constraint, each scaled by its bound so violations of different units add up fairly."""
+        values = {"infeasible": 1.0 if result.status in INFEASIBLE else 0.0}
+        for metric, bound in self.recipe.constraints.items():
+            v = result.metrics.get(metric)
+            worst = 0.0
+            if finite(v):
+                if "max" in bound:
+                    worst = max(worst, (v - bound["max"]) / max(abs(bound["max"]), 1e-9))
+                if "min" in bound:
+                    worst = max(worst, (bound["min"] - v) / max(abs(bound["min"]), 1e-9))
+            values[metric] = worst
+        return values
+
+    def _penalty_values(self, result: TrialResult) -> list[float]:
+        """Objective values for an infeasible trial: measured where known, else the worst seen so far.
+
+        Samplers only learn from COMPLETE trials; constraint values > 0 mark these as infeasible, so
+        the values matter little and are never shown as results (the Pareto front excludes them).
+        """
+        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.values and t.user_attrs.get(STATUS) == COMPLETE]
+        out = []
+        for i, (metric, direction) in enumerate(self.recipe.objectives.items()):
+            v = result.metrics.get(metric)
+            if metric == "eval_loss":
+                v = result.base_eval_loss if v is None or result.status in INFEASIBLE else v
+            if not finite(v):
+                seen = [t.values[i] for t in done if finite(t.values[i])]
+                if seen:
+                    v = max(seen) if direction == "minimize" else min(seen)
+                else:
+                    v = 0.0 if direction == "maximize" else 1e6
+            out.append(float(v))
+        return out
+
+    def _tell(self, trial: optuna.Trial, result: TrialResult) -> None:
+        storage, tid = self.study._storage, trial._trial_id
+        result.metrics = {k: v for k, v in result.metrics.items() if finite(v)}
+        storage.set_trial_user_attr(tid, STATUS, result.status)
+        storage.set_trial_user_attr(tid, REASON, result.reason)
+        storage.set_trial_user_attr(tid, METRICS_KEY, result.metrics)
+        storage.set_trial_user_attr(tid, CURVE, result.curve)
+        keep = ("device", "gpu", "dtype", "wall_time_s", "process_wall_s", "load_s", "eval_s", "latency_s",
+                "trained_tokens", "trained_examples", "padding_share", "total_params", "data_fingerprint",
+                "adapter_dir", "log_tail", "truncated_examples", "peak_memory")
+        storage.set_trial_user_attr(tid, INFO, json.loads(json.dumps({k: result.info[k] for k in keep if k in result.info}, default=str)))
+        missing = [m for m in self.recipe.objectives if m not in result.metrics]
+        if result.status == COMPLETE and missing:
+            result.status, result.reason = CRASHED, f"the trial did not measure {', '.join(missing)}"
+            storage.set_trial_user_attr(tid, STATUS, CRASHED)
+            storage.set_trial_user_attr(tid, REASON, result.reason)
+        if result.status in (COMPLETE, PRUNED) or result.status in INFEASIBLE:
+            for key, value in self._constraints(result).items():
+                trial.set_constraint(key, value)  # samplers read these: infeasible trials teach them
+        if result.status == COMPLETE or result.status in INFEASIBLE:
+            values = ([result.metrics[m] for m in self.recipe.objectives] if result.status == COMPLETE
+                      else self._penalty_values(result))
+            self.study.tell(trial, values)
+        elif result.status == PRUNED:
+            self.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            self.study.tell(trial, state=TrialState.FAIL)
+            if result.status == INTERRUPTED:
+                self.study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
+
+
+def finalize(study: optuna.Study, recipe: Recipe, log: Callable[[str], None] = print):
+    """Pareto front, the chosen trial's adapter under output_dir/best, trials.csv/json, report.html."""
+    from llmtune.results import SearchResult
+
+    result = SearchResult(study, recipe)
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = result.trials
+    df.to_csv(out / "trials.csv", index=False)
+    df.to_json(out / "trials.json", orient="records", indent=1)
+    best = result.best
+    if best is not None:
+        src = Path(best.user_attrs.get(DIR, "")) / "adapter"
+        dst = out / "best"
+        if src.is_dir():
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.copytree(src, dst / "adapter")
+            (dst / "trial.json").write_text(json.dumps({
+                "trial": best.number, "settings": best.user_attrs.get(SETTINGS),
+                "metrics": best.user_attrs.get(METRICS_KEY), "selected_by": recipe.select.by,
+                "base_model": recipe.model.name}, indent=2, default=str))
+    try:
+        from llmtune.report import write_report
+
+        write_report(result, out / "report.html")
+    except ImportError:
+        pass
+    return result
