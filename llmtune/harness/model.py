@@ -85,7 +85,10 @@ def apply_lora(model: Any, settings: dict[str, Any]):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
     elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     targets = resolve_target_modules(settings["lora_target_modules"])
     if isinstance(targets, list):
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
@@ -105,6 +108,11 @@ def apply_lora(model: Any, settings: dict[str, Any]):
     return get_peft_model(model, lora)
 
 
+def checkpointing_enabled(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_activation_checkpointing", None) or getattr(base, "is_gradient_checkpointing", False))
+
+
 def count_params(model: Any) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit packed weights counted as their logical size."""
     trainable, total = model.get_nb_trainable_parameters()
@@ -116,6 +124,7 @@ def quantized_layer_types(model: Any) -> dict[str, int]:
     counts: dict[str, int] = {}
     for m in model.modules():
         name = type(m).__name__
-        if name in ("Linear4bit", "Linear8bitLt"):
+        # peft's LoRA wrappers share these class names; count bitsandbytes' own layers only
+        if name in ("Linear4bit", "Linear8bitLt") and type(m).__module__.startswith("bitsandbytes"):
             counts[name] = counts.get(name, 0) + 1
     return counts

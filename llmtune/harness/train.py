@@ -196,7 +196,7 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
     trainable, total = M.count_params(model)
     result.metrics["trainable_params"] = float(trainable)
     info.update(total_params=total, quantized_layers=M.quantized_layer_types(model),
-                gradient_checkpointing=bool(getattr(model, "is_gradient_checkpointing", False)))
+                gradient_checkpointing=M.checkpointing_enabled(model))
     info["load_s"] = time.perf_counter() - t0
 
     params = [p for p in model.parameters() if p.requires_grad]

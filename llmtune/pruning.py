@@ -1,0 +1,330 @@
+"""Early stopping of weak LoRA trials in multi-objective studies.
+
+Optuna's pruners refuse multi-objective studies (``Trial.report`` raises there), so llmtune
+decides pruning itself.  While a trial trains, the parent process appends each evaluation to
+the trial's user attribute ``"llmtune.curve"`` (a JSON list of ``[fraction, eval_loss]`` pairs,
+fraction of the trial's training budget in (0, 1]).  The pruners here read those curves from the
+study storage only, so they work across parallel workers sharing an RDB storage and never look
+at end-of-trial metrics (latency, throughput, memory): eval loss, minimised, is the only signal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from fractions import Fraction
+from typing import Any, Protocol, runtime_checkable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+CURVE_ATTR = "llmtune.curve"
+STATUS_ATTR = "llmtune.status"
+# These trials stopped for reasons unrelated to their loss; their curve says nothing honest
+# about how good the configuration is, so they must not raise or lower anyone's cutoff.
+IGNORED_STATUSES = frozenset({"oom", "over_budget", "crashed", "timeout"})
+# Fractions travel through JSON and arithmetic on several machines; compare with a tolerance.
+FRACTION_TOL = 1e-6
+
+
+@runtime_checkable
+class Pruner(Protocol):
+    """What the harness needs from a pruner."""
+
+    def rungs(self) -> list[float]:
+        """Ascending fractions (< 1) at which the study wants an evaluation and a decision."""
+        ...
+
+    def should_prune(self, study: optuna.Study, trial_number: int, fraction: float, eval_loss: float) -> bool:
+        """Whether running trial ``trial_number``, just evaluated at ``fraction``, should stop."""
+        ...
+
+    def describe(self) -> str:
+        """One line for logs."""
+        ...
+
+
+def geometric_rungs(min_fraction: float, eta: int) -> list[float]:
+    """``min_fraction * eta**k`` for k = 0, 1, ... while below 1 (the full budget is no rung)."""
+    rungs: list[float] = []
+    k = 0
+    while True:
+        # Power, not repeated multiplication, so float error does not accumulate.
+        rung = min_fraction * eta**k
+        if rung >= 1.0 - FRACTION_TOL:
+            return rungs
+        rungs.append(rung)
+        k += 1
+
+
+def _match_rung(rungs: list[float], fraction: float) -> float | None:
+    for rung in rungs:
+        if abs(rung - fraction) <= FRACTION_TOL:
+            return rung
+    return None
+
+
+def _is_ignored(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.FAIL or trial.user_attrs.get(STATUS_ATTR) in IGNORED_STATUSES
+
+
+def _loss_at(trial: FrozenTrial, rung: float) -> float | None:
+    """The trial's eval loss at ``rung`` (non-finite -> inf), or None if it has no such point."""
+    curve = trial.user_attrs.get(CURVE_ATTR)
+    if not isinstance(curve, list):
+        return None
+    for point in curve:
+        try:
+            fraction, loss = float(point[0]), float(point[1])
+        except (TypeError, ValueError, IndexError, KeyError):
+            continue  # a malformed point must not break every other worker's decision
+        if abs(fraction - rung) <= FRACTION_TOL:
+            # A diverged peer did reach the rung; it counts, ranked worst.
+            return loss if math.isfinite(loss) else math.inf
+    return None
+
+
+def _asha_prunes(
+    study: optuna.Study,
+    trial_number: int,
+    rung: float,
+    eval_loss: float,
+    eta: int,
+    min_trials: int,
+    same_group: Callable[[int], bool] | None = None,
+) -> bool:
+    """The successive-halving rule shared by ASHA and each Hyperband bracket."""
+    if not math.isfinite(eval_loss):
+        return True  # diverged: no amount of extra budget fixes NaN
+    losses = [eval_loss]
+    # deepcopy=False keeps a 1000-trial study in the millisecond range; we only read.
+    for trial in study.get_trials(deepcopy=False):
+        # The running trial's own stored point (if already written) is replaced by eval_loss.
+        if trial.number == trial_number or _is_ignored(trial):
+            continue
+        if same_group is not None and not same_group(trial.number):
+            continue
+        loss = _loss_at(trial, rung)
+        if loss is not None:
+            losses.append(loss)
+    if len(losses) < min_trials:
+        return False
+    keep = max(1, len(losses) // eta)
+    cutoff = sorted(losses)[keep - 1]
+    return eval_loss > cutoff
+
+
+def _check_eta(eta: Any) -> int:
+    if isinstance(eta, float) and eta.is_integer():
+        eta = int(eta)  # YAML/CLI may hand over 3.0
+    if isinstance(eta, bool) or not isinstance(eta, int) or eta < 2:
+        raise ValueError(f"setting 'eta'={eta!r} is invalid: use an integer >= 2 (e.g. eta=3)")
+    return eta
+
+
+def _check_min_fraction(min_fraction: Any) -> float:
+    ok = isinstance(min_fraction, (int, float)) and not isinstance(min_fraction, bool)
+    if not ok or not (0.0 < float(min_fraction) < 1.0 - FRACTION_TOL):
+        raise ValueError(
+            f"setting 'min_fraction'={min_fraction!r} is invalid: use a number in (0, 1), "
+            "e.g. min_fraction=1/9 (1 would never prune: use pruner 'none' for that)"
+        )
+    return float(min_fraction)
+
+
+def _check_min_trials(min_trials: Any, eta: int) -> int:
+    # Default eta: with fewer than eta trials at a rung the top-1/eta share rounds down to zero
+    # trials, i.e. there is no evidence yet to rank anyone out; from eta on, the best continues.
+    if min_trials is None:
+        return eta
+    if isinstance(min_trials, bool) or not isinstance(min_trials, int) or min_trials < 1:
+        raise ValueError(
+            f"setting 'min_trials_per_rung'={min_trials!r} is invalid: use an integer >= 1 "
+            f"or leave it unset (defaults to eta={eta})"
+        )
+    return min_trials
+
+
+def _fmt(fractions: list[float]) -> str:
+    return ",".join(f"{f:.3g}" for f in fractions) or "-"
+
+
+class NopPruner:
+    """Never prunes; asks for no intermediate evaluations."""
+
+    def rungs(self) -> list[float]:
+        return []
+
+    def rungs_for_trial(self, trial_number: int) -> list[float]:
+        return []
+
+    def should_prune(self, study: optuna.Study, trial_number: int, fraction: float, eval_loss: float) -> bool:
+        return False
+
+    def describe(self) -> str:
+        return "none"
+
+
+class ASHAPruner:
+    """Asynchronous successive halving on eval loss.
+
+    Rungs are ``min_fraction * eta**k`` below 1 (eta=3, min_fraction=1/9 -> [1/9, 1/3]).
+    When a trial is evaluated at a rung, the population is every trial with a curve point at that
+    rung (any state, running ones included), minus FAIL trials and trials whose
+    ``llmtune.status`` is oom/over_budget/crashed/timeout, plus the trial itself with the loss
+    just passed.  With n trials in that population:
+
+    * non-finite eval loss -> prune (a peer's non-finite loss counts as +inf);
+    * n < min_trials_per_rung (default eta) -> continue;
+    * otherwise keep = max(1, n // eta) (floor) and the trial continues iff its loss is <= the
+      keep-th smallest loss.  Ties at the cutoff all continue, so more than ``keep`` trials may
+      survive, and the outcome never depends on which tied trial arrived first.
+
+    A fraction that is not a rung (within 1e-6) never prunes.
+    """
+
+    def __init__(
+        self, eta: int = 3, min_fraction: float = 1 / 9, min_trials_per_rung: int | None = None
+    ) -> None:
+        self.eta = _check_eta(eta)
+        self.min_fraction = _check_min_fraction(min_fraction)
+        self.min_trials_per_rung = _check_min_trials(min_trials_per_rung, self.eta)
+        self._rungs = geometric_rungs(self.min_fraction, self.eta)
+
+    def rungs(self) -> list[float]:
+        return list(self._rungs)
+
+    def rungs_for_trial(self, trial_number: int) -> list[float]:
+        """Same rungs for every trial (Hyperband differs)."""
+        return list(self._rungs)
+
+    def should_prune(self, study: optuna.Study, trial_number: int, fraction: float, eval_loss: float) -> bool:
+        rung = _match_rung(self._rungs, fraction)
+        if rung is None:
+            return False
+        return _asha_prunes(study, trial_number, rung, eval_loss, self.eta, self.min_trials_per_rung)
+
+    def describe(self) -> str:
+        return (
+            f"ASHA(eta={self.eta}, rungs={_fmt(self._rungs)}, min_trials_per_rung={self.min_trials_per_rung})"
+        )
+
+
+def _interleave(weights: list[int]) -> list[int]:
+    """Smooth weighted round robin: bracket i appears weights[i] times per period, spread out.
+
+    Spreading matters for small studies: contiguous blocks would put the first few dozen
+    trials all in one bracket.
+    """
+    total = sum(weights)
+    credit = [0] * len(weights)
+    order: list[int] = []
+    for _ in range(total):
+        for i, w in enumerate(weights):
+            credit[i] += w
+        pick = max(range(len(weights)), key=credit.__getitem__)  # ties -> lowest index
+        credit[pick] -= total
+        order.append(pick)
+    return order
+
+
+class HyperbandPruner:
+    """Several ASHA brackets with increasingly late first rungs.
+
+    With base rungs ``geometric_rungs(min_fraction, eta)`` = r_0 < ... < r_{m-1}, bracket b
+    (b = 0..m) uses rungs r_b..r_{m-1}; bracket m has none and trains everything fully, as in
+    the Hyperband paper (eta=3, min 1/27 -> 4 brackets starting at 1/27, 1/9, 1/3, none).
+    A bracket with s rungs gets weight ceil((m+1) * eta**s / (s+1)) (the paper's trial counts,
+    which give every bracket roughly the same total budget); trial number t goes to
+    ``bracket_of(t)``, a fixed weighted round robin over t, so every worker agrees without
+    coordination.  Decisions follow the ASHA rule, comparing only trials of the same bracket.
+    """
+
+    def __init__(
+        self, eta: int = 3, min_fraction: float = 1 / 27, min_trials_per_rung: int | None = None
+    ) -> None:
+        self.eta = _check_eta(eta)
+        self.min_fraction = _check_min_fraction(min_fraction)
+        self.min_trials_per_rung = _check_min_trials(min_trials_per_rung, self.eta)
+        base = geometric_rungs(self.min_fraction, self.eta)
+        self._rungs = base
+        self.bracket_rungs: list[list[float]] = [base[b:] for b in range(len(base) + 1)]
+        n = len(self.bracket_rungs)
+        self.weights: list[int] = [
+            math.ceil(n * self.eta ** len(r) / (len(r) + 1)) for r in self.bracket_rungs
+        ]
+        self._schedule = _interleave(self.weights)
+
+    def bracket_of(self, trial_number: int) -> int:
+        """Bracket index of a trial; depends only on its number."""
+        return self._schedule[trial_number % len(self._schedule)]
+
+    def rungs(self) -> list[float]:
+        # Every bracket's rungs are a suffix of the base rungs, so these cover all of them.
+        return list(self._rungs)
+
+    def rungs_for_trial(self, trial_number: int) -> list[float]:
+        """Only the rungs where this trial can be pruned (lets the harness skip useless evals)."""
+        return list(self.bracket_rungs[self.bracket_of(trial_number)])
+
+    def should_prune(self, study: optuna.Study, trial_number: int, fraction: float, eval_loss: float) -> bool:
+        bracket = self.bracket_of(trial_number)
+        rung = _match_rung(self.bracket_rungs[bracket], fraction)
+        if rung is None:
+            return False
+        return _asha_prunes(
+            study,
+            trial_number,
+            rung,
+            eval_loss,
+            self.eta,
+            self.min_trials_per_rung,
+            same_group=lambda number: self.bracket_of(number) == bracket,
+        )
+
+    def describe(self) -> str:
+        brackets = " | ".join(_fmt(r) for r in self.bracket_rungs)
+        weights = "/".join(str(w) for w in self.weights)
+        return (
+            f"Hyperband(eta={self.eta}, brackets=[{brackets}], weights={weights}, "
+            f"min_trials_per_rung={self.min_trials_per_rung})"
+        )
+
+
+_SETTINGS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "asha": ("eta", "min_fraction", "min_trials_per_rung"),
+    "hyperband": ("eta", "min_fraction", "min_trials_per_rung"),
+}
+
+
+def _coerce(value: Any) -> Any:
+    """Numbers written as text in YAML/CLI ("3", "1/9", "0.05") become numbers."""
+    if not isinstance(value, str):
+        return value
+    try:
+        number = Fraction(value.strip())
+    except (ValueError, ZeroDivisionError):
+        return value  # left as text so the pruner's own check names it
+    return int(number) if number.denominator == 1 else float(number)
+
+
+def make_pruner(name: str, **settings: Any) -> NopPruner | ASHAPruner | HyperbandPruner:
+    """Build a pruner from a config name ("none" | "asha" | "hyperband") and its settings."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in _SETTINGS:
+        raise ValueError(f"unknown pruner {name!r}: use one of 'none', 'asha', 'hyperband'")
+    allowed = _SETTINGS[key]
+    for setting, value in settings.items():
+        if setting not in allowed:
+            fix = f"allowed settings: {', '.join(allowed)}" if allowed else "it takes no settings"
+            raise ValueError(f"pruner {key!r} has no setting {setting!r} (given {value!r}); {fix}")
+    kwargs = {k: _coerce(v) for k, v in settings.items()}
+    try:
+        if key == "asha":
+            return ASHAPruner(**kwargs)
+        if key == "hyperband":
+            return HyperbandPruner(**kwargs)
+    except ValueError as err:
+        raise ValueError(f"pruner {key!r}: {err}") from None
+    return NopPruner()

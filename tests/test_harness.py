@@ -1,0 +1,202 @@
+"""The PEFT harness on the tiny model: each search dimension changes what it should."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_recipe_dict
+
+from llmtune.harness import data as D
+from llmtune.harness import model as M
+from llmtune.harness.train import _loss_sum, evaluate, run_trial
+from llmtune.recipe import recipe_from_dict
+from llmtune.space import trial_settings
+
+
+def make_recipe(tmp_path, **sections):
+    return recipe_from_dict(tiny_recipe_dict(Path(tmp_path), **sections))
+
+
+def settings_of(recipe, **values):
+    return trial_settings(recipe.space.complete(values))
+
+
+def build(recipe, **values):
+    s = settings_of(recipe, **values)
+    model = M.apply_lora(M.load_base(recipe.model, s, "cpu", torch.float32), s)
+    return model, s
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, tiny_model_path, tiny_data_path):
+    return make_recipe(tmp_path_factory.mktemp("harness"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(recipe):
+    return M.load_tokenizer(recipe.model)
+
+
+@pytest.fixture(scope="module")
+def splits(recipe):
+    return D.load_splits(recipe.data)
+
+
+def test_rank_sets_trainable_params_exactly(recipe):
+    base = M.load_base(recipe.model, settings_of(recipe), "cpu", torch.float32)
+    shapes = [(m.in_features, m.out_features) for n, m in base.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ("q_proj", "v_proj")]
+    counts = {}
+    for rank in (4, 16):
+        model, _ = build(recipe, lora_r=rank, lora_target_modules="qv")
+        counts[rank] = M.count_params(model)[0]
+        assert counts[rank] == rank * sum(i + o for i, o in shapes)
+    assert counts[16] == 4 * counts[4]
+    all_linear, _ = build(recipe, lora_r=4, lora_target_modules="all-linear")
+    assert M.count_params(all_linear)[0] > counts[4]
+
+
+@pytest.mark.parametrize("quantization, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_quantization_uses_bitsandbytes_layers(recipe, quantization, layer):
+    model, s = build(recipe, quantization=quantization)
+    layers = M.quantized_layer_types(model)
+    n_linear = 7 * model.get_base_model().config.num_hidden_layers  # q k v o gate up down per layer
+    assert layers == {layer: n_linear}
+    if quantization == "4bit":
+        import bitsandbytes as bnb
+
+        w = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
+        assert w.quant_state.quant_type == s["bnb_4bit_quant_type"] == "nf4"
+
+
+def test_gradient_checkpointing_is_enabled_on_the_model(recipe):
+    on, _ = build(recipe, gradient_checkpointing=True)
+    off, _ = build(recipe, gradient_checkpointing=False)
+    assert M.checkpointing_enabled(on) and not M.checkpointing_enabled(off)
+
+
+def test_sequence_len_truncates(recipe, tokenizer, splits):
+    long, _ = D.encode_all(splits.train, recipe.data, tokenizer, 4096)
+    short, dropped = D.encode_all(splits.train, recipe.data, tokenizer, 48)
+    assert max(len(e) for e in long) > 48
+    assert max(len(e) for e in short) == 48
+    assert sum(e.truncated for e in short) > 0 and not any(e.truncated for e in long)
+    assert len(short) + dropped == len(long)  # dropped ones lost every answer token to truncation
+
+
+def test_completions_only_masks_the_prompt(recipe, tokenizer, splits):
+    row = splits.train[0]
+    ex = D.encode(row, recipe.data, tokenizer, 4096)
+    trained = tokenizer.decode([t for t in ex.labels if t != D.IGNORE])
+    assert trained.startswith(row["output"]) and "### Instruction" not in trained
+    all_tokens = recipe_from_dict({**tiny_recipe_dict(Path(recipe.output_dir)), "data": {"source": "llmtune/tiny-tasks", "train_on": "all"}})
+    ex_all = D.encode(row, all_tokens.data, tokenizer, 4096)
+    assert ex_all.labels[1:] == ex_all.input_ids[1:]
+
+
+def test_packing_cuts_padding_and_raises_real_tokens_per_step(recipe, tokenizer, splits):
+    examples, _ = D.encode_all(splits.train, recipe.data, tokenizer, 256)
+    plans = {p: D.plan_batches(examples, budget=recipe.train.budget, micro_batch_size=4, grad_accum=1,
+                               sequence_len=256, packing=p, pad_id=tokenizer.pad_token_id, seed=0) for p in (False, True)}
+    unpacked, packed = plans[False].totals(), plans[True].totals()
+    # The budget (examples) is the same, so both see the same examples...
+    assert unpacked["examples"] == packed["examples"] == recipe.train.budget.examples
+    # ...but packing needs fewer steps, carries more real tokens per step and wastes fewer slots.
+    assert packed["steps"] < unpacked["steps"]
+    assert packed["real_tokens"] / packed["steps"] > 1.5 * unpacked["real_tokens"] / unpacked["steps"]
+    assert D.padding_share(plans[True]) < D.padding_share(plans[False])
+
+
+def test_budget_does_not_depend_on_batch_size(recipe, tokenizer, splits):
+    examples, _ = D.encode_all(splits.train, recipe.data, tokenizer, 128)
+    for budget, key in (({"examples": 50}, "examples"), ({"tokens": 3000}, "real_tokens")):
+        r = make_recipe(recipe.output_dir, train={"budget": budget})
+        seen = set()
+        for mbs in (1, 3, 8):
+            plan = D.plan_batches(examples, budget=r.train.budget, micro_batch_size=mbs, grad_accum=2,
+                                  sequence_len=128, packing=False, pad_id=0, seed=0)
+            total = plan.totals()[key]
+            assert total >= r.train.budget.amount
+            seen.add(total if key == "examples" else total >= 3000)
+            assert plan.progress[-1] == 1.0
+        assert len(seen) == 1
+
+
+def test_packed_loss_equals_loss_of_the_examples_one_by_one(recipe, tokenizer, splits):
+    """No cross-contamination: attention and loss stay inside each packed example."""
+    model, _ = build(recipe)
+    model.eval()
+    examples, _ = D.encode_all(splits.train[:6], recipe.data, tokenizer, 256)
+    packed = D._packed_batch([examples[:3], examples[3:]], tokenizer.pad_token_id)
+    with torch.no_grad():
+        together = float(_loss_sum(model, packed, "cpu"))
+        alone = sum(float(_loss_sum(model, D._pad_batch([e], tokenizer.pad_token_id), "cpu")) for e in examples)
+    assert packed.label_tokens == sum(D._pad_batch([e], 0).label_tokens for e in examples)
+    assert together == pytest.approx(alone, rel=1e-4)
+
+
+def test_eval_is_identical_across_context_len_packing_and_batch(recipe, tmp_path):
+    """Without training, trials that differ in how they train score exactly the same eval loss."""
+    losses = []
+    for values in ({"sequence_len": 64, "sample_packing": False, "micro_batch_size": 2},
+                   {"sequence_len": 256, "sample_packing": True, "micro_batch_size": 8}):
+        res = run_trial(recipe, recipe.space.complete(values), tmp_path / str(len(losses)), fractions=[0.0],
+                        save_adapter=False)
+        assert res.status == "complete", res.reason
+        losses.append(res.base_eval_loss)
+    assert losses[0] == losses[1]
+
+
+def test_training_lowers_eval_loss_and_writes_result(tmp_path, tiny_model_path, tiny_data_path):
+    r = make_recipe(tmp_path, train={"budget": {"examples": 256}, "eval_points": 2})
+    res = run_trial(r, r.space.complete({"learning_rate": 3e-3}), tmp_path / "t")
+    assert res.status == "complete", res.reason
+    assert res.metrics["eval_loss"] < res.base_eval_loss - 0.3, res.curve
+    assert [f for f, _ in res.curve] == [0.0, 0.5, 1.0]
+    saved = json.loads((tmp_path / "t" / "result.json").read_text())
+    for metric in ("eval_loss", "peak_memory_gb", "train_throughput", "latency_ms", "ttft_ms",
+                   "generation_memory_gb", "trainable_params", "train_time_s"):
+        assert saved["metrics"][metric] > 0, metric
+    info = saved["info"]
+    assert info["data_fingerprint"] and info["versions"]["transformers"] and info["device"] == "cpu"
+    assert info["trained_examples"] == 256 and info["trained_tokens"] > 0
+    assert (tmp_path / "t" / "adapter" / "adapter_config.json").exists()
+
+
+def test_oom_and_crash_become_statuses(recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMTUNE_FAULT", "oom")
+    res = run_trial(recipe, recipe.space.complete({}), tmp_path / "oom", fractions=[1.0])
+    assert res.status == "oom" and "out of memory" in res.reason
+    monkeypatch.setenv("LLMTUNE_FAULT", "crash")
+    res = run_trial(recipe, recipe.space.complete({}), tmp_path / "crash", fractions=[1.0])
+    assert res.status == "crashed" and "injected crash" in res.reason and "Traceback" in res.info["traceback"]
+
+
+def test_unknown_target_module_is_a_clear_error(recipe, tmp_path):
+    res = run_trial(recipe, recipe.space.complete({"lora_target_modules": "c_attn"}), tmp_path / "x", fractions=[1.0])
+    assert res.status == "crashed"
+    assert "lora_target_modules" in res.reason and "q_proj" in res.reason
+
+
+def test_chat_format_trains_on_assistant_turns_only(recipe, tokenizer, tmp_path):
+    cfg = recipe_from_dict({**tiny_recipe_dict(tmp_path), "data": {"source": "x.jsonl", "format": "chat"}}).data
+    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."},
+                        {"role": "assistant", "content": "hi"}, {"role": "user", "content": "Again."},
+                        {"role": "assistant", "content": "hello"}]}
+    ex = D.encode(row, cfg, tokenizer, 4096)
+    trained = tokenizer.decode([t for t in ex.labels if t != D.IGNORE])
+    assert "hi" in trained and "hello" in trained
+    assert "Say hi" not in trained and "Be brief" not in trained
+    full = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+    assert tokenizer.decode(ex.input_ids) == full
+
+
+def test_eval_loss_is_token_weighted_and_batch_independent(recipe, tokenizer, splits):
+    model, _ = build(recipe)
+    examples, _ = D.encode_all(splits.eval, recipe.data, tokenizer, 192)
+    a = evaluate(model, D.eval_batches(examples, 3, tokenizer.pad_token_id), "cpu")
+    b = evaluate(model, D.eval_batches(examples, 16, tokenizer.pad_token_id), "cpu")
+    assert a == pytest.approx(b, rel=1e-5)
