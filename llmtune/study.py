@@ -128,7 +128,7 @@ def make_sampler(recipe: Recipe, space: SearchSpace, parallel: bool) -> tuple[op
         grid = space.grid()
         if grid is None:
             raise SearchError("study.sampler grid needs every searched setting to be a list of choices or a range with step")
-        sampler = optuna.samplers.GridSampler(grid or {"_": [0]}, seed=seed)
+        sampler = _GridSampler(grid or {"_": [0]}, seed=seed)
     elif name == "cmaes":
         if n_obj > 1:
             raise SearchError("study.sampler cmaes handles one objective only; use tpe or nsga2")
@@ -136,6 +136,13 @@ def make_sampler(recipe: Recipe, space: SearchSpace, parallel: bool) -> tuple[op
     else:  # validated by the recipe already
         raise SearchError(f"unknown sampler {name!r}")
     return sampler, f"{name} ({why})"
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid, without its `study.stop()` (only legal inside `optimize`; we cap n_trials instead)."""
+
+    def after_trial(self, study, trial, state, values) -> None:  # type: ignore[no-untyped-def]
+        return None
 
 
 def _running_elsewhere(owner: str) -> bool:
@@ -239,6 +246,7 @@ class Search:
         self.output_dir = Path(recipe.output_dir)
         self._lock = threading.Lock()
         self.started = time.time()
+        self.errors: list[BaseException] = []
 
     # -- setup ---------------------------------------------------------------------------------
     def prepare(self) -> optuna.Study:
@@ -251,6 +259,10 @@ class Search:
         self.data_fingerprint = load_splits(self.recipe.data).fingerprint
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.sampler, self.sampler_why = make_sampler(self.recipe, self.space, self.workers > 1)
+        grid = self.space.grid_size()
+        if isinstance(self.sampler, optuna.samplers.GridSampler) and grid is not None and (self.n_trials or grid) > grid:
+            self.log(f"the grid has {grid} point(s): running {grid} trial(s), not {self.n_trials}")
+            self.n_trials = grid
         directions = list(self.recipe.objectives.values())
         study = optuna.create_study(storage=open_storage(self.url), study_name=self.study_name,
                                     directions=directions, sampler=self.sampler, load_if_exists=True)
@@ -286,6 +298,8 @@ class Search:
         finally:
             if self.progress:
                 self.progress.stop()
+        if self.errors:
+            raise self.errors[0]
         return study
 
     def _budget_left(self) -> bool:
@@ -300,6 +314,13 @@ class Search:
         return done + running < self.n_trials or (waiting > 0 and done < self.n_trials)
 
     def _worker(self, index: int) -> None:
+        try:
+            self._work(index)
+        except BaseException as e:  # surfaced by run(): a dead worker must not end the search silently
+            self.errors.append(e)
+            self.stop.set()
+
+    def _work(self, index: int) -> None:
         env: dict[str, str] = {}
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[index]

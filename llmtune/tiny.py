@@ -189,10 +189,18 @@ def _instruction_task(rng: random.Random) -> tuple[str, str, str]:
             return f"What is {a} plus {b}?", "", str(a + b)
         return "Add the two numbers.", f"{a} + {b}", str(a + b)
     if k == 3:
-        return c(["Count the words in the input.", "How many words are there?"]), " ".join(_phrase(rng, n)), str(n)
+        return (
+            c(["Count the words in the input.", "How many words are there?"]),
+            " ".join(_phrase(rng, n)),
+            str(n),
+        )
     if k == 4:
         text = " ".join(_phrase(rng, n))
-        return c(["Convert the text to uppercase.", "Rewrite the input in capital letters."]), text, text.upper()
+        return (
+            c(["Convert the text to uppercase.", "Rewrite the input in capital letters."]),
+            text,
+            text.upper(),
+        )
     if k == 5:
         seq = _sequence(rng, max(n, 3))
         return "What number comes next in the sequence?", ", ".join(map(str, seq[:-1])), str(seq[-1])
@@ -281,7 +289,9 @@ def _pretrain(model, ids, log: Callable[[str], None]) -> float:  # type: ignore[
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if step % 25 == 0 or step == p["steps"] - 1:
-            log(f"[llmtune.tiny] pretrain step {step + 1}/{p['steps']} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+            log(
+                f"[llmtune.tiny] pretrain step {step + 1}/{p['steps']} loss {loss.item():.3f} ({time.time() - t0:.0f}s)"
+            )
     model.eval()
     return sum(losses[-20:]) / len(losses[-20:])
 
@@ -360,13 +370,25 @@ def _file_lock(path: Path) -> Iterator[None]:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def _build_threads() -> int:
+    """Threads for pretraining: the cores other work leaves idle (1-8).
+
+    On a busy 2-core box two spinning OpenMP threads run ~2.5x slower than one, so
+    subtract the current load instead of grabbing every core.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(8, cores - int(busy + 0.5)))
+
+
 @contextlib.contextmanager
-def _torch_threads() -> Iterator[None]:
-    """Use the machine's cores for the build, then restore the caller's setting."""
+def _torch_threads(log: Callable[[str], None]) -> Iterator[None]:
+    """Set torch's thread count for the build, then restore the caller's setting."""
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+    before, threads = torch.get_num_threads(), _build_threads()
+    torch.set_num_threads(threads)
+    log(f"[llmtune.tiny] using {threads} CPU thread(s)")
     try:
         yield
     finally:
@@ -403,7 +425,7 @@ def ensure_tiny_model(log: Log = print) -> Path:
     """Directory of the tiny Llama + tokenizer, loadable offline with ``from_pretrained``."""
 
     def build(out: Path, say: Callable[[str], None]) -> dict:
-        with _torch_threads():
+        with _torch_threads(say):
             return _build_model(out, say)
 
     return _ensure_built(_MODEL_DIR, build, log)

@@ -1,0 +1,414 @@
+"""Predict the peak GPU memory of one LoRA / QLoRA training step from the model config alone.
+
+The architecture is instantiated on the meta device (no weights, no GPU) to get exact parameter counts and every
+Linear's shape; the rest is arithmetic on what PyTorch autograd, peft and bitsandbytes keep alive at the peak.
+All sizes are bytes; ``*_gb`` values are GiB (2**30 bytes), which is what llmtune calls ``peak_memory_gb``.
+
+Assumed training recipe (the HF Trainer / peft defaults):
+
+* 16-bit ``dtype`` trains under autocast mixed precision; ``float32`` trains without autocast.
+* LoRA A/B are fp32 (peft's ``autocast_adapter_dtype=True`` upcasts 16-bit adapters), so are their grads.
+* ``quantization`` != "none" loads with bitsandbytes and calls ``peft.prepare_model_for_kbit_training``, which
+  upcasts every non-quantized parameter (embeddings, lm_head, norms, biases) to fp32 (``kbit_upcast=True``).
+  A side effect: the residual stream and MLP intermediates then run in fp32 (bnb layers return the input dtype).
+* Attention is SDPA (no s*s matrix saved). Packed batches carry no padding mask; unpacked batches are padded to
+  ``sequence_len`` (worst case) and have a mask, so SDPA uses the mem-efficient kernel with a per-layer
+  additive bias and transformers materialises repeated K/V for GQA.
+* ``outputs.logits`` stays referenced through backward (a plain ``out = model(**b); out.loss.backward()`` loop).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+GIB = 2**30
+# CUDA context of a PyTorch process on Hopper with lazy module loading (CUDA 12): driver state + kernel images.
+# Measured values range ~300-600 MiB depending on driver/toolkit; outside torch's allocator, so only visible to nvml.
+CUDA_CONTEXT_BYTES = 512 * 2**20
+# cuBLAS workspace per stream on sm90 (CUBLAS_WORKSPACE_CONFIG default ":4096:8" = 8 x 4 MiB), via torch's allocator.
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20
+# Caching-allocator slack: blocks are rounded (512 B small / 2 MiB large segments) and freed blocks fragment, so
+# reserved exceeds allocated by a few percent of the churning (activation + logits) memory.
+ALLOCATOR_SLACK_FRACTION = 0.05
+BNB_4BIT_BLOCKSIZE = 64  # bitsandbytes quantize_4bit default: one absmax per 64 weights
+BNB_NESTED_BLOCKSIZE = 256  # double quant: absmax itself blockwise-quantized to uint8, one fp32 scale per 256
+BNB_OPTIM_BLOCKSIZE = 256  # 8-bit optimizers: one fp32 absmax per 256 state values
+BNB_OPTIM_MIN_8BIT_SIZE = 4096  # smaller tensors keep 32-bit optimizer state (bnb min_8bit_size default)
+# Cross entropy at the start of backward, per logit: log_softmax output + its incoming grad + grad of its input.
+LOSS_FP32_BUFFERS = 3
+
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# bytes of optimizer state per trainable fp32 param (8-bit ones are handled per tensor in _optimizer_bytes)
+_OPTIMIZER_STATE_BYTES = {
+    "adamw_torch": 8, "adamw_torch_fused": 8, "adamw_hf": 8, "adamw": 8, "paged_adamw_32bit": 8,
+    "sgd": 0, "sgd_momentum": 4,
+}
+_OPTIMIZERS_8BIT = {"adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak memory of one training step, split by what holds it (bytes).
+
+    ``activations`` and ``logits`` are what is alive at the peak moment: usually the start of backward (all saved
+    tensors + fp32 loss buffers); with checkpointing and a small vocabulary it can be a layer's recomputation,
+    when only the 16-bit logits are left. ``gradients`` counts all LoRA grads (they persist across accumulation).
+    """
+
+    weights: int
+    lora: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    overhead: int
+    trainable_params: int
+    total_params: int
+
+    @property
+    def total(self) -> int:
+        """Predicted peak in bytes."""
+        return (self.weights + self.lora + self.gradients + self.optimizer + self.activations
+                + self.logits + self.overhead)
+
+    @property
+    def total_gb(self) -> float:
+        """Predicted peak in GiB (2**30 bytes), llmtune's ``peak_memory_gb`` unit."""
+        return self.total / GIB
+
+    def breakdown(self) -> dict[str, float]:
+        """GiB per part plus ``total``, for printing."""
+        parts = ("weights", "lora", "gradients", "optimizer", "activations", "logits", "overhead")
+        out = {p: getattr(self, p) / GIB for p in parts}
+        out["total"] = self.total_gb
+        return out
+
+
+@dataclass(frozen=True)
+class _Linear:
+    name: str
+    in_features: int
+    out_features: int
+    quantized: bool  # bitsandbytes replaces it (every Linear but the output head / tied / last module)
+    head: bool  # the output embedding, which peft's "all-linear" skips
+    in_layer: bool  # inside a repeated decoder block
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What the estimate needs from the architecture."""
+
+    total_params: int
+    linears: tuple[_Linear, ...]
+    layer_norm_elems: int  # per token, summed over norm modules inside the blocks
+    layer_norms: int
+    outer_norm_elems: int  # final norm(s)
+    outer_norms: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    gated: bool  # SwiGLU/GeGLU MLP (saves gate out, act(gate), up); plain MLP saves the activation input only
+    vocab: int
+
+
+_SHAPE_CACHE: dict[str, _Shape] = {}
+_LAYER_RE = re.compile(r"\.\d+\.")
+
+
+def _load_config(model: Any) -> PretrainedConfig:
+    if isinstance(model, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(os.fspath(model))
+    return model
+
+
+def _model_shape(config: PretrainedConfig) -> _Shape:
+    """Instantiate on the meta device (cached per config) and read counts and Linear shapes."""
+    key = config.to_json_string()
+    if key in _SHAPE_CACHE:
+        return _SHAPE_CACHE[key]
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    params = list(model.named_parameters())  # deduplicated: tied embeddings count once
+    last_module = params[-1][0].rsplit(".", 1)[0]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    linears, norm = [], {True: [0, 0], False: [0, 0]}
+    for name, mod in model.named_modules():
+        in_layer = bool(_LAYER_RE.search(f".{name}."))
+        if isinstance(mod, (torch.nn.Linear, Conv1D)):
+            w = mod.weight  # Conv1D stores (in, out), Linear (out, in)
+            in_f, out_f = (w.shape[0], w.shape[1]) if isinstance(mod, Conv1D) else (w.shape[1], w.shape[0])
+            quantizable = mod is not head and name != last_module
+            linears.append(_Linear(name, int(in_f), int(out_f), quantizable, mod is head, in_layer))
+        elif type(mod).__name__.endswith("Norm") or isinstance(mod, torch.nn.LayerNorm):
+            w = getattr(mod, "weight", None)
+            dim = int(w.shape[-1]) if w is not None else hidden
+            # q_norm / k_norm normalise each head separately: dim == head_dim, applied heads times per token
+            mult = (heads if "q" in name.rsplit(".", 1)[-1] else kv_heads) if dim == head_dim != hidden else 1
+            norm[in_layer][0] += dim * mult
+            norm[in_layer][1] += 1
+    layers = text.num_hidden_layers
+    inter = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
+    layer0 = [lin for lin in linears if re.search(r"\.0\.", f".{lin.name}.")]
+    n_up = sum(lin.out_features == inter for lin in layer0)
+    fused_gate_up = any(lin.out_features == 2 * inter for lin in layer0)
+    shape = _Shape(
+        total_params=sum(p.numel() for _, p in params), linears=tuple(linears),
+        layer_norm_elems=norm[True][0], layer_norms=norm[True][1],
+        outer_norm_elems=norm[False][0], outer_norms=norm[False][1],
+        hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        intermediate=inter, gated=n_up >= 2 or fused_gate_up, vocab=text.vocab_size,
+    )
+    _SHAPE_CACHE[key] = shape
+    return shape
+
+
+def _targeted(lin: _Linear, targets: list[str] | str) -> bool:
+    """peft's matching: "all-linear" = every Linear but the output head; list = exact name or ``.suffix``;
+    other str = regex fullmatch."""
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear":
+            return not lin.head
+        return re.fullmatch(targets, lin.name) is not None
+    return any(lin.name == t or lin.name.endswith(f".{t}") for t in targets)
+
+
+def _weight_bytes(shape: _Shape, quantization: str, double_quant: bool, dtype_bytes: int, kbit_upcast: bool) -> int:
+    """Base weights as held during training, including bnb quantization state (nf4 and fp4 store the same)."""
+    if quantization == "none":
+        return shape.total_params * dtype_bytes
+    qlins = [lin for lin in shape.linears if lin.quantized]
+    other = shape.total_params - sum(lin.in_features * lin.out_features for lin in qlins)
+    # non-quantized params (embeddings, head, norms, biases) stay 16-bit; prepare_model_for_kbit_training -> fp32
+    total = other * (4 if kbit_upcast else dtype_bytes)
+    for lin in qlins:
+        n = lin.in_features * lin.out_features
+        if quantization == "8bit":
+            total += n + 4 * lin.out_features  # int8 CB + fp32 per-row scale SCB
+        else:  # 4bit
+            blocks = math.ceil(n / BNB_4BIT_BLOCKSIZE)
+            total += math.ceil(n / 2) + 16 * 4  # two 4-bit codes per byte + the nf4/fp4 code table
+            if double_quant:  # uint8 absmax + fp32 absmax-of-absmax per 256 + offset + 256-entry code
+                total += blocks + 4 * math.ceil(blocks / BNB_NESTED_BLOCKSIZE) + 4 + 256 * 4
+            else:
+                total += 4 * blocks
+    return total
+
+
+def _optimizer_bytes(optimizer: str, lora_tensors: list[int]) -> int:
+    """Optimizer state for the LoRA tensors (fp32 params)."""
+    if optimizer in _OPTIMIZERS_8BIT:
+        total = 0
+        for n in lora_tensors:  # bnb: exp_avg + exp_avg_sq as uint8 with fp32 absmax per 256; small ones fp32
+            total += 2 * (n + 4 * math.ceil(n / BNB_OPTIM_BLOCKSIZE)) if n >= BNB_OPTIM_MIN_8BIT_SIZE else 8 * n
+        return total
+    if optimizer not in _OPTIMIZER_STATE_BYTES:
+        known = sorted([*_OPTIMIZER_STATE_BYTES, *_OPTIMIZERS_8BIT])
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {known}")
+    return _OPTIMIZER_STATE_BYTES[optimizer] * sum(lora_tensors)
+
+
+_OUTPUT_PROJ = ("o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "wo", "w2", "dense_4h_to_h")
+
+
+@dataclass(frozen=True)
+class _Activations:
+    """Bytes of activations for one micro-batch."""
+
+    layer: int  # one decoder layer's saved tensors (layers are alike)
+    outer: int  # final norm, rotary tables, masks, autocast copies of LoRA weights
+    checkpoint: int  # one layer's input, all that a checkpointed layer keeps
+    temp: int  # transient buffers while one layer runs (grads in flight, casts, bnb dequantized weight)
+
+
+def _lora_input_bytes(lins: list[_Linear], c: int, autocast: bool) -> int:
+    """Per token: the input each lora_A saves. Under autocast every LoRA layer casts its own copy; without
+    casting, layers fed by the same tensor (q/k/v, gate/up) share it."""
+    if autocast:
+        return sum(c * lin.in_features for lin in lins)
+    distinct = {(lin.name.rsplit(".", 2)[0], lin.in_features, lin.name.endswith(_OUTPUT_PROJ)) for lin in lins}
+    return sum(c * in_f for _, in_f, _ in distinct)
+
+
+def _activation_bytes(shape: _Shape, targeted: list[_Linear], *, r: int, batch: int, seq: int, c: int, s: int,
+                      packed: bool, dropout: float, quantization: str, autocast: bool, lora_params: int
+                      ) -> _Activations:
+    """c = compute dtype bytes (matmul/attention), s = stream bytes (residual, MLP; fp32 after kbit upcast)."""
+    tokens, L = batch * seq, max(shape.layers, 1)
+    q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    # padded batches: transformers repeats K/V (no GQA fast path with a mask) before SDPA
+    kv_saved = kv_dim if packed else q_dim
+    # SDPA (flash / mem-efficient) saves q, k, v, out in the compute dtype and a fp32 logsumexp per head
+    per_token = c * (2 * q_dim + 2 * kv_saved) + 4 * shape.heads
+    # every norm saves a fp32 copy of its input and a fp32 statistic per row (RMSNorm/LayerNorm upcast)
+    per_token += (4 * shape.layer_norm_elems + 8 * shape.layer_norms) // L
+    # gated MLP saves gate out, act(gate), up; plain MLP saves the activation input (frozen linears save nothing)
+    per_token += s * (3 if shape.gated else 1) * shape.intermediate
+    # LoRA: lora_A saves its input, lora_B saves lora_A's output; dropout adds a 1-byte mask per input
+    inner = [lin for lin in targeted if lin.in_layer]
+    lora_tok = _lora_input_bytes(inner, c, autocast) + sum(c * r + (lin.in_features if dropout > 0 else 0)
+                                                           for lin in inner)
+    per_token += lora_tok // L
+    if quantization == "8bit":  # MatMul8bitLt keeps its input alive: 2 norm outputs, o_proj's, down_proj's
+        per_token += s * 2 * shape.hidden + c * q_dim + s * shape.intermediate
+    layer = tokens * per_token
+    outer_lins = [lin for lin in targeted if not lin.in_layer]
+    outer_tok = 4 * shape.outer_norm_elems + 8 * shape.outer_norms + 2 * shape.head_dim * s  # + cos/sin
+    outer_tok += _lora_input_bytes(outer_lins, c, autocast) + c * r * len(outer_lins)
+    outer = tokens * outer_tok + (lora_params * c if autocast else 0)  # autocast caches 16-bit LoRA weights
+    if not packed:  # the bool mask once; SDPA converts it to an additive bias per call, which backward keeps
+        outer += batch * seq * seq
+        layer += batch * seq * seq * c
+    # in flight inside one layer: grads of the residual and MLP tensors in backward, or in (re)computation
+    # peft's fp32 cast of a LoRA input before autocast casts it back down
+    grads = tokens * s * (2 * shape.hidden + 2 * shape.intermediate)
+    cast = tokens * 4 * max((lin.in_features for lin in inner), default=0) if autocast and s != 4 else 0
+    dequant = 0
+    if quantization != "none":  # bnb dequantizes one weight to 16-bit (8-bit: to the input dtype) per matmul
+        biggest = max((lin.in_features * lin.out_features for lin in shape.linears if lin.quantized), default=0)
+        dequant = biggest * (c if quantization == "4bit" else s)
+    return _Activations(layer, outer, tokens * shape.hidden * s, max(grads, cast) + dequant)
+
+
+def estimate_memory(
+    model: PretrainedConfig | str | os.PathLike,
+    *,
+    quantization: str = "none",
+    bnb_4bit_quant_type: str = "nf4",
+    bnb_4bit_use_double_quant: bool = True,
+    dtype: str = "bfloat16",
+    lora_r: int = 16,
+    lora_target_modules: list[str] | str = "all-linear",
+    micro_batch_size: int = 1,
+    sequence_len: int = 512,
+    sample_packing: bool = False,
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw_torch",
+    device: str = "cuda",
+    lora_dropout: float = 0.0,
+    kbit_upcast: bool = True,
+) -> MemoryEstimate:
+    """Predict the peak memory of one LoRA training step (see the module docstring for the assumed recipe).
+
+    ``model`` is a config, or a local directory / hub name loaded with ``AutoConfig`` (offline-safe for paths).
+    Unpacked batches are assumed padded to ``sequence_len``; packed ones are full rows of ``sequence_len``.
+    ``kbit_upcast`` mirrors ``prepare_model_for_kbit_training`` (fp32 non-quantized params) for quantized models.
+    """
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPE_BYTES)}, got {dtype!r}")
+    if quantization not in ("none", "8bit", "4bit"):
+        raise ValueError(f"quantization must be 'none', '8bit' or '4bit', got {quantization!r}")
+    if bnb_4bit_quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"bnb_4bit_quant_type must be 'nf4' or 'fp4', got {bnb_4bit_quant_type!r}")
+    config = _load_config(model)
+    shape = _model_shape(config)
+    c = _DTYPE_BYTES[dtype]
+    autocast = c == 2
+    upcast = quantization != "none" and kbit_upcast
+    s = 4 if upcast else c
+    targeted = [lin for lin in shape.linears if _targeted(lin, lora_target_modules)]
+    lora_tensors = [n for lin in targeted for n in (lora_r * lin.in_features, lora_r * lin.out_features)]
+    lora_params = sum(lora_tensors)
+
+    weights = _weight_bytes(shape, quantization, bnb_4bit_use_double_quant, c, upcast)
+    act = _activation_bytes(shape, targeted, r=lora_r, batch=micro_batch_size, seq=sequence_len, c=c, s=s,
+                            packed=sample_packing, dropout=lora_dropout, quantization=quantization,
+                            autocast=autocast, lora_params=lora_params)
+    tokens = micro_batch_size * sequence_len
+    held_logits = tokens * shape.vocab * c  # outputs.logits, referenced until backward is done
+    # cross entropy upcasts to fp32: log_softmax output + its grad + grad of its input at the start of backward;
+    # a fp32 head (kbit upcast) under autocast also keeps its 16-bit weight copy for the backward matmul
+    loss_buffers = tokens * shape.vocab * 4 * LOSS_FP32_BUFFERS
+    if upcast and autocast:
+        loss_buffers += shape.vocab * shape.hidden * c
+    # peak A: start of backward, everything saved + loss buffers; peak B: one layer's backward (recomputed first
+    # when checkpointing), after the loss buffers are freed
+    if gradient_checkpointing:
+        saved = shape.layers * act.checkpoint + act.outer
+        in_layer = act.layer + act.temp
+    else:
+        saved = shape.layers * act.layer + act.outer
+        in_layer = act.temp
+    if loss_buffers >= in_layer:
+        activations, logits = saved, held_logits + loss_buffers
+    else:
+        activations, logits = saved + in_layer, held_logits
+
+    overhead = 0
+    if device.startswith("cuda"):
+        overhead = CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES
+        overhead += int(ALLOCATOR_SLACK_FRACTION * (activations + logits))
+    return MemoryEstimate(
+        weights=weights, lora=4 * lora_params, gradients=4 * lora_params,
+        optimizer=_optimizer_bytes(optimizer, lora_tensors), activations=activations,
+        logits=logits, overhead=overhead, trainable_params=lora_params,
+        total_params=shape.total_params + lora_params,
+    )
+
+
+@dataclass
+class MemoryCalibration:
+    """Fitted correction from measured peaks of a study: predicted' = a * predicted + b (least squares on
+    (estimate.total, measured) pairs, falling back to a pure ratio with <3 points, identity with none)."""
+
+    scale: float = 1.0
+    offset: float = 0.0  # bytes
+    n: int = 0
+    median_rel_error: float | None = None  # of the *uncalibrated* estimate on the fitting points
+    worst_rel_error: float | None = None
+
+    @classmethod
+    def fit(cls, pairs: Sequence[tuple[int, int]]) -> MemoryCalibration:
+        """Fit on (predicted_total_bytes, measured_peak_bytes) pairs."""
+        pts = [(float(p), float(m)) for p, m in pairs if p > 0 and m > 0]
+        if not pts:
+            return cls()
+        errs = [abs(p - m) / m for p, m in pts]  # relative error of the raw prediction vs the measurement
+        median, worst = statistics.median(errs), max(errs)
+        xs, ys = [p for p, _ in pts], [m for _, m in pts]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        if len(pts) >= 3 and var > 0:
+            scale = sum((x - mx) * (y - my) for x, y in pts) / var
+            offset = my - scale * mx
+            if scale <= 0:  # a noisy fit must never flip the ordering of configs; use the ratio instead
+                scale, offset = sum(ys) / sum(xs), 0.0
+        else:
+            scale, offset = sum(ys) / sum(xs), 0.0
+        return cls(scale, offset, len(pts), median, worst)
+
+    def apply(self, predicted_bytes: int) -> int:
+        """Calibrated prediction in bytes."""
+        return max(0, int(round(self.scale * predicted_bytes + self.offset)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (for optuna study user attrs)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MemoryCalibration:
+        """Inverse of ``to_dict``; unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

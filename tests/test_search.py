@@ -1,0 +1,158 @@
+"""End-to-end searches on the tiny model: real trials in child processes, real SQLite storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import tiny_recipe_dict
+
+import llmtune
+from llmtune.recipe import recipe_from_dict
+from llmtune.results import dominates
+
+FAST = {
+    "data": {"source": "llmtune/tiny-tasks", "eval_max_length": 128, "max_eval_examples": 16, "max_train_examples": 200},
+    "train": {"budget": {"examples": 32}, "eval_points": 1},
+    "measure": {"latency_prompts": 1, "max_new_tokens": 2},
+}
+
+
+def fast_recipe(tmp_path: Path, **sections) -> dict:
+    return tiny_recipe_dict(tmp_path, **{**FAST, **sections})
+
+
+@pytest.fixture(autouse=True)
+def _tiny_assets(tiny_model_path, tiny_data_path):
+    """Build the tiny model once before any search starts trial processes."""
+
+
+def test_multi_objective_search_records_oom_as_infeasible_and_finds_the_front(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMTUNE_FAULT", "oom@1")
+    data = fast_recipe(tmp_path, search={**tiny_recipe_dict(tmp_path)["search"], "lora_r": [2, 4, 16]},
+                       objectives={"eval_loss": "minimize", "trainable_params": "minimize", "peak_memory_gb": "minimize"},
+                       study={"n_trials": 4, "sampler": "random", "trial_timeout": 300})
+    result = llmtune.search(data)
+    df = result.trials
+    assert len(df) == 4 and set(df["trial"]) == {0, 1, 2, 3}
+    oom = df[df.trial == 1].iloc[0]
+    assert oom["status"] == "oom" and "out of memory" in oom["reason"] and not oom["feasible"]
+    trial1 = result.study.trials[1]
+    assert trial1.state == optuna.trial.TrialState.COMPLETE and trial1.constraints["infeasible"] > 0
+    # The front is exactly the non-dominated feasible trials of the recorded metrics.
+    done = [t for t in result.study.trials if t.user_attrs["llmtune.status"] == "complete"]
+    assert len(done) == 3
+    expected = {t.number for t in done if not any(dominates(o.values, t.values, result.directions) for o in done if o is not t)}
+    assert {t.number for t in result.pareto_front} == expected
+    for t in done:
+        metrics = t.user_attrs["llmtune.metrics"]
+        assert t.values == [metrics[m] for m in result.objectives]
+    assert set(result.objectives) == {"eval_loss", "trainable_params", "peak_memory_gb"}
+    # Outputs: the chosen adapter, the table, the report with its plots.
+    out = Path(data["output_dir"])
+    assert result.best.number in expected
+    assert (out / "best" / "adapter" / "adapter_config.json").exists()
+    assert len((out / "trials.csv").read_text().splitlines()) == 5
+    html = (out / "report.html").read_text()
+    assert "Pareto" in html and "plotly" in html.lower()
+    # The chosen adapter loads with peft on the tiny base and generates.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmtune.tiny import ensure_tiny_model
+
+    base = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(log=None))
+    tok = AutoTokenizer.from_pretrained(ensure_tiny_model(log=None))
+    model = PeftModel.from_pretrained(base, out / "best" / "adapter")
+    ids = tok("### Instruction:\nSort the numbers.\n\n### Input:\n3 1 2\n\n### Response:\n", return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert ids.shape[1] < gen.shape[1] <= ids.shape[1] + 4  # it generates (and may stop at EOS)
+    # load_results reads the same study back.
+    again = llmtune.load_results(out)
+    assert {t.number for t in again.pareto_front} == expected and again.best.number == result.best.number
+
+
+def test_a_hanging_trial_is_killed_at_its_timeout(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMTUNE_FAULT", "hang@0")
+    data = fast_recipe(tmp_path, search={**tiny_recipe_dict(tmp_path)["search"], "lora_r": [4, 8]},
+                       study={"n_trials": 2, "sampler": "grid", "trial_timeout": 25})
+    started = time.time()
+    result = llmtune.search(data)
+    df = result.trials.set_index("trial")
+    assert df.loc[0, "status"] == "timeout" and "trial_timeout" in df.loc[0, "reason"]
+    assert df.loc[1, "status"] == "complete"
+    assert time.time() - started < 25 + 120
+    assert result.best.number == 1
+
+
+def test_constraint_is_never_violated_by_the_chosen_trial(tmp_path):
+    data = fast_recipe(tmp_path, search={**tiny_recipe_dict(tmp_path)["search"], "lora_r": [2, 32]},
+                       constraints={"trainable_params": {"max": 20000}},
+                       study={"n_trials": 2, "sampler": "grid", "trial_timeout": 300})
+    result = llmtune.search(data)
+    by_rank = {t.params["lora_r"]: t for t in result.study.trials}
+    assert set(by_rank) == {2, 32}
+    big = by_rank[32]
+    assert big.user_attrs["llmtune.metrics"]["trainable_params"] > 20000 and big.constraints["trainable_params"] > 0
+    assert [t.number for t in result.pareto_front] == [by_rank[2].number]
+    assert result.best.params["lora_r"] == 2
+
+
+def _trial_dirs_with_results(out: Path) -> set[str]:
+    return {p.parent.name for p in (out / "trials").glob("*/result.json")}
+
+
+def test_killed_search_resumes_without_losing_or_rerunning_trials(tmp_path):
+    data = fast_recipe(tmp_path, study={"n_trials": 3, "sampler": "random", "trial_timeout": 300})
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(data))
+    out = Path(data["output_dir"])
+    cmd = [sys.executable, "-m", "llmtune.cli", "search", str(recipe_path), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    # Kill the whole search (parent and its trial process) while trial 1 runs.
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "trials" / "0001" / "spec.json").exists():
+        time.sleep(0.2)
+    assert (out / "trials" / "0000" / "result.json").exists()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first_result = (out / "trials" / "0000" / "result.json").read_text()
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "retrying trial(s) 1" in rerun.stderr
+    result = llmtune.load_results(out)
+    states = {t.number: (t.state.name, t.user_attrs.get("llmtune.status")) for t in result.study.trials}
+    assert states[0] == ("COMPLETE", "complete")
+    assert states[1] == ("FAIL", "interrupted")
+    finished = [t for t in result.study.trials if t.state.name == "COMPLETE"]
+    assert len(finished) == 3  # n_trials completed in the end
+    retry = next(t for t in finished if t.user_attrs.get("llmtune.retry_of") == 1)
+    assert retry.params == result.study.trials[1].params  # the lost config is what got retried
+    assert (out / "trials" / "0000" / "result.json").read_text() == first_result  # trial 0 was not re-run
+
+
+def test_resume_refuses_a_changed_search_space(tmp_path):
+    data = fast_recipe(tmp_path, study={"n_trials": 1, "trial_timeout": 300})
+    llmtune.search(data)
+    changed = json.loads(json.dumps(data))
+    changed["search"]["lora_r"] = [4, 8]
+    with pytest.raises(Exception, match="different search space.*--study-name"):
+        llmtune.search(changed)
+    # The same recipe resumes: nothing new to run, nothing lost.
+    again = llmtune.search(data)
+    assert len(again.trials) == 1
+
+
+def test_recipe_round_trips_through_the_study(tmp_path):
+    data = fast_recipe(tmp_path)
+    r = recipe_from_dict(data)
+    assert recipe_from_dict(r.to_dict()).to_dict() == r.to_dict()
