@@ -79,13 +79,17 @@ def _parse_set_values(items: list[str]) -> tuple[dict[str, Any], list[str]]:
 def cmd_train(args: argparse.Namespace) -> int:
     from llmtune.api import train
     from llmtune.recipe import load_recipe
-    from llmtune.space import PARAMS, SearchSpace
+    from llmtune.space import SearchSpace
 
     values, overrides = _parse_set_values(args.set)
     recipe = load_recipe(args.recipe, overrides)
-    # Check the --set values like recipe values (fixed values in the search section).
-    SearchSpace.from_dict({**{k: v for k, v in recipe.search.items() if k not in values}, **values})
-    settings = recipe.space.complete({k: v for k, v in values.items() if k in PARAMS})
+    # --set values become fixed values of the space (checked like recipe values); the rest of the
+    # searched settings take their midpoints / first choices.
+    base = dict(recipe.search)
+    for given, rival in (("lora_alpha", "lora_alpha_ratio"), ("warmup_steps", "warmup_ratio")):
+        if given in values:
+            base.pop(rival, None)
+    settings = SearchSpace.from_dict({**base, **values}).complete({})
     out = Path(args.out or Path(recipe.output_dir) / "train")
     print(f"training one trial of {recipe.model.name} on {recipe.data.source} -> {out}", file=sys.stderr)
     result = train(recipe, settings, out_dir=out, in_process=False)

@@ -366,6 +366,14 @@ def _check_values(recipe: Recipe, ck: _Checker) -> None:
         if v is not None and v <= 0:
             ck.add(f"study.{name}", f"{v} must be a positive number of seconds")
 
+    if s.pruner in CHOICES["study.pruner"] and isinstance(s.pruner_settings, dict):
+        from llmtune.pruning import make_pruner
+
+        try:
+            make_pruner(s.pruner, **s.pruner_settings)
+        except (ValueError, TypeError) as e:
+            ck.add("study.pruner_settings", str(e))
+
     _check_objectives(recipe, ck)
 
     from llmtune.space import check_search  # late import: space builds on this module

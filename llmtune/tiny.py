@@ -20,6 +20,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 try:
     import fcntl
@@ -46,8 +51,8 @@ _CHAT_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
-# Pretraining budget: fixed (not time-based) so the model is the same on every machine.
-_PRETRAIN = {"steps": 200, "batch": 16, "seq_len": 256, "lr": 3e-3, "warmup": 20}
+# Fixed step count (not a time budget) so every machine trains the same model.
+_STEPS, _BATCH, _SEQ_LEN, _WARMUP, _LR = 200, 16, 256, 20, 3e-3
 
 _W = {
     "color": "red blue green yellow black white orange purple brown gray pink silver".split(),
@@ -62,7 +67,6 @@ _W = {
     "name": "Anna Ben Clara David Emma Felix Grace Henry Iris Jack Kate Leo Mia Noah Olive Paul".split(),
 }
 _NOUNS = _W["animal"] + _W["thing"]
-_ALL_WORDS = sorted({w for ws in _W.values() for w in ws})
 
 
 def llmtune_home() -> Path:
@@ -128,10 +132,6 @@ def _phrase(rng: random.Random, n_words: int) -> list[str]:
     return words[:n_words]
 
 
-def _numbers(rng: random.Random, n: int) -> list[int]:
-    return [_num(rng) for _ in range(n)]
-
-
 def _sequence(rng: random.Random, n: int) -> list[int]:
     start, step = rng.randrange(60), rng.randint(1, 12)
     return [start + i * step for i in range(n + 1)]
@@ -144,7 +144,7 @@ def _prose_task(rng: random.Random) -> str:
         w = _phrase(rng, n)
         return f"Read backwards, the words {' '.join(w)} become {' '.join(reversed(w))}."
     if k == 1:
-        xs = _numbers(rng, n)
+        xs = [_num(rng) for _ in range(n)]
         return f"In order from small to large, {' '.join(map(str, xs))} becomes {' '.join(map(str, sorted(xs)))}."
     if k == 2:
         a, b = rng.randrange(10 ** rng.randint(1, 3)), rng.randrange(10 ** rng.randint(1, 3))
@@ -180,7 +180,7 @@ def _instruction_task(rng: random.Random) -> tuple[str, str, str]:
         instr = c(["Reverse the order of the words.", "Write the words in reverse order."])
         return instr, " ".join(w), " ".join(reversed(w))
     if k == 1:
-        xs = _numbers(rng, n)
+        xs = [_num(rng) for _ in range(n)]
         instr = c(["Sort the numbers from smallest to largest.", "Sort these numbers in ascending order."])
         return instr, ", ".join(map(str, xs)), ", ".join(map(str, sorted(xs)))
     if k == 2:
@@ -189,18 +189,12 @@ def _instruction_task(rng: random.Random) -> tuple[str, str, str]:
             return f"What is {a} plus {b}?", "", str(a + b)
         return "Add the two numbers.", f"{a} + {b}", str(a + b)
     if k == 3:
-        return (
-            c(["Count the words in the input.", "How many words are there?"]),
-            " ".join(_phrase(rng, n)),
-            str(n),
-        )
+        instr = c(["Count the words in the input.", "How many words are there?"])
+        return instr, " ".join(_phrase(rng, n)), str(n)
     if k == 4:
         text = " ".join(_phrase(rng, n))
-        return (
-            c(["Convert the text to uppercase.", "Rewrite the input in capital letters."]),
-            text,
-            text.upper(),
-        )
+        instr = c(["Convert the text to uppercase.", "Rewrite the input in capital letters."])
+        return instr, text, text.upper()
     if k == 5:
         seq = _sequence(rng, max(n, 3))
         return "What number comes next in the sequence?", ", ".join(map(str, seq[:-1])), str(seq[-1])
@@ -210,7 +204,8 @@ def _instruction_task(rng: random.Random) -> tuple[str, str, str]:
 
 def _instruction_rows(seed: int = _SEED) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Deterministic (train, eval) rows; eval's (instruction, input) pairs never occur in train."""
-    rng, seen, rows = random.Random(seed), set(), []
+    rng, seen = random.Random(seed), set()
+    rows: list[dict[str, str]] = []
     while len(rows) < _N_TRAIN + _N_EVAL:
         instr, inp, out = _instruction_task(rng)
         if (instr, inp) not in seen:
@@ -231,7 +226,7 @@ def _build_data(out: Path, log: Callable[[str], None]) -> dict[str, object]:
     return {"train_rows": len(train), "eval_rows": len(evals), "seed": _SEED}
 
 
-def _build_tokenizer(texts: list[str]):  # -> PreTrainedTokenizerFast
+def _build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -262,25 +257,24 @@ def _build_tokenizer(texts: list[str]):  # -> PreTrainedTokenizerFast
     return fast
 
 
-def _pretrain(model, ids, log: Callable[[str], None]) -> float:  # type: ignore[no-untyped-def]
+def _pretrain(model: LlamaForCausalLM, ids: torch.Tensor, log: Callable[[str], None]) -> float:
     """Plain AdamW loop with warmup + cosine decay; returns the mean loss of the last 20 steps."""
     import torch
 
-    p = _PRETRAIN
-    n_chunks = ids.numel() // p["seq_len"]
-    chunks = ids[: n_chunks * p["seq_len"]].view(n_chunks, p["seq_len"])
+    n_chunks = ids.numel() // _SEQ_LEN
+    chunks = ids[: n_chunks * _SEQ_LEN].view(n_chunks, _SEQ_LEN)
     gen = torch.Generator().manual_seed(_SEED)
     order = torch.randperm(n_chunks, generator=gen)
-    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=_LR, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
     losses: list[float] = []
     t0 = time.time()
-    for step in range(p["steps"]):
-        frac = step / p["steps"]
-        scale = min(1.0, (step + 1) / p["warmup"]) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+    for step in range(_STEPS):
+        frac = step / _STEPS
+        scale = min(1.0, (step + 1) / _WARMUP) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
         for group in opt.param_groups:
-            group["lr"] = p["lr"] * scale
-        idx = order[(torch.arange(p["batch"]) + step * p["batch"]) % n_chunks]
+            group["lr"] = _LR * scale
+        idx = order[(torch.arange(_BATCH) + step * _BATCH) % n_chunks]
         x = chunks[idx]
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
@@ -288,15 +282,14 @@ def _pretrain(model, ids, log: Callable[[str], None]) -> float:  # type: ignore[
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if step % 25 == 0 or step == p["steps"] - 1:
-            log(
-                f"[llmtune.tiny] pretrain step {step + 1}/{p['steps']} loss {loss.item():.3f} ({time.time() - t0:.0f}s)"
-            )
+        if step % 25 == 0 or step == _STEPS - 1:
+            secs = time.time() - t0
+            log(f"[llmtune.tiny] pretrain step {step + 1}/{_STEPS} loss {losses[-1]:.3f} ({secs:.0f}s)")
     model.eval()
     return sum(losses[-20:]) / len(losses[-20:])
 
 
-def _tiny_config(tokenizer):  # type: ignore[no-untyped-def]
+def _tiny_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -318,6 +311,7 @@ def _tiny_config(tokenizer):  # type: ignore[no-untyped-def]
 def _build_model(out: Path, log: Callable[[str], None]) -> dict[str, object]:
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
     t0 = time.time()
     docs = _corpus_documents(random.Random(_SEED + 1), 60_000)
@@ -329,9 +323,10 @@ def _build_model(out: Path, log: Callable[[str], None]) -> dict[str, object]:
 
     enc = tokenizer(docs, add_special_tokens=True)["input_ids"]
     ids = torch.tensor([t for row in enc for t in row + [tokenizer.eos_token_id]], dtype=torch.long)
-    torch.manual_seed(_SEED)
     config = _tiny_config(tokenizer)
-    model = LlamaForCausalLM(config).float()
+    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
+        torch.manual_seed(_SEED)
+        model = LlamaForCausalLM(config).float()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[llmtune.tiny] pretraining a {n_params / 1e6:.2f}M-parameter Llama on {ids.numel()} tokens")
     final_loss = _pretrain(model, ids, log)
@@ -339,8 +334,6 @@ def _build_model(out: Path, log: Callable[[str], None]) -> dict[str, object]:
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
-    from transformers.utils import logging as hf_logging
-
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a shard-writing bar for one 4 MB file is just noise in the log
     try:
@@ -371,14 +364,26 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _build_threads() -> int:
-    """Threads for pretraining: the cores other work leaves idle (1-8).
+    """Threads for pretraining: the cores that other processes leave idle right now (1-8).
 
-    On a busy 2-core box two spinning OpenMP threads run ~2.5x slower than one, so
-    subtract the current load instead of grabbing every core.
+    On a busy 2-core box two spinning OpenMP threads run ~2.5x slower than one, so measure
+    idle time over half a second (Linux ``/proc/stat``) instead of grabbing every core.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(8, cores - int(busy + 0.5)))
+
+    def snapshot() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, total
+
+    try:
+        idle0, total0 = snapshot()
+        time.sleep(0.5)
+        idle1, total1 = snapshot()
+        idle = (os.cpu_count() or cores) * (idle1 - idle0) / max(1, total1 - total0)
+    except (OSError, ValueError, IndexError):
+        idle = float(cores)
+    return max(1, min(8, cores, int(idle + 0.25)))
 
 
 @contextlib.contextmanager

@@ -68,6 +68,7 @@ def test_minimal_recipe_gets_defaults():
     ({**GOOD, "model": {"name": "x", "dtype": "fp16"}}, "model.dtype: 'fp16' is not one of auto, bfloat16, float16, float32"),
     ({**GOOD, "model": {"name": "x", "trust_remote_code": "no"}}, "model.trust_remote_code: 'no' is not true or false"),
     ({"data": {"source": "x"}}, "model.name: is required"),
+    ({**GOOD, "study": {"pruner": "asha", "pruner_settings": {"eta": 1}}}, "study.pruner_settings: pruner 'asha': setting 'eta'=1 is invalid"),
     ({**GOOD, "train": "fast"}, "train: expected a mapping of settings, got 'fast'"),
 ])
 def test_bad_recipe_names_field_value_and_fix(data, expected):
