@@ -1,4 +1,4 @@
-"""`llmtune validate | train | search | report` — the command line.
+"""`llmtune validate | train | search | estimate | report` — the command line.
 
 Bad input gets one clear message (exit 2), never a traceback.
 """
@@ -171,6 +171,48 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_gb(text: str) -> float:
+    t = text.strip().upper().removesuffix("B").removesuffix("I").removesuffix("G")
+    try:
+        return float(t)
+    except ValueError:
+        raise ValueError(f"--gpu-memory {text!r}: give GB like 24GB or 80") from None
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from llmtune.gate import MEMORY_SETTINGS, estimate_for, representative_points
+    from llmtune.hardware import gpu_memory_bytes
+    from llmtune.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    if args.gpu_memory:
+        budget, where = _parse_gb(args.gpu_memory), f"--gpu-memory {args.gpu_memory}"
+    elif gpu_memory_bytes(0):
+        budget, where = gpu_memory_bytes(0) / 2**30, "this machine's GPU 0"
+    else:
+        budget, where = None, ""
+    limit = recipe.constraints.get("peak_memory_gb", {}).get("max")
+    rows = []
+    for values in representative_points(recipe, limit=args.limit):
+        est = estimate_for(recipe, values)
+        row = {k: values[k] for k in MEMORY_SETTINGS if k in recipe.space.searched}
+        row.update({"weights": est.weights / 2**30, "activations+logits": (est.activations + est.logits) / 2**30,
+                    "predicted_gb": est.total_gb})
+        if budget is not None:
+            row["fits"] = "yes" if est.total_gb <= budget else "no"
+        if limit is not None:
+            row["within_budget"] = "yes" if est.total_gb <= limit else "no"
+        rows.append(row)
+    rows.sort(key=lambda r: r["predicted_gb"])
+    title = f"predicted peak GPU memory (GiB) of {recipe.model.name}"
+    if budget is not None:
+        title += f"; fits = within {budget:g} GiB ({where})"
+    _console().print(_table(title, rows))
+    if args.json:
+        print(json.dumps(rows, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmtune import __version__
 
@@ -200,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus", help="GPU indices, one trial per GPU: 0,1,2,3 or all")
     s.add_argument("--quiet", action="store_true", help="plain progress lines instead of the live view")
     s.set_defaults(func=cmd_search)
+
+    e = sub.add_parser("estimate", help="predicted peak GPU memory over the space, and whether it fits a GPU")
+    e.add_argument("recipe")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    e.add_argument("--gpu-memory", help="GPU size to check against, e.g. 24GB (default: the local GPU's)")
+    e.add_argument("--limit", type=int, default=64, help="at most this many configurations")
+    e.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    e.set_defaults(func=cmd_estimate)
 
     r = sub.add_parser("report", help="Pareto table, trials.csv and report.html of a search")
     r.add_argument("target", help="output_dir of a search, or a storage URL")

@@ -139,6 +139,7 @@ class StudyConfig:
     storage: str | None = field(default=None, metadata={"help": "Optuna storage URL; default an SQLite file in output_dir. May be '${ENV_VAR}'."})
     study_name: str | None = field(default=None, metadata={"help": "Study name in the storage; default the recipe's name."})
     seed: int = field(default=0, metadata={"help": "Sampler seed."})
+    memory_gate: str = field(default="auto", metadata={"help": "Skip configs whose predicted peak GPU memory exceeds constraints.peak_memory_gb.max: auto (when trials run on a GPU), on, off."})
 
 
 @dataclass
@@ -220,6 +221,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cuda", "cpu"),
     "study.sampler": ("auto", "tpe", "nsga2", "gp", "random", "grid", "cmaes"),
     "study.pruner": ("none", "asha", "hyperband"),
+    "study.memory_gate": ("auto", "on", "off"),
 }
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 

@@ -211,21 +211,6 @@ def check_resume(study: optuna.Study, recipe: Recipe, space: SearchSpace, data_f
             f"Start a new study: pass --study-name NEW (or set study.study_name), or use another output_dir.")
 
 
-def feasibility_gate(recipe: Recipe, values: dict[str, Any]) -> str | None:
-    """Reason a config is predicted over the memory budget (never run), or None. See llmtune.memory."""
-    limit = recipe.constraints.get("peak_memory_gb", {}).get("max")
-    if limit is None:
-        return None
-    try:
-        from llmtune.gate import predicted_peak_gb
-    except ImportError:
-        return None
-    predicted = predicted_peak_gb(recipe, values)
-    if predicted is not None and predicted > limit:
-        return f"predicted peak memory {predicted:.2f} GB is over the budget of {limit:g} GB; not run"
-    return None
-
-
 class Search:
     """One search process: any number of worker threads, each running trial processes in turn."""
 
@@ -247,6 +232,10 @@ class Search:
         self._lock = threading.Lock()
         self.started = time.time()
         self.errors: list[BaseException] = []
+        gate = recipe.study.memory_gate
+        from llmtune.hardware import gpu_count
+
+        self.memory_gate = gate == "on" or (gate == "auto" and recipe.train.device != "cpu" and gpu_count() > 0)
 
     # -- setup ---------------------------------------------------------------------------------
     def prepare(self) -> optuna.Study:
@@ -343,7 +332,7 @@ class Search:
         storage.set_trial_user_attr(tid, STATUS, "running")
         if self.progress:
             self.progress.trial_started(trial.number, values)
-        reason = feasibility_gate(self.recipe, values)
+        reason, predicted = self._gate(values)
         if reason:
             result = TrialResult(status=OVER_BUDGET, reason=reason, settings=values)
         else:
@@ -369,9 +358,30 @@ class Search:
                     last_beat[0] = time.time()
 
             result = run_trial_process(job, on_event=on_event, heartbeat=heartbeat, stop=self.stop)
+        if predicted is not None:
+            result.metrics["predicted_memory_gb"] = predicted
         self._tell(trial, result)
         if self.progress:
             self.progress.trial_finished(trial.number, result)
+
+    def _gate(self, values: dict[str, Any]) -> tuple[str | None, float | None]:
+        """(why the config must not run, predicted peak GPU GB). Predicted over the memory budget ->
+        recorded infeasible without spending GPU time. Active on GPUs, or everywhere with memory_gate: on."""
+        from llmtune.gate import calibration_from_trials, predicted_peak_gb
+
+        pairs = [(t.user_attrs[METRICS_KEY]["predicted_memory_gb"], t.user_attrs[METRICS_KEY]["peak_memory_gb"])
+                 for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if t.user_attrs.get(STATUS) == COMPLETE and t.user_attrs.get(INFO, {}).get("device") == "cuda"
+                 and {"predicted_memory_gb", "peak_memory_gb"} <= set(t.user_attrs.get(METRICS_KEY, {}))]
+        try:
+            predicted = predicted_peak_gb(self.recipe, values, calibration_from_trials(pairs) if pairs else None)
+        except Exception as e:  # an architecture the estimator cannot read must never block a search
+            self.log(f"memory estimate unavailable: {type(e).__name__}: {e}")
+            return None, None
+        limit = self.recipe.constraints.get("peak_memory_gb", {}).get("max")
+        if limit is not None and self.memory_gate and predicted > limit:
+            return f"predicted peak memory {predicted:.2f} GB is over the budget of {limit:g} GB; not run", predicted
+        return None, predicted
 
     def _fractions(self) -> list[float]:
         from llmtune.harness.train import eval_fractions
@@ -407,6 +417,8 @@ class Search:
             v = result.metrics.get(metric)
             if metric == "eval_loss":
                 v = result.base_eval_loss if v is None or result.status in INFEASIBLE else v
+            if metric == "peak_memory_gb" and not finite(v):
+                v = result.metrics.get("predicted_memory_gb")
             if not finite(v):
                 seen = [t.values[i] for t in done if finite(t.values[i])]
                 if seen:

@@ -156,3 +156,29 @@ def test_recipe_round_trips_through_the_study(tmp_path):
     data = fast_recipe(tmp_path)
     r = recipe_from_dict(data)
     assert recipe_from_dict(r.to_dict()).to_dict() == r.to_dict()
+
+
+def test_memory_gate_skips_configs_predicted_over_budget_without_running_them(tmp_path):
+    from llmtune.gate import predicted_peak_gb
+
+    search = {**tiny_recipe_dict(tmp_path)["search"], "sequence_len": [64, 1024], "micro_batch_size": [1, 32]}
+    r = recipe_from_dict(fast_recipe(tmp_path, search=search))
+    small = predicted_peak_gb(r, r.space.complete({"sequence_len": 64, "micro_batch_size": 1}))
+    big = predicted_peak_gb(r, r.space.complete({"sequence_len": 1024, "micro_batch_size": 32}))
+    assert big > small
+    limit = (small + big) / 2
+    data = fast_recipe(tmp_path, search=search, constraints={"peak_memory_gb": {"max": limit}},
+                       study={"n_trials": 4, "sampler": "grid", "trial_timeout": 300, "memory_gate": "on"})
+    result = llmtune.search(data)
+    trials = result.study.trials
+    assert len(trials) == 4
+    over = [t for t in trials if t.user_attrs["llmtune.status"] == "over_budget"]
+    assert {(t.params["sequence_len"], t.params["micro_batch_size"]) for t in over} >= {(1024, 32)}
+    for t in over:
+        assert "predicted peak memory" in t.user_attrs["llmtune.reason"]
+        assert t.constraints["infeasible"] > 0
+        assert not (Path(t.user_attrs["llmtune.dir"]) / "result.json").exists()  # never ran
+        assert t.user_attrs["llmtune.metrics"]["predicted_memory_gb"] > limit
+    ran = [t for t in trials if t.user_attrs["llmtune.status"] == "complete"]
+    assert ran and all(t.user_attrs["llmtune.metrics"]["predicted_memory_gb"] <= limit for t in ran)
+    assert result.best.number in {t.number for t in ran}
