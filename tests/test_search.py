@@ -182,3 +182,23 @@ def test_memory_gate_skips_configs_predicted_over_budget_without_running_them(tm
     ran = [t for t in trials if t.user_attrs["llmtune.status"] == "complete"]
     assert ran and all(t.user_attrs["llmtune.metrics"]["predicted_memory_gb"] <= limit for t in ran)
     assert result.best.number in {t.number for t in ran}
+
+
+def test_asha_prunes_weak_trials_in_a_multi_objective_study(tmp_path):
+    search = {**tiny_recipe_dict(tmp_path)["search"], "learning_rate": [3e-3, 1e-6], "lora_r": [4, 8]}
+    data = fast_recipe(tmp_path, search=search, train={"budget": {"examples": 64}, "eval_points": 1},
+                       objectives={"eval_loss": "minimize", "peak_memory_gb": "minimize", "train_throughput": "maximize"},
+                       study={"n_trials": 4, "sampler": "grid", "seed": 1, "trial_timeout": 300, "pruner": "asha",
+                              "pruner_settings": {"eta": 2, "min_fraction": 0.5, "min_trials_per_rung": 2}})
+    result = llmtune.search(data)
+    trials = result.study.trials
+    pruned = [t for t in trials if t.user_attrs["llmtune.status"] == "pruned"]
+    assert pruned, [(t.params, t.user_attrs["llmtune.curve"]) for t in trials]
+    for t in pruned:
+        assert t.state == optuna.trial.TrialState.PRUNED
+        assert t.params["learning_rate"] == 1e-6  # the learning rate that barely trains
+        assert [f for f, _ in t.user_attrs["llmtune.curve"]] == [0.0, 0.5]  # stopped at the rung
+        assert "eval_loss" in t.user_attrs["llmtune.metrics"]  # partial metrics kept
+        assert t.number not in {p.number for p in result.pareto_front}
+    finished = [t for t in trials if t.user_attrs["llmtune.status"] == "complete"]
+    assert finished and all(t.user_attrs["llmtune.curve"][-1][0] == 1.0 for t in finished)
