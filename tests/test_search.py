@@ -83,13 +83,13 @@ def test_multi_objective_search_records_oom_as_infeasible_and_finds_the_front(tm
 def test_a_hanging_trial_is_killed_at_its_timeout(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMTUNE_FAULT", "hang@0")
     data = fast_recipe(tmp_path, search={**tiny_recipe_dict(tmp_path)["search"], "lora_r": [4, 8]},
-                       study={"n_trials": 2, "sampler": "grid", "trial_timeout": 25})
+                       study={"n_trials": 2, "sampler": "grid", "trial_timeout": 45})
     started = time.time()
     result = llmtune.search(data)
     df = result.trials.set_index("trial")
     assert df.loc[0, "status"] == "timeout" and "trial_timeout" in df.loc[0, "reason"]
     assert df.loc[1, "status"] == "complete"
-    assert time.time() - started < 25 + 120
+    assert time.time() - started < 45 + 120
     assert result.best.number == 1
 
 
