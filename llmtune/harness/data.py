@@ -91,11 +91,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     if cfg.eval_source:
         eval_rows, _ = load_source(cfg.eval_source, cfg.eval_split)
     elif cfg.eval_split:
-        if cfg.eval_split not in others:
-            _, others = load_source(cfg.source, cfg.train_split)
-            if cfg.eval_split not in others:
-                raise DataError(f"data.eval_split {cfg.eval_split!r} not found in {cfg.source!r}; it has {sorted(others) or 'no other split'}")
-        eval_rows = others[cfg.eval_split]
+        eval_rows, _ = load_source(cfg.source, cfg.eval_split)  # a split file of a folder, or a Hub split
     elif others:
         eval_rows = others[next(n for n in EVAL_SPLIT_NAMES if n in others)]
     else:
