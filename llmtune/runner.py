@@ -74,7 +74,7 @@ class TrialProcess:
         self.spec_path.write_text(json.dumps({
             "recipe": job.recipe, "values": job.values, "out_dir": str(job.out_dir),
             "fractions": job.fractions, "trial_number": job.trial_number}, default=str))
-        env = {**os.environ, **job.env, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **job.env, "PYTHONUNBUFFERED": "1", "LLMTUNE_PARENT_PID": str(os.getpid())}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmtune.harness.worker", str(self.spec_path)],

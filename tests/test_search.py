@@ -202,3 +202,29 @@ def test_asha_prunes_weak_trials_in_a_multi_objective_study(tmp_path):
         assert t.number not in {p.number for p in result.pareto_front}
     finished = [t for t in trials if t.user_attrs["llmtune.status"] == "complete"]
     assert finished and all(t.user_attrs["llmtune.curve"][-1][0] == 1.0 for t in finished)
+
+
+def test_a_trial_process_exits_when_its_search_process_dies(tmp_path):
+    spec = tmp_path / "spec.json"
+    values = recipe_from_dict(fast_recipe(tmp_path)).space.complete({})
+    spec.write_text(json.dumps({"recipe": fast_recipe(tmp_path), "values": values, "out_dir": str(tmp_path / "t"),
+                                "fractions": [1.0]}))
+    parent = (
+        "import os, subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-m', 'llmtune.harness.worker', {str(spec)!r}], start_new_session=True,\n"
+        "                     env=dict(os.environ, LLMTUNE_FAULT='hang', LLMTUNE_PARENT_PID=str(os.getpid())),\n"
+        "                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "print(p.pid, flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60)
+    child = int(out.stdout.strip())
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            assert not (tmp_path / "t" / "result.json").exists()  # it was stopped, it did not crash or finish
+            return
+        time.sleep(0.5)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the orphaned trial process kept running after its search process died")

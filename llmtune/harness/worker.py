@@ -10,7 +10,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+import time
 from typing import Any
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A trial whose search process died must not run on unseen, holding a GPU (it is retried)."""
+    while True:
+        if os.getppid() != parent:
+            os._exit(3)
+        time.sleep(2)
 
 
 def main(spec_path: str) -> int:
@@ -19,6 +29,9 @@ def main(spec_path: str) -> int:
     sys.stdout = sys.stderr
 
     spec = json.loads(open(spec_path).read())
+    # The runner names its pid: a parent that died while this process was still importing is caught too.
+    parent = int(os.environ.get("LLMTUNE_PARENT_PID", os.getppid()))
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
     def on_event(event: dict[str, Any]) -> bool:
         channel.write(json.dumps(event) + "\n")
