@@ -11,7 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from llmtune.recipe import Recipe, recipe_from_dict
 from llmtune.result import COMPLETE
-from llmtune.study import CURVE, DIR, METRICS_KEY, REASON, SETTINGS, STATUS, open_storage, storage_url
+from llmtune.study import CURVE, DIR, METRICS_KEY, REASON, SETTINGS, STATUS, open_storage
 
 
 def feasible(t: FrozenTrial) -> bool:
@@ -170,4 +170,4 @@ def load_results(target: str | Path, study_name: str | None = None, storage: str
     return SearchResult(study, recipe)
 
 
-__all__ = ["SearchResult", "load_results", "pareto_front", "select", "feasible", "storage_url"]
+__all__ = ["SearchResult", "load_results", "pareto_front", "select", "feasible"]

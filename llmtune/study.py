@@ -78,11 +78,19 @@ def storage_url(recipe: Recipe, override: str | None = None) -> str:
     return f"sqlite:///{out / 'study.db'}"
 
 
-def _retry_failed(study: optuna.Study, trial: FrozenTrial) -> None:
-    """A trial whose process or search died is failed and queued again with the same settings."""
-    study._storage.set_trial_user_attr(trial._trial_id, STATUS, INTERRUPTED)
-    study._storage.set_trial_user_attr(trial._trial_id, REASON, "its search process died (no heartbeat); retried")
+def _retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str | None) -> None:
+    """Queue a lost trial's exact settings again (it does not count towards n_trials). With a reason,
+    also mark it interrupted: only possible while it is unfinished, as Optuna freezes finished trials."""
+    if reason is not None:
+        study._storage.set_trial_user_attr(trial._trial_id, STATUS, INTERRUPTED)
+        study._storage.set_trial_user_attr(trial._trial_id, REASON, reason)
     study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
+
+
+def _retry_failed(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Heartbeat callback: a trial whose search process on another host went silent is retried.
+    Optuna calls it after failing the trial, so the trial itself can no longer be annotated."""
+    _retry(study, trial, None)
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
@@ -165,10 +173,8 @@ def recover_lost_trials(study: optuna.Study) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.system_attrs.get(OWNER)
         if owner and not _running_elsewhere(owner):
-            study._storage.set_trial_user_attr(t._trial_id, STATUS, INTERRUPTED)
-            study._storage.set_trial_user_attr(t._trial_id, REASON, "the search stopped while it ran; retried")
+            _retry(study, t, "the search stopped while it ran; retried")
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number}, skip_if_exists=False)
             lost.append(t.number)
     optuna.storages.fail_stale_trials(study)  # other hosts: by heartbeat
     return lost
@@ -456,7 +462,7 @@ class Search:
         else:
             self.study.tell(trial, state=TrialState.FAIL)
             if result.status == INTERRUPTED:
-                self.study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
+                _retry(self.study, trial, None)  # status and reason were recorded above
 
 
 def finalize(study: optuna.Study, recipe: Recipe, log: Callable[[str], None] = print):
