@@ -1,4 +1,4 @@
-"""`llmtune validate | train | search | estimate | report` — the command line.
+"""`llmtune validate | train | search | estimate | report | export | push` — the command line.
 
 Bad input gets one clear message (exit 2), never a traceback.
 """
@@ -213,6 +213,35 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from llmtune.hub import export_adapter
+
+    exp = export_adapter(args.output_dir, args.to, trial=args.trial, merge=args.merge,
+                         tokenizer={"auto": None, "yes": True, "no": False}[args.tokenizer])
+    print(f"exported trial {exp.trial} to {exp.path}")
+    for f in exp.files:
+        print(f"  {f}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from llmtune.hub import push_to_hub
+
+    push = push_to_hub(args.output_dir, args.repo_id, private=True if args.private else None, trial=args.trial,
+                       revision=args.revision, dry_run=args.dry_run, export_dir=args.export_dir)
+    exp = push.export
+    where = f"{push.repo_id}" + (f" (branch {push.revision})" if push.revision else "")
+    if push.dry_run:
+        print(f"dry run: would upload {len(exp.files)} file(s) of trial {exp.trial} from {exp.path} to {where}"
+              f" as {'private' if push.private else 'public'} in one commit:")
+    else:
+        print(f"pushed {len(exp.files)} file(s) of trial {exp.trial} to {where}: {push.commit_url or push.url}")
+    for f in exp.files:
+        size = (exp.path / f).stat().st_size
+        print(f"  {f}  ({size:,} bytes)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmtune import __version__
 
@@ -256,6 +285,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--study-name")
     r.add_argument("--output-dir", help="where to write (default: the search's output_dir)")
     r.set_defaults(func=cmd_report)
+
+    x = sub.add_parser("export", help="write a trial's adapter (default: the chosen one) with a model card")
+    x.add_argument("output_dir", help="output_dir of a search")
+    x.add_argument("--to", required=True, help="folder to write (new, empty, or an earlier export)")
+    x.add_argument("--trial", type=int, help="trial number (default: the chosen trial)")
+    x.add_argument("--merge", action="store_true", help="also write the merged full model under merged/ (not for 4/8-bit bases)")
+    x.add_argument("--tokenizer", choices=("auto", "yes", "no"), default="auto",
+                   help="copy the tokenizer files (auto: only when the base is not a Hub repository)")
+    x.set_defaults(func=cmd_export)
+
+    u = sub.add_parser("push", help="export a trial's adapter and upload it to the Hub in one commit")
+    u.add_argument("output_dir", help="output_dir of a search")
+    u.add_argument("--repo-id", help="user/name on the Hub (default: hub.repo_id of the recipe)")
+    u.add_argument("--private", action="store_true", help="create the repository private (default: hub.private)")
+    u.add_argument("--trial", type=int, help="trial number (default: the chosen trial)")
+    u.add_argument("--revision", help="branch to push to (created if missing; default: main)")
+    u.add_argument("--export-dir", help="where to export first (default: <output_dir>/export/trial-NNNN)")
+    u.add_argument("--dry-run", action="store_true", help="export and list the files that would be uploaded; upload nothing")
+    u.set_defaults(func=cmd_push)
     return p
 
 
@@ -271,8 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     except Exception as e:
         from llmtune.hardware import MissingDependency
+        from llmtune.hub import HubError
         from llmtune.study import SearchError
 
+        if isinstance(e, HubError):
+            return _fail(str(e), e.code)
         if isinstance(e, (SearchError, MissingDependency)):
             return _fail(str(e))
         raise

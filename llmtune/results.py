@@ -139,6 +139,20 @@ class SearchResult:
 
         return pareto_figure(self, x, y)
 
+    def export(self, to: str | Path, trial: int | None = None, merge: bool = False, tokenizer: bool | None = None):
+        """Write a trial's adapter (default: the chosen one) as a PEFT folder with a model card
+        (see `llmtune.hub.export_adapter`)."""
+        from llmtune.hub import export_adapter
+
+        return export_adapter(self, to, trial=trial, merge=merge, tokenizer=tokenizer)
+
+    def push_to_hub(self, repo_id: str | None = None, **kwargs: Any):
+        """Export a trial's adapter and upload it to the Hub in one commit (see `llmtune.hub.push_to_hub`:
+        private, trial, revision, dry_run, token, export_dir)."""
+        from llmtune.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     def __repr__(self) -> str:
         best = self.best
         return (f"SearchResult(study={self.study.study_name!r}, trials={len(self.all_trials)}, "

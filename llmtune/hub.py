@@ -1,0 +1,276 @@
+"""Deliver a trial's adapter: export it as a PEFT folder with a model card, and push that folder to the Hub.
+
+Tokenizer files: llmtune never changes the tokenizer or the vocabulary, so an adapter of a Hub base
+works with the base's own tokenizer and the export leaves it out. When the base is *not* a Hub
+repository (a local folder, or the built-in ``llmtune/tiny``), users of the export could not get the
+tokenizer anywhere else, so it is copied in. ``tokenizer=True/False`` overrides the rule.
+
+The Hub token comes from huggingface_hub (``HF_TOKEN``, then the ``hf auth login`` cache) and is only
+ever handed to its client: it is not printed, logged, stored in the study or written to the export.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from optuna.trial import FrozenTrial
+
+from llmtune.modelcard import hub_id, render_card
+from llmtune.result import COMPLETE
+from llmtune.study import DIR, METRICS_KEY, REASON, SETTINGS, STATUS
+
+if TYPE_CHECKING:
+    from llmtune.results import SearchResult
+
+MARKER = "llmtune.json"  # provenance of an export; also marks a folder export may overwrite
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class HubError(RuntimeError):
+    """Export or push cannot go on as asked; the message says why and what to do. code: CLI exit code."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Export:
+    """What `export_adapter` wrote."""
+
+    path: Path
+    trial: int
+    files: list[str] = field(default_factory=list)  # relative paths, sorted
+    tokenizer_included: bool = False
+    merged: bool = False
+
+
+@dataclass
+class Push:
+    """What `push_to_hub` did (or, with dry_run, would do)."""
+
+    export: Export
+    repo_id: str
+    revision: str | None
+    private: bool
+    dry_run: bool
+    url: str | None = None
+    commit_oid: str | None = None
+    commit_url: str | None = None
+
+
+def _as_result(output_dir: str | Path | SearchResult) -> SearchResult:
+    from llmtune.results import SearchResult, load_results
+
+    if isinstance(output_dir, SearchResult):
+        return output_dir
+    path = Path(output_dir)
+    if not path.is_dir():
+        raise HubError(f"output_dir {str(path)!r} does not exist; pass the output_dir of a search (it holds study.db)")
+    try:
+        return load_results(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise HubError(str(e)) from None
+
+
+def _with_adapter(result: SearchResult) -> list[int]:
+    return [t.number for t in result.all_trials if (Path(t.user_attrs.get(DIR, "/nonexistent")) / "adapter").is_dir()]
+
+
+def pick_trial(result: SearchResult, trial: int | None) -> tuple[FrozenTrial, Path]:
+    """The trial to export (default: the search's chosen one) and its adapter folder."""
+    numbers = _with_adapter(result)
+    hint = f"trials with an adapter: {', '.join(map(str, numbers))}" if numbers else "no trial saved an adapter yet"
+    trials = result.all_trials
+    if trial is None:
+        t = result.best
+        if t is None:
+            raise HubError(f"the search has no feasible completed trial, so none was chosen; pass --trial N ({hint})")
+    else:
+        if not 0 <= trial < len(trials):
+            span = f"0-{len(trials) - 1}" if trials else "none"
+            raise HubError(f"--trial {trial}: no such trial (the study has trials {span}); {hint}")
+        t = trials[trial]
+    status = t.user_attrs.get(STATUS, t.state.name.lower())
+    adapter = Path(t.user_attrs.get(DIR, "/nonexistent")) / "adapter"
+    if status != COMPLETE or not (adapter / "adapter_config.json").exists():
+        why = f" ({t.user_attrs[REASON]})" if t.user_attrs.get(REASON) else ""
+        raise HubError(f"--trial {t.number}: the trial ended {status!r}{why} and has no adapter; {hint}")
+    return t, adapter
+
+
+def _prepare_dir(to: Path) -> None:
+    """Create `to`; an earlier export there is replaced, any other non-empty folder is refused."""
+    if to.exists() and not to.is_dir():
+        raise HubError(f"export folder {str(to)!r} is a file; give a folder")
+    if to.is_dir() and any(to.iterdir()):
+        if not (to / MARKER).exists():
+            raise HubError(f"export folder {str(to)!r} is not empty and not an llmtune export; give a new or empty folder")
+        shutil.rmtree(to)
+    to.mkdir(parents=True, exist_ok=True)
+    (to / MARKER).write_text("{}")  # claimed now, so an export that fails half way can be redone in place
+
+
+def _copy_tokenizer(result: SearchResult, to: Path) -> None:
+    from llmtune.harness.model import resolved_model_path
+
+    src = Path(resolved_model_path(result.recipe.model))
+    if src.is_dir():
+        for name in TOKENIZER_FILES:
+            if (src / name).exists():
+                shutil.copy2(src / name, to / name)
+        return
+    from transformers import AutoTokenizer  # a Hub base asked for explicitly: the cached tokenizer
+
+    AutoTokenizer.from_pretrained(result.recipe.model.name, revision=result.recipe.model.revision).save_pretrained(to)
+
+
+def _merge(result: SearchResult, t: FrozenTrial, adapter: Path, to: Path) -> None:
+    settings = t.user_attrs.get(SETTINGS) or {}
+    q = settings.get("quantization", "none")
+    if q != "none":
+        raise HubError(f"--merge: trial {t.number} trained on a {q} base; merging LoRA weights into quantized weights "
+                       "is lossy and not supported. Export the adapter alone (drop --merge), or load the base in 16-bit, "
+                       "apply the adapter with peft and call merge_and_unload() yourself")
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llmtune.harness.model import DTYPES, resolved_model_path
+
+    cfg = result.recipe.model
+    dtype = DTYPES.get(cfg.dtype, torch.float32)  # auto on CPU = float32, as the trial ran
+    base = AutoModelForCausalLM.from_pretrained(resolved_model_path(cfg), revision=cfg.revision, dtype=dtype,
+                                                trust_remote_code=cfg.trust_remote_code)
+    PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().save_pretrained(to / "merged")
+
+
+def _versions(trial_dir: Path) -> dict[str, str]:
+    """Library versions the trial ran with (its result.json), else the installed ones."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from llmtune.result import TrialResult
+
+    try:
+        found = dict(TrialResult.load(trial_dir / "result.json").info.get("versions") or {})
+    except (OSError, ValueError, TypeError):
+        found = {}
+    for pkg in ("peft", "transformers", "torch"):
+        if pkg not in found:
+            try:
+                found[pkg] = version(pkg)
+            except PackageNotFoundError:
+                pass
+    found.pop("llmtune", None)
+    return {k: str(v) for k, v in found.items()}
+
+
+def export_adapter(output_dir: str | Path | SearchResult, to: str | Path, trial: int | None = None,
+                   merge: bool = False, tokenizer: bool | None = None, repo_id: str | None = None) -> Export:
+    """Write a trial's adapter (default: the chosen one) as a PEFT folder with a model card.
+
+    Files: adapter_config.json, adapter_model.safetensors, README.md (model card), llmtune.json
+    (provenance), the tokenizer when the base is not on the Hub (see the module doc), and with
+    ``merge`` a full merged model under merged/ (16/32-bit bases only).
+    """
+    result = _as_result(output_dir)
+    t, adapter = pick_trial(result, trial)
+    to = Path(to)
+    _prepare_dir(to)
+    for f in adapter.iterdir():
+        if f.is_file() and f.name != "README.md":  # peft's generic card is replaced by ours
+            shutil.copy2(f, to / f.name)
+    # Point the config at the base as the recipe names it (not this machine's cache path).
+    cfg_path = to / "adapter_config.json"
+    config = json.loads(cfg_path.read_text())
+    config["base_model_name_or_path"] = result.recipe.model.name
+    if result.recipe.model.revision:
+        config["revision"] = result.recipe.model.revision
+    cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    include_tok = hub_id(result.recipe.model.name) is None if tokenizer is None else tokenizer
+    if include_tok:
+        _copy_tokenizer(result, to)
+    if merge:
+        _merge(result, t, adapter, to)
+    lora = {k: sorted(config[k]) if isinstance(config[k], list) else config[k]
+            for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora") if k in config}
+    (to / "README.md").write_text(render_card(result, t, repo_id=repo_id, versions=_versions(adapter.parent),
+                                              tokenizer_included=include_tok, lora=lora), encoding="utf-8")
+    from llmtune import __version__
+
+    (to / MARKER).write_text(json.dumps({
+        "trial": t.number, "study": result.study.study_name, "base_model": result.recipe.model.name,
+        "selected_by": result.recipe.select.by, "chosen": result.best is not None and result.best.number == t.number,
+        "settings": t.user_attrs.get(SETTINGS), "metrics": t.user_attrs.get(METRICS_KEY),
+        "llmtune_version": __version__}, indent=2, default=str))
+    files = sorted(str(p.relative_to(to)) for p in to.rglob("*") if p.is_file())
+    return Export(path=to, trial=t.number, files=files, tokenizer_included=include_tok, merged=merge)
+
+
+def check_repo_id(repo_id: str | None) -> str:
+    if not repo_id:
+        raise HubError("--repo-id is missing: give user/name (or set hub.repo_id in the recipe)")
+    if not REPO_ID.match(repo_id) or ".." in repo_id or repo_id.endswith((".git", ".")) or len(repo_id) > 96:
+        raise HubError(f"--repo-id {repo_id!r} is not a Hub repository id; use user/name or org/name "
+                       "(letters, digits, '-', '_', '.'), e.g. alice/qwen-lora")
+    return repo_id
+
+
+def _mask(text: str, token: str | None) -> str:
+    if token:
+        text = text.replace(token, "***")
+    return re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
+
+
+def push_to_hub(output_dir: str | Path | SearchResult, repo_id: str | None = None, *, private: bool | None = None,
+                trial: int | None = None, revision: str | None = None, dry_run: bool = False,
+                token: str | None = None, export_dir: str | Path | None = None, endpoint: str | None = None,
+                commit_message: str | None = None) -> Push:
+    """Export a trial's adapter (default: the chosen one) and upload the folder to the Hub in one commit.
+
+    repo_id / private / revision default to the recipe's ``hub:`` section. The repository is created if
+    missing; ``revision`` names a branch (created from main if missing). ``dry_run`` exports and lists
+    the files without contacting the Hub. On failure the export stays on disk and the error says where.
+    """
+    result = _as_result(output_dir)
+    hub = result.recipe.hub
+    repo_id = check_repo_id(repo_id or hub.repo_id)
+    private = hub.private if private is None else private
+    revision = revision or hub.revision
+    t, _ = pick_trial(result, trial)
+    to = Path(export_dir) if export_dir else Path(result.recipe.output_dir) / "export" / f"trial-{t.number:04d}"
+    export = export_adapter(result, to, trial=t.number, repo_id=repo_id)
+    push = Push(export=export, repo_id=repo_id, revision=revision, private=private, dry_run=dry_run)
+    if dry_run:
+        return push
+    import huggingface_hub
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    kept = f"the export is kept at {export.path}; run the push again when fixed"
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise HubError(f"HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it to push ({kept})")
+    token = token or huggingface_hub.get_token()
+    if not token:
+        raise HubError(f"no Hugging Face token: set HF_TOKEN or run `hf auth login` ({kept})")
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(export.path / f)) for f in export.files]
+        info = api.create_commit(repo_id, operations=ops, revision=revision,
+                                 commit_message=commit_message or f"llmtune: adapter of trial {t.number} ({result.study.study_name})")
+    except Exception as e:  # HTTP errors, refused connections, bad metadata: one message, token masked
+        raise HubError(f"push to {repo_id} failed: {_mask(f'{type(e).__name__}: {e}', token)} ({kept})", code=1) from None
+    push.url, push.commit_oid, push.commit_url = str(url), info.oid, info.commit_url
+    return push
+
+
+__all__ = ["export_adapter", "push_to_hub", "pick_trial", "check_repo_id", "Export", "Push", "HubError"]

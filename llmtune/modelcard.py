@@ -1,0 +1,166 @@
+"""The model card (README.md) of an exported adapter: Hub metadata up front, the search behind it below.
+
+The YAML front matter is what the Hub indexes (base_model, library_name: peft, tags, datasets and a
+model-index with the trial's measured metrics); the body says how the adapter was chosen.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from optuna.trial import FrozenTrial
+
+from llmtune.recipe import METRICS
+from llmtune.study import CURVE, METRICS_KEY, SETTINGS, mask_url
+
+if TYPE_CHECKING:
+    from llmtune.results import SearchResult
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TINY_NAMES = ("llmtune/tiny", "llmtune/tiny-tasks")
+
+
+def hub_id(name: str | None) -> str | None:
+    """`name` when it names a Hub repository (not a local path, not llmtune's built-in demo assets)."""
+    if not name or name in TINY_NAMES or not HUB_ID.match(name) or Path(name).exists():
+        return None
+    return name
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else str(v).replace("|", "\\|")
+
+
+def _shown(name: str, settings: dict[str, Any]) -> bool:
+    """Unset alternatives (lora_alpha when lora_alpha_ratio is used) and 4-bit options of other bases are noise."""
+    if settings.get(name) is None:
+        return False
+    return not (name.startswith("bnb_4bit_") and settings.get("quantization") != "4bit")
+
+
+def _md_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "_(none)_\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def public_recipe(result: SearchResult) -> dict[str, Any]:
+    """The recipe as shipped with the card: storage passwords masked, local output paths dropped."""
+    data = result.recipe.to_dict()
+    study = data.get("study") or {}
+    if study.get("storage"):
+        study["storage"] = mask_url(str(study["storage"]))
+    data["output_dir"] = Path(str(data.get("output_dir") or "runs")).name
+    return data
+
+
+def card_metadata(result: SearchResult, trial: FrozenTrial, repo_id: str | None, versions: dict[str, str]) -> dict[str, Any]:
+    """The YAML front matter: Hub card metadata with a model-index of the trial's objective values."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    recipe = result.recipe
+    base, data = hub_id(recipe.model.name), hub_id(recipe.data.source)
+    metrics = trial.user_attrs.get(METRICS_KEY) or {}
+    evals = [EvalResult(task_type="text-generation", dataset_type=data or "custom", dataset_name=data or recipe.data.source,
+                        dataset_split="eval", metric_type=name, metric_name=name, metric_value=float(metrics[name]))
+             for name in [*recipe.objectives, *(m for m in metrics if m not in recipe.objectives)]
+             if name in METRICS and isinstance(metrics.get(name), (int, float))]
+    settings = trial.user_attrs.get(SETTINGS) or dict(trial.params)
+    tags = ["llmtune", "peft", "lora", "base_model:adapter:" + (base or recipe.model.name)]
+    if settings.get("quantization") == "4bit":
+        tags.append("qlora")
+    card = ModelCardData(
+        base_model=base or recipe.model.name, library_name="peft", pipeline_tag="text-generation", tags=tags,
+        datasets=[data] if data else None, model_name=(repo_id or recipe.name).split("/")[-1], eval_results=evals or None)
+    meta = yaml.safe_load(card.to_yaml())
+    meta["llmtune"] = {"version": versions.get("llmtune", ""), "trial": trial.number, "study": result.study.study_name,
+                       "selected_by": recipe.select.by}
+    return meta
+
+
+def render_card(result: SearchResult, trial: FrozenTrial, *, repo_id: str | None = None,
+                versions: dict[str, str] | None = None, tokenizer_included: bool = False,
+                lora: dict[str, Any] | None = None) -> str:
+    """README.md text: front matter, then usage, the chosen settings, objective values, the Pareto front,
+    the search space and the recipe."""
+    from llmtune import __version__
+
+    versions = {"llmtune": __version__, **(versions or {})}
+    recipe = result.recipe
+    meta = card_metadata(result, trial, repo_id, versions)
+    title = (repo_id or recipe.name).split("/")[-1]
+    settings = trial.user_attrs.get(SETTINGS) or dict(trial.params)
+    metrics = trial.user_attrs.get(METRICS_KEY) or {}
+    searched = recipe.space.searched
+    best = result.best
+    chosen = best is not None and best.number == trial.number
+    target = repo_id or "path/to/this/folder"
+    load_tok = target if tokenizer_included else recipe.model.name
+    front = result.summary_rows()
+    for row in front:
+        row["chosen"] = "yes" if row["trial"] == trial.number else ""
+    objective_rows = [{"metric": k, "value": metrics.get(k), "direction": d, "meaning": METRICS.get(k, ("", ""))[1]}
+                      for k, d in recipe.objectives.items()]
+    other_rows = [{"metric": k, "value": v, "meaning": METRICS.get(k, ("", ""))[1]}
+                  for k, v in metrics.items() if k not in recipe.objectives]
+    curve = trial.user_attrs.get(CURVE) or []
+    how = (f"the trial chosen from the Pareto front by `select.by: {recipe.select.by}`" if chosen
+           else f"trial {trial.number}, picked by hand (the search's own choice is trial {best.number if best else 'none'})")
+    body = [
+        f"# {title}\n",
+        f"A LoRA adapter for `{recipe.model.name}`, found by [llmtune](https://github.com/llmtune/llmtune) "
+        f"{versions['llmtune']}: a search over LoRA/QLoRA hyperparameters that trades "
+        f"{', '.join(recipe.objectives)} against each other. This is {how}.\n",
+        "## Use it\n",
+        "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f"base = AutoModelForCausalLM.from_pretrained({recipe.model.name!r})\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({load_tok!r})\n"
+        f"model = PeftModel.from_pretrained(base, {target!r})\n```\n",
+        ("The tokenizer files are included (the base is not a Hub repository)." if tokenizer_included else
+         "llmtune never changes the tokenizer or the vocabulary, so the base model's tokenizer is the one to use.") + "\n",
+        f"## Chosen hyperparameters (trial {trial.number})\n",
+        _md_table([{"setting": k, "value": settings[k], "searched": "yes" if k in searched else ""}
+                   for k in sorted(settings, key=lambda k: (k not in searched, k)) if _shown(k, settings)]),
+    ]
+    if lora:
+        body += ["As saved in adapter_config.json: " + ", ".join(f"`{k}` = {v}" for k, v in lora.items()) + ".\n"]
+    body += [
+        "## Objective values\n", _md_table(objective_rows),
+    ]
+    if other_rows:
+        body += ["Other measurements:\n", _md_table(other_rows)]
+    if curve:
+        body += ["Eval loss over the training budget: "
+                 + ", ".join(f"{frac:.2f}: {loss:.4f}" for frac, loss in curve) + "\n"]
+    body += [
+        f"## Pareto front ({len(front)} of {len(result.all_trials)} trials)\n", _md_table(front),
+        "## Search space\n",
+        _md_table([{"setting": n, "range": recipe.space.specs[n].describe()} for n in searched])
+        if searched else "Nothing was searched (one configuration).\n",
+        f"Objectives: {', '.join(f'{k} ({d})' for k, d in recipe.objectives.items())}."
+        + (f" Constraints: {recipe.constraints}." if recipe.constraints else "") + "\n",
+        "## Recipe\n", "```yaml\n" + yaml.safe_dump(public_recipe(result), sort_keys=False) + "```\n",
+        "## Framework versions\n",
+        "".join(f"- {k}: {v}\n" for k, v in versions.items() if v),
+    ]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + "\n".join(body)
+
+
+def read_card(path: str | Path) -> tuple[dict[str, Any], str]:
+    """(front matter, body) of a README.md written by `render_card`."""
+    text = Path(path).read_text(encoding="utf-8")
+    if not text.startswith("---\n"):
+        raise ValueError(f"{path}: no YAML front matter")
+    head, _, body = text[4:].partition("\n---\n")
+    return yaml.safe_load(head), body
+
+
+__all__ = ["render_card", "read_card", "card_metadata", "hub_id"]
