@@ -1,0 +1,233 @@
+"""Record a tabular LoRA benchmark: every point of a discrete search space, each a real fine-tune.
+
+Each configuration runs through llmtune's own harness (`run_trial`) inside a spawn pool of
+single-threaded workers (several trials side by side on a many-core CPU; one worker on a GPU). Per
+configuration the table keeps the settings, the final metrics, the eval loss at every pruning rung
+(the rungs of llmtune's ASHA and Hyperband defaults, so a replay can prune at them), and the
+seconds spent up to each rung, so a pruned replay is charged what stopping there would have cost.
+
+    python3 benchmarks/tabular_record.py --workers 14 --out benchmarks/results
+    python3 benchmarks/tabular_record.py --device cuda --workers 1 --model PATH --grid gpu --out DIR
+
+Writes ``<out>/tabular_<tag>.csv`` (one row per configuration, appended as trials finish, so a
+run cut short keeps what it did) and ``<out>/tabular_<tag>.json`` (grid, recipe, machine, versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# Rungs of llmtune's pruners: Hyperband's default 1/27 * 3**k and ASHA's 1/9 * 3**k (eta=3), plus
+# the end of training. 0 is the untrained adapter (the base model's loss).
+RUNGS = [1 / 27, 1 / 9, 1 / 3]
+GRIDS: dict[str, dict[str, list[Any]]] = {
+    # 3*2*2*2*2*2*3*2 = 576 configurations.
+    "cpu": {
+        "learning_rate": [1e-3, 3e-3, 1e-2],
+        "lora_r": [4, 16],
+        "lora_alpha_ratio": [1.0, 2.0],
+        "warmup_ratio": [0.0, 0.1],
+        "sequence_len": [96, 192],
+        "sample_packing": [False, True],
+        "quantization": ["none", "8bit", "4bit"],
+        "gradient_checkpointing": [False, True],
+    },
+    # 3*2*2*2*3*2 = 144 configurations: fits one GPU in a few minutes on a ~0.5B model.
+    "gpu": {
+        "learning_rate": [1e-4, 3e-4, 1e-3],
+        "lora_r": [8, 32],
+        "lora_alpha_ratio": [2.0],
+        "warmup_ratio": [0.0, 0.1],
+        "sequence_len": [256, 512],
+        "sample_packing": [False],
+        "quantization": ["none", "8bit", "4bit"],
+        "gradient_checkpointing": [False, True],
+    },
+}
+METRICS = ("eval_loss", "peak_memory_gb", "train_throughput", "latency_ms", "ttft_ms", "trainable_params",
+           "train_time_s")
+
+
+def build_recipe(args: argparse.Namespace, grid: dict[str, list[Any]]) -> dict[str, Any]:
+    """The fixed part of every trial; the grid's settings are searched (lists)."""
+    return {
+        "name": "tabular",
+        "model": {"name": args.model},
+        "data": {"source": args.data, "eval_max_length": args.eval_max_length,
+                 "max_eval_examples": args.eval_examples, "max_train_examples": 2000},
+        "train": {"budget": {"examples": args.examples}, "eval_points": 1, "eval_batch_size": 16,
+                  "device": args.device, "seed": 42, "lr_scheduler": "cosine"},
+        "measure": {"latency_prompts": args.latency_prompts, "max_new_tokens": 8},
+        "search": {**grid, "micro_batch_size": args.micro_batch_size, "lora_target_modules": "all-linear",
+                   "lora_dropout": 0.0},
+        "objectives": {"eval_loss": "minimize", "peak_memory_gb": "minimize"},
+        "output_dir": str(Path(tempfile.gettempdir()) / "llmtune-tabular"),
+    }
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    names = list(grid)
+    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(grid[n] for n in names))]
+
+
+def _init_worker(threads: int) -> None:
+    os.environ["LLMTUNE_THREADS"] = str(threads)  # run_trial sets torch's threads from this
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    import warnings
+
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    # bitsandbytes warns once per layer and step on CPU: thousands of identical lines.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+
+    torch.set_num_threads(threads)
+
+
+def run_one(job: tuple[int, dict[str, Any], dict[str, Any], str]) -> dict[str, Any]:
+    """One configuration through the harness; returns its table row."""
+    from llmtune.harness.train import eval_fractions, run_trial
+    from llmtune.recipe import recipe_from_dict
+
+    index, params, recipe_dict, work = job
+    recipe = recipe_from_dict(recipe_dict)
+    values = recipe.space.complete(params)
+    phase, since = "loading", time.perf_counter()
+    spent: dict[str, float] = {"train": 0.0}
+    at_rung: dict[float, tuple[float, float]] = {}  # fraction -> (train seconds, wall seconds) so far
+    start = since
+
+    def on_event(event: dict[str, Any]) -> bool:
+        # Seconds per phase, from the harness's own phase events: what a pruned trial would have cost.
+        nonlocal phase, since
+        now = time.perf_counter()
+        if event["event"] == "phase":
+            spent[phase] = spent.get(phase, 0.0) + now - since
+            phase, since = event["phase"], now
+        elif event["event"] == "eval":
+            at_rung[round(event["fraction"], 6)] = (spent["train"], now - start)
+        return False
+
+    fractions = eval_fractions(recipe, RUNGS)
+    result = run_trial(recipe, values, Path(work) / f"c{index}", fractions=fractions, on_event=on_event,
+                       save_adapter=False)
+    row: dict[str, Any] = {"config_id": index, **params, "status": result.status, "reason": result.reason[:200]}
+    for m in METRICS:
+        row[m] = result.metrics.get(m)
+    curve = {round(f, 6): loss for f, loss in result.curve}
+    for f in [0.0, *RUNGS, 1.0]:
+        key = round(f, 6)
+        row[f"loss@{key:g}"] = curve.get(key)
+        row[f"train_s@{key:g}"], row[f"wall_s@{key:g}"] = at_rung.get(key, (None, None))
+    row["wall_time_s"] = result.info.get("wall_time_s")
+    row["load_s"] = result.info.get("load_s")
+    row["eval_s"] = result.info.get("eval_s")
+    row["latency_s"] = result.info.get("latency_s")
+    row["padding_share"] = result.info.get("padding_share")
+    row["steps"] = (result.info.get("plan") or {}).get("steps")
+    return row
+
+
+def machine(args: argparse.Namespace) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "optuna", "llmtune"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    info = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+            "device": args.device, "workers": args.workers, "threads_per_worker": args.threads, "versions": versions}
+    if args.device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--grid", choices=tuple(GRIDS), default=None, help="default: cpu on cpu, gpu on cuda")
+    p.add_argument("--limit", type=int, default=None, help="only the first K configurations (smoke test)")
+    p.add_argument("--sample", type=int, default=None, help="K configurations drawn at random (seed 0)")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tag", default=None, help="file name tag (default: the grid name)")
+    p.add_argument("--model", default="llmtune/tiny")
+    p.add_argument("--data", default="llmtune/tiny-tasks")
+    p.add_argument("--examples", type=int, default=108, help="training budget in examples")
+    p.add_argument("--micro-batch-size", type=int, default=6)
+    p.add_argument("--eval-examples", type=int, default=24)
+    p.add_argument("--eval-max-length", type=int, default=128)
+    p.add_argument("--latency-prompts", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and args.workers != 1:
+        p.error(f"--workers {args.workers} with --device cuda: one GPU runs one trial at a time; use --workers 1")
+    grid_name = args.grid or ("gpu" if args.device == "cuda" else "cpu")
+    grid = GRIDS[grid_name]
+    indexed = list(enumerate(grid_points(grid)))
+    if args.sample:
+        indexed = sorted(random.Random(0).sample(indexed, min(args.sample, len(indexed))))
+    if args.limit:
+        indexed = indexed[: args.limit]
+
+    from llmtune.tiny import resolve_data_source, resolve_model_name
+
+    # Build the offline tiny model/data once here, not in every worker at the same time.
+    resolve_model_name(args.model, log=print)
+    resolve_data_source(args.data, log=print)
+    recipe = build_recipe(args, grid)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or grid_name
+    csv_path, meta_path = out / f"tabular_{tag}.csv", out / f"tabular_{tag}.json"
+    work = tempfile.mkdtemp(prefix="llmtune-tabular-")
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "grid_name": grid_name, "grid": grid,
+            "rungs": RUNGS, "configs": len(indexed), "recipe": recipe, "machine": machine(args),
+            "command": " ".join(sys.argv)}
+    print(f"recording {len(indexed)} configurations with {args.workers} worker(s) -> {csv_path}", flush=True)
+    t0 = time.time()
+    jobs = [(i, pt, recipe, work) for i, pt in indexed]
+    # Shuffled, so a run cut short leaves a uniform sample of the grid rather than one corner of it.
+    random.Random(1).shuffle(jobs)
+    rows: list[dict[str, Any]] = []
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(args.workers, initializer=_init_worker, initargs=(args.threads,)) as pool, \
+            open(csv_path, "w", newline="") as f:
+        writer: csv.DictWriter | None = None
+        for row in pool.imap_unordered(run_one, jobs):
+            if writer is None:
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                writer.writeheader()
+            writer.writerow(row)
+            f.flush()
+            rows.append(row)
+            print(f"[{len(rows)}/{len(jobs)} {time.time() - t0:.0f}s] config {row['config_id']} {row['status']} "
+                  f"loss {row['eval_loss']} train {row['train_time_s']} wall {row['wall_time_s']}", flush=True)
+            meta.update(wall_s=time.time() - t0, recorded=len(rows),
+                        statuses={s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}})
+            meta_path.write_text(json.dumps(meta, indent=1, default=str))
+    print(f"done: {len(rows)} configurations in {time.time() - t0:.0f}s; {csv_path}, {meta_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
