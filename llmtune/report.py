@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import math
+import textwrap
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -232,7 +233,9 @@ def _curves(result: SearchResult) -> go.Figure | str:
 
 
 def _memory(result: SearchResult) -> go.Figure | None:
+    """Predicted (gate) vs measured peak memory per trial, the chosen one starred; None when nothing pairs up."""
     pts: list[tuple[float, float, FrozenTrial]] = []
+    sources = set()
     for t in result.all_trials:
         predicted = (t.user_attrs.get(METRICS_KEY) or {}).get("predicted_memory_gb")
         peak = (t.user_attrs.get(INFO) or {}).get("peak_memory")
@@ -240,15 +243,69 @@ def _memory(result: SearchResult) -> go.Figure | None:
         measured = measured or _metric(result, t, "peak_memory_gb")
         if _num(predicted) and measured:
             pts.append((float(predicted), measured, t))
+            sources.add(peak.get("source", "") if isinstance(peak, dict) else "")
     if not pts:
         return None
+    best = result.best
     top = max(max(p[0], p[1]) for p in pts) * 1.05
     fig = go.Figure([
         go.Scatter(x=[0, top], y=[0, top], mode="lines", name="predicted = measured", line=dict(color=GREY, dash="dot")),
         go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers", name="trials", marker=dict(color=BLUE, size=9),
-                   text=[_hover(result, p[2]) for p in pts], hovertemplate="%{text}<extra></extra>")])
-    return fig.update_layout(title="Predicted vs measured peak memory", template=TEMPLATE, height=460,
+                   customdata=[p[2].number for p in pts], text=[_hover(result, p[2]) for p in pts],
+                   hovertemplate="%{text}<extra></extra>")])
+    chosen = [p for p in pts if best is not None and p[2].number == best.number]
+    if chosen:
+        fig.add_trace(go.Scatter(x=[chosen[0][0]], y=[chosen[0][1]], mode="markers", name=f"chosen (trial {best.number})",
+                                 customdata=[best.number], marker=dict(color=GOLD, size=18, symbol="star", line=dict(color="black", width=1))))
+    title = "Predicted vs measured peak memory"
+    if "rss" in sources:  # a CPU run: process RSS against a GPU estimate, only loosely comparable
+        title += " <span style='font-size:12px'>(measured on CPU as process RSS; the prediction is for a GPU)</span>"
+    return fig.update_layout(title=title, template=TEMPLATE, height=460,
                              xaxis_title="predicted peak memory, GiB", yaxis_title="measured peak memory, GiB")
+
+
+def curves_figure(result: SearchResult) -> go.Figure | None:
+    """Learning curves (eval loss over the training budget) of every trial, the chosen one thick gold."""
+    fig = _curves(result)
+    return fig if isinstance(fig, go.Figure) else None
+
+
+def pareto_png(result: SearchResult, path: str | Path, x: str | None = None, y: str | None = None, dpi: int = 150) -> Path:
+    """The Pareto figure as a static PNG (matplotlib, drawn from the plotly figure's own traces), for READMEs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(result, x, y)
+    mfig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=dpi)
+    marks = {"x": "x", "star": "*"}
+    for tr in fig.data:
+        if not len(tr.x or []):
+            continue
+        m = tr.marker
+        size = (m.size or 9) ** 2 * (1.6 if m.symbol == "star" else 0.8)
+        if "lines" in (tr.mode or ""):
+            ax.plot(tr.x, tr.y, color=tr.line.color or m.color, linewidth=1.8, zorder=2)
+        ax.scatter(tr.x, tr.y, s=size, c=m.color, marker=marks.get(m.symbol or "", "o"), label=tr.name, zorder=3,
+                   edgecolors="black" if m.symbol == "star" else "white", linewidths=0.8, alpha=m.opacity or 1.0)
+        if m.symbol == "star":
+            for xv, yv, label in zip(tr.x, tr.y, tr.text or [], strict=False):
+                ax.annotate(label, (xv, yv), textcoords="offset points", xytext=(8, 6), fontsize=9)
+    title = str(fig.layout.title.text or "").split(" <span")[0]
+    ax.set_title(f"{title}: {result.recipe.name} ({len(result.all_trials)} trials)", fontsize=12)
+    ax.set_xlabel(textwrap.fill(str(fig.layout.xaxis.title.text), 70), fontsize=9)
+    ax.set_ylabel(textwrap.fill(str(fig.layout.yaxis.title.text), 45), fontsize=9)
+    ax.grid(alpha=0.3)
+    legend = ax.legend(fontsize=8, frameon=False)
+    for handle in legend.legend_handles:  # same-size legend marks, whatever the plot sizes
+        handle.set_sizes([60])
+    mfig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mfig.savefig(path)
+    plt.close(mfig)
+    return path
 
 
 def _table(rows: list[dict[str, Any]], chosen: int | None, table_id: str) -> str:
@@ -357,4 +414,4 @@ objectives: {objectives}{' &middot; constraints: ' + constraints if constraints 
     return path
 
 
-__all__ = ["pareto_figure", "write_report"]
+__all__ = ["pareto_figure", "curves_figure", "pareto_png", "write_report"]

@@ -139,6 +139,12 @@ class SearchResult:
 
         return pareto_figure(self, x, y)
 
+    def plot_curves(self):
+        """Plotly figure of every trial's eval loss over the training budget (None before any eval)."""
+        from llmtune.report import curves_figure
+
+        return curves_figure(self)
+
     def export(self, to: str | Path, trial: int | None = None, merge: bool = False, tokenizer: bool | None = None):
         """Write a trial's adapter (default: the chosen one) as a PEFT folder with a model card
         (see `llmtune.hub.export_adapter`)."""

@@ -151,3 +151,35 @@ def test_degenerate_studies_still_write_a_report(tmp_path, trials):
         assert "none was chosen" in text
     if len(trials) == 3:
         assert "Every trial failed" in text and 'id="pareto-table">No trials here' in text
+
+
+def test_memory_plot_stars_the_chosen_trial_and_names_cpu_measurements(tmp_path):
+    info = {"peak_memory": {"bytes": int(2.5 * 2**30), "source": "rss"}}
+    trials = [trial(n, [1.0 + n / 20, 5.0 - n / 3], info=info,
+                    metrics={"eval_loss": 1.0 + n / 20, "peak_memory_gb": 5.0 - n / 3, "predicted_memory_gb": 2.4 + n / 10})
+              for n in range(4)]
+    result = make_result(tmp_path, trials, select={"by": "peak_memory_gb"})
+    text = write_report(result, tmp_path / "r.html").read_text()
+    assert 'id="plot-memory"' in text and "process RSS" in text
+    from llmtune.report import _memory
+
+    fig = _memory(result)
+    chosen = next(t for t in fig.data if t.name.startswith("chosen"))
+    assert list(chosen.customdata) == [result.best.number] == [3]
+    assert chosen.x[0] == pytest.approx(2.7) and chosen.y[0] == pytest.approx(2.5)  # predicted vs measured (RSS) of trial 3
+
+
+def test_pareto_png_and_curves_figure(tmp_path):
+    from PIL import Image
+
+    from llmtune.report import curves_figure, pareto_png
+
+    result = make_result(tmp_path, TWO_OBJ)
+    path = pareto_png(result, tmp_path / "img" / "pareto.png", dpi=100)
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (750, 480)
+        assert len(set(img.convert("RGB").getdata())) > 50  # drawn, not blank
+    curves = curves_figure(result)
+    thick = [t for t in curves.data if t.line.width == 4]
+    assert [t.name for t in thick] == ["trial 0 (complete)"] and result.best.number == 0
+    assert curves_figure(make_result(tmp_path, [])) is None
