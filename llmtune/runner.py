@@ -138,6 +138,9 @@ class TrialProcess:
         except KeyboardInterrupt:
             interrupted = True
             self.kill()
+        except BaseException:
+            self.kill()  # else the child may wait forever for an answer and proc.wait() below never returns
+            raise
         finally:
             self.proc.wait()
             self._log.close()

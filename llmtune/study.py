@@ -4,12 +4,19 @@ What llmtune adds to Optuna (ARCHITECTURE decisions 1-3): trials run isolated in
 out-of-memory and over-budget trials are told as *infeasible* (constraint values > 0) so samplers
 steer away from them; a killed or interrupted search resumes where it stopped and retries the
 trial it lost; pruning works with several objectives through the recorded learning curves.
+
+Scale-out (ARCHITECTURE decision 7) is Optuna's own distributed mode: any number of search processes,
+on any number of machines, share one study in one storage (PostgreSQL). Each process counts the
+study's n_trials from the storage (see `Search._claim`), and a process that dies mid-trial is found by
+its missing heartbeats; its trial is failed as interrupted and retried by whichever process sees it
+first (`fail_stale`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import threading
@@ -20,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from llmtune import __version__
@@ -52,6 +61,8 @@ OWNER = "llmtune.owner"  # system attr: host:pid of the search process running t
 RETRY_OF = "llmtune.retry_of"
 # Trials in these ends count towards n_trials; interrupted ones are retried instead.
 FINAL_FAILURES = (CRASHED, TIMEOUT)
+# Defaults; LLMTUNE_HEARTBEAT_INTERVAL / LLMTUNE_HEARTBEAT_GRACE (seconds) override them, e.g. for tests.
+# A grace of several intervals keeps a busy database or a slow network from failing live trials.
 HEARTBEAT_INTERVAL, GRACE_PERIOD = 20, 90
 
 
@@ -67,6 +78,56 @@ def mask_url(url: str) -> str:
     creds, host = rest.rsplit("@", 1)
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """(heartbeat interval, grace period) in seconds: how often a running trial reports alive, and how
+    long without a report before another worker declares it lost."""
+    values = []
+    for name, default in (("LLMTUNE_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL), ("LLMTUNE_HEARTBEAT_GRACE", GRACE_PERIOD)):
+        raw = os.environ.get(name, "").strip()
+        try:
+            value = int(raw) if raw else default
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise SearchError(f"{name}={raw!r} is not a whole number of seconds >= 1; e.g. {name}={default}")
+        values.append(value)
+    interval, grace = values
+    if grace < 2 * interval:
+        raise SearchError(f"LLMTUNE_HEARTBEAT_GRACE={grace} must be at least twice LLMTUNE_HEARTBEAT_INTERVAL={interval}, "
+                          f"or live trials are declared lost; e.g. LLMTUNE_HEARTBEAT_GRACE={max(GRACE_PERIOD, 4 * interval)}")
+    return interval, grace
+
+
+def worker_id() -> str:
+    """host:pid of this search process. The host part carries the PID namespace, so containers that
+    share a host name (host networking) never take each other's PIDs for their own."""
+    try:
+        ns = os.readlink("/proc/self/ns/pid").removeprefix("pid:")
+    except OSError:
+        ns = ""
+    return f"{socket.gethostname()}{ns}:{os.getpid()}"
+
+
+def _storage_problem(url: str, error: BaseException) -> str:
+    """Why the storage did not open, with its password masked wherever the driver quoted the URL."""
+    text = " ".join(f"{type(error).__name__}: {error}".partition("(Background on this error")[0].split())
+    password = url.split("://", 1)[-1].rsplit("@", 1)[0].partition(":")[2] if "@" in url else ""
+    if password:
+        text = text.replace(password, "***")
+    hint = ("pip install 'psycopg[binary]'" if isinstance(error, ImportError) and url.startswith("postgres")
+            else "check the storage URL, that the database server is reachable and the user may connect")
+    return f"cannot open the study storage {mask_url(url)}: {text.strip()}; {hint}"
+
+
+def open_study(url: str, name: str, directions: list[str], sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    """Create the study or join it (other workers may have created it already)."""
+    try:
+        return optuna.create_study(storage=open_storage(url), study_name=name, directions=directions,
+                                   sampler=sampler, load_if_exists=True)
+    except (ImportError, ValueError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
+        raise SearchError(_storage_problem(url, e)) from None
 
 
 def storage_url(recipe: Recipe, override: str | None = None) -> str:
@@ -88,15 +149,54 @@ def _retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str |
 
 
 def _retry_failed(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Heartbeat callback: a trial whose search process on another host went silent is retried.
-    Optuna calls it after failing the trial, so the trial itself can no longer be annotated."""
+    """Heartbeat callback, for when Optuna's own `fail_stale_trials` (e.g. in `study.optimize`) found the
+    trial first: it is retried. Optuna calls it after failing the trial, so it can no longer be annotated."""
     _retry(study, trial, None)
+
+
+def fail_stale(study: optuna.Study) -> list[int]:
+    """Fail the trials whose worker stopped sending heartbeats (it died, or lost the database for longer
+    than the grace period), mark them interrupted and queue each for a retry. Several workers may run
+    this at once: the state change to FAIL succeeds for exactly one of them (the storage locks the
+    trial's row and refuses to update a finished trial), and only that one queues the retry."""
+    storage = study._storage
+    if not is_heartbeat_enabled(storage):
+        return []
+    grace = getattr(getattr(storage, "_backend", storage), "grace_period", None)
+    lost = []
+    for tid in storage._get_stale_trial_ids(study._study_id):  # type: ignore[attr-defined]
+        try:
+            # Annotate while it is still RUNNING: Optuna freezes finished trials.
+            storage.set_trial_user_attr(tid, STATUS, INTERRUPTED)
+            storage.set_trial_user_attr(tid, REASON, f"its worker sent no heartbeat for {grace}s (it died or lost "
+                                                     "the database); retried")
+            if not storage.set_trial_state_values(tid, TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first and queued the retry
+        trial = storage.get_trial(tid)
+        _retry(study, trial, None)
+        lost.append(trial.number)
+    return lost
+
+
+def _with_driver(url: str) -> str:
+    """postgresql:// (or postgres://, as cloud providers write it) with an installed driver: SQLAlchemy 2.1
+    defaults to psycopg 3, while psycopg2 is what many environments carry."""
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres"):
+        return url
+    import importlib.util
+
+    driver = "psycopg" if importlib.util.find_spec("psycopg") or not importlib.util.find_spec("psycopg2") else "psycopg2"
+    return f"postgresql+{driver}{sep}{rest}"
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     if url.startswith("sqlite:") or "://" in url:
+        interval, grace = heartbeat_settings()
         return optuna.storages.RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+            _with_driver(url), heartbeat_interval=interval, grace_period=grace,
             heartbeat_stale_trial_callback=_retry_failed,
             engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None)
     raise SearchError(f"study.storage {url!r} is not a database URL; use sqlite:///path.db or postgresql://user@host/db")
@@ -154,9 +254,9 @@ class _GridSampler(optuna.samplers.GridSampler):
 
 
 def _running_elsewhere(owner: str) -> bool:
-    """False when `owner` (host:pid) is a dead process on this host."""
+    """False when `owner` (host:pid, see `worker_id`) is a dead process on this host."""
     host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != worker_id().rpartition(":")[0] or not pid.isdigit():
         return True  # another machine: the heartbeat decides
     try:
         os.kill(int(pid), 0)
@@ -168,7 +268,8 @@ def _running_elsewhere(owner: str) -> bool:
 
 
 def recover_lost_trials(study: optuna.Study) -> list[int]:
-    """Fail and requeue RUNNING trials whose search process on this host is gone."""
+    """At start: fail and requeue RUNNING trials whose search process on this host is gone (at once),
+    and those of other hosts whose heartbeat stopped."""
     lost = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.system_attrs.get(OWNER)
@@ -176,8 +277,7 @@ def recover_lost_trials(study: optuna.Study) -> list[int]:
             _retry(study, t, "the search stopped while it ran; retried")
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             lost.append(t.number)
-    optuna.storages.fail_stale_trials(study)  # other hosts: by heartbeat
-    return lost
+    return lost + fail_stale(study)
 
 
 def counted(study: optuna.Study) -> tuple[int, int]:
@@ -193,6 +293,15 @@ def counted(study: optuna.Study) -> tuple[int, int]:
     return done, running
 
 
+def _recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as JSON for the study and the trial processes, with the storage password masked
+    (the URL was expanded from ${ENV} at load; it must not land in spec.json or the dashboard)."""
+    d = json.loads(json.dumps(recipe.to_dict(), default=str))
+    if d.get("study", {}).get("storage"):
+        d["study"]["storage"] = mask_url(d["study"]["storage"])
+    return d
+
+
 def check_resume(study: optuna.Study, recipe: Recipe, space: SearchSpace, data_fingerprint: str) -> None:
     """A study resumes only with the same objectives, search space and data; else say what to do."""
     attrs = study.user_attrs
@@ -205,7 +314,7 @@ def check_resume(study: optuna.Study, recipe: Recipe, space: SearchSpace, data_f
     if "llmtune.space" not in attrs:
         for k, v in expected.items():
             study.set_user_attr(k, v)
-        study.set_user_attr("llmtune.recipe", json.loads(json.dumps(recipe.to_dict(), default=str)))
+        study.set_user_attr("llmtune.recipe", _recipe_dict(recipe))
         study.set_user_attr("llmtune.version", __version__)
         return
     what = {"llmtune.objectives": "objectives", "llmtune.space": "search space",
@@ -217,8 +326,39 @@ def check_resume(study: optuna.Study, recipe: Recipe, space: SearchSpace, data_f
             f"Start a new study: pass --study-name NEW (or set study.study_name), or use another output_dir.")
 
 
+class _Heartbeat:
+    """Records a running trial's heartbeat every interval from a thread of its own, so that no slow
+    step of the search process (memory estimate, telling) makes a live worker look dead."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial: optuna.Trial, log: Callable[[str], None]):
+        self.storage, self.trial, self.log = storage, trial, log
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _beat(self) -> None:
+        interval = heartbeat_settings()[0]
+        while not self.done.wait(interval):
+            try:
+                self.storage.record_heartbeat(self.trial._trial_id)  # type: ignore[attr-defined]
+            except Exception as e:  # a database hiccup must not stop the trial; the next beat retries
+                self.log(f"trial {self.trial.number}: heartbeat not recorded ({type(e).__name__}); retrying")
+
+
 class Search:
-    """One search process: any number of worker threads, each running trial processes in turn."""
+    """One search process: any number of worker threads, each running trial processes in turn.
+
+    `gpus` pins each worker to one GPU (CUDA_VISIBLE_DEVICES); an entry may name a group, "0+1", for
+    trials that spread one model over several GPUs (device_map: auto). Many search processes may share
+    one study (same storage and study name): together they run n_trials trials.
+    """
 
     def __init__(self, recipe: Recipe, *, storage: str | None = None, n_trials: int | None = None,
                  workers: int = 1, gpus: list[str] | None = None, study_name: str | None = None,
@@ -226,7 +366,10 @@ class Search:
         self.recipe = recipe
         self.space = recipe.space
         self.n_trials = n_trials or recipe.study.n_trials
-        self.gpus = gpus or []
+        self.gpus = [g.replace("+", ",") for g in gpus or []]
+        bad = [g for g in self.gpus if not g or any(not part.strip() for part in g.split(","))]
+        if bad:
+            raise SearchError(f"--gpus: {bad[0]!r} is not a GPU index or a group like 0+1; e.g. --gpus 0,1 or --gpus 0+1,2+3")
         self.workers = len(self.gpus) if self.gpus else max(1, workers)
         self.url = storage_url(recipe, storage)
         self.study_name = study_name or recipe.study.study_name or recipe.name
@@ -259,8 +402,7 @@ class Search:
             self.log(f"the grid has {grid} point(s): running {grid} trial(s), not {self.n_trials}")
             self.n_trials = grid
         directions = list(self.recipe.objectives.values())
-        study = optuna.create_study(storage=open_storage(self.url), study_name=self.study_name,
-                                    directions=directions, sampler=self.sampler, load_if_exists=True)
+        study = open_study(self.url, self.study_name, directions, self.sampler)
         if list(d.name.lower() for d in study.directions) != directions:
             raise SearchError(f"study {self.study_name!r} exists with other objectives; pass --study-name NEW")
         check_resume(study, self.recipe, self.space, self.data_fingerprint)
@@ -297,16 +439,49 @@ class Search:
             raise self.errors[0]
         return study
 
-    def _budget_left(self) -> bool:
+    def _budget(self) -> str:
+        """"start" a trial, "wait" (every slot is taken, but a running trial may still be lost and need
+        a retry) or "done". Counted from the storage, so all processes on the study share n_trials."""
         if self.stop.is_set():
-            return False
+            return "done"
         if self.recipe.study.timeout and time.time() - self.started > self.recipe.study.timeout:
-            return False
+            return "done"
         if self.n_trials is None:
-            return True
+            return "start"
+        lost = fail_stale(self.study)
+        if lost:
+            self.log(f"trial(s) {', '.join(map(str, lost))} lost their worker (no heartbeat): retrying")
         done, running = counted(self.study)
-        waiting = len(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        return done + running < self.n_trials or (waiting > 0 and done < self.n_trials)
+        if done + running < self.n_trials:
+            return "start"
+        return "wait" if done < self.n_trials else "done"
+
+    def _claim(self) -> optuna.Trial | None:
+        """The next trial to run, or None when the study has its n_trials.
+
+        Several processes may ask at once for the last slot. Each checks again after `ask`, when its
+        own trial is in the storage: if finished + running trials now exceed n_trials, it gives the
+        trial back (RUNNING -> WAITING, so the next ask takes it up again, params and all) and tries
+        later. Of two racing asks, the one that checks second sees both trials and gives back, so
+        n_trials is never exceeded; if both give back, random backoff breaks the tie. Storage reads
+        see every committed trial (Optuna creates trials under a lock on the study row).
+        """
+        interval = heartbeat_settings()[0]
+        while True:
+            with self._lock:  # within one process, threads never race each other
+                state = self._budget()
+                if state == "start":
+                    trial = self.study.ask()
+                    done, running = counted(self.study)
+                    storage, tid = self.study._storage, trial._trial_id
+                    if self.n_trials is None or done + running <= self.n_trials:
+                        storage.record_heartbeat(tid)  # from now on it is found if this process dies
+                        storage.set_trial_system_attr(tid, OWNER, worker_id())
+                        return trial
+                    storage.set_trial_state_values(tid, TrialState.WAITING)
+            if state == "done":
+                return None
+            time.sleep(min(5.0, max(0.5, interval / 4)) * random.uniform(0.5, 1.5))
 
     def _worker(self, index: int) -> None:
         try:
@@ -321,13 +496,9 @@ class Search:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[index]
         if self.workers > 1 and not self.gpus:
             env["LLMTUNE_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.workers))
-        while True:
-            with self._lock:  # ask atomically within this process so workers never overshoot n_trials
-                if not self._budget_left():
-                    return
-                trial = self.study.ask()
-                self.study._storage.set_trial_system_attr(trial._trial_id, OWNER, f"{socket.gethostname()}:{os.getpid()}")
-            self._run_one(trial, env)
+        while (trial := self._claim()) is not None:
+            with _Heartbeat(self.study._storage, trial, self.log):
+                self._run_one(trial, env)
 
     def _run_one(self, trial: optuna.Trial, env: dict[str, str]) -> None:
         values = self.space.suggest(trial)
@@ -350,23 +521,24 @@ class Search:
                 if event.get("event") != "eval":
                     return False
                 curve.append([event["fraction"], event["eval_loss"]])
-                storage.set_trial_user_attr(tid, CURVE, curve)
+                try:
+                    storage.set_trial_user_attr(tid, CURVE, curve)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    return True  # declared lost by another worker (missed heartbeats): its retry runs
                 return self.pruner.should_prune(self.study, trial.number, event["fraction"], event["eval_loss"])
 
-            job = TrialJob(recipe=json.loads(json.dumps(self.recipe.to_dict(), default=str)), values=values,
+            job = TrialJob(recipe=_recipe_dict(self.recipe), values=values,
                            out_dir=trial_dir, fractions=self._fractions(), trial_number=trial.number,
                            timeout=self.recipe.study.trial_timeout, env=env)
-            last_beat = [0.0]
-
-            def heartbeat() -> None:
-                if time.time() - last_beat[0] > HEARTBEAT_INTERVAL / 2:
-                    storage.record_heartbeat(tid)
-                    last_beat[0] = time.time()
-
-            result = run_trial_process(job, on_event=on_event, heartbeat=heartbeat, stop=self.stop)
+            result = run_trial_process(job, on_event=on_event, stop=self.stop)
         if predicted is not None:
             result.metrics["predicted_memory_gb"] = predicted
-        self._tell(trial, result)
+        try:
+            self._tell(trial, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.log(f"trial {trial.number}: another worker declared it lost (no heartbeat for longer than the "
+                     f"grace period) and retried it; this result is dropped")
+            return
         if self.progress:
             self.progress.trial_finished(trial.number, result)
 
@@ -456,11 +628,11 @@ class Search:
         if result.status == COMPLETE or result.status in INFEASIBLE:
             values = ([result.metrics[m] for m in self.recipe.objectives] if result.status == COMPLETE
                       else self._penalty_values(result))
-            self.study.tell(trial, values)
+            self.study.tell(trial, values, skip_if_finished=True)
         elif result.status == PRUNED:
-            self.study.tell(trial, state=TrialState.PRUNED)
+            self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         else:
-            self.study.tell(trial, state=TrialState.FAIL)
+            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             if result.status == INTERRUPTED:
                 _retry(self.study, trial, None)  # status and reason were recorded above
 
@@ -480,9 +652,9 @@ def finalize(study: optuna.Study, recipe: Recipe, log: Callable[[str], None] = p
         src = Path(best.user_attrs.get(DIR, "")) / "adapter"
         dst = out / "best"
         if src.is_dir():
-            if dst.exists():
-                shutil.rmtree(dst)
-            shutil.copytree(src, dst / "adapter")
+            # Workers sharing one output_dir may finish at once: the last copy wins, none fails.
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst / "adapter", dirs_exist_ok=True)
             (dst / "trial.json").write_text(json.dumps({
                 "trial": best.number, "settings": best.user_attrs.get(SETTINGS),
                 "metrics": best.user_attrs.get(METRICS_KEY), "selected_by": recipe.select.by,

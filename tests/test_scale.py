@@ -1,0 +1,222 @@
+"""Scale-out: several trials at once on one machine, and several search processes on one PostgreSQL study.
+
+The PostgreSQL test needs a server: LLMTUNE_TEST_POSTGRES_URL (``.ci/run`` starts a throwaway one on
+loopback and sets it); without it the test skips and says why.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import tiny_recipe_dict
+from optuna.trial import TrialState
+
+from llmtune.recipe import recipe_from_dict
+from llmtune.study import (
+    METRICS_KEY,
+    OWNER,
+    REASON,
+    RETRY_OF,
+    STATUS,
+    Search,
+    SearchError,
+    counted,
+    heartbeat_settings,
+    mask_url,
+    open_storage,
+    open_study,
+)
+
+FAST = {
+    "data": {"source": "llmtune/tiny-tasks", "eval_max_length": 128, "max_eval_examples": 16, "max_train_examples": 200},
+    "train": {"budget": {"examples": 32}, "eval_points": 1},
+    "measure": {"latency_prompts": 1, "max_new_tokens": 2},
+}
+
+
+def fast_recipe(tmp_path: Path, **sections) -> dict:
+    search = {**tiny_recipe_dict(tmp_path)["search"], "lora_r": [2, 4, 8, 16]}
+    return tiny_recipe_dict(tmp_path, **{**FAST, "search": search, **sections})
+
+
+@pytest.fixture()
+def tiny_assets(tiny_model_path, tiny_data_path):
+    """Build the tiny model once before any search starts trial processes."""
+
+
+@pytest.fixture()
+def pg_url() -> str:
+    url = os.environ.get("LLMTUNE_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("LLMTUNE_TEST_POSTGRES_URL is not set; .ci/run starts a throwaway PostgreSQL server and sets it")
+    try:
+        import psycopg2
+
+        psycopg2.connect(url, connect_timeout=5).close()
+    except ImportError:
+        pytest.skip("psycopg2 is not installed: pip install psycopg2-binary")
+    except Exception as e:
+        pytest.skip(f"no PostgreSQL server reachable at {mask_url(url)}: {type(e).__name__}")
+    return url
+
+
+def _overlaps(spans: list[tuple[float, float]]) -> int:
+    """Most spans open at one moment."""
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_workers_2_on_cpu_run_trials_at_the_same_time(tmp_path, tiny_assets):
+    data = fast_recipe(tmp_path, study={"n_trials": 2, "sampler": "random", "trial_timeout": 300})
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(data))
+    run = subprocess.run([sys.executable, "-m", "llmtune.cli", "search", str(recipe_path), "--workers", "2", "--quiet"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "2 worker(s)" in run.stderr
+    study = optuna.load_study(study_name="test", storage=f"sqlite:///{Path(data['output_dir']) / 'study.db'}")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    spans = [(t.datetime_start.timestamp(), t.datetime_complete.timestamp()) for t in trials]
+    assert _overlaps(spans) == 2, spans  # both trials were running at once
+    # Each worker's trial process got its share of the CPU threads.
+    for t in trials:
+        assert Path(t.user_attrs["llmtune.dir"], "result.json").exists()
+
+
+def test_the_last_slot_goes_to_one_process_the_other_gives_its_trial_back(tmp_path, monkeypatch):
+    """Two processes ask for the last of n_trials at once: the one that checks second gives back."""
+    monkeypatch.setenv("LLMTUNE_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("LLMTUNE_HEARTBEAT_GRACE", "30")
+    recipe = recipe_from_dict(tiny_recipe_dict(tmp_path, study={"n_trials": 2}))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    search = Search(recipe, storage=url, log=lambda m: None)
+    search.study = optuna.create_study(storage=open_storage(url), study_name="race", directions=["minimize"] * 2)
+    rival = optuna.load_study(study_name="race", storage=open_storage(url))  # "another process"
+    first = rival.ask()
+    rival.tell(first, [1.0, 1.0])  # 1 of 2 trials done: one slot left
+    rival_trials: list[optuna.Trial] = []
+    own_ask = search.study.ask
+
+    def ask_while_the_rival_takes_the_last_slot(*args, **kwargs):
+        rival_trials.append(rival.ask())  # between this process's budget check and its ask
+        search.study.ask = own_ask
+        return own_ask(*args, **kwargs)
+
+    search.study.ask = ask_while_the_rival_takes_the_last_slot
+    claimed: list[object] = []
+    worker = threading.Thread(target=lambda: claimed.append(search._claim()))
+    worker.start()
+    time.sleep(2)
+    assert worker.is_alive()  # waits: the rival's trial might still fail and need a retry
+    states = [t.state for t in rival.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING]  # ours went back
+    assert counted(rival) == (1, 1)
+    rival.tell(rival_trials[0], [2.0, 2.0])
+    worker.join(timeout=20)
+    assert not worker.is_alive() and claimed == [None]  # n_trials reached: nothing more to run
+    assert counted(rival) == (2, 0)
+
+
+def test_bad_heartbeat_settings_and_storage_errors_say_what_to_fix(monkeypatch):
+    monkeypatch.setenv("LLMTUNE_HEARTBEAT_INTERVAL", "10")
+    monkeypatch.setenv("LLMTUNE_HEARTBEAT_GRACE", "5")
+    with pytest.raises(SearchError, match="LLMTUNE_HEARTBEAT_GRACE=5 must be at least twice"):
+        heartbeat_settings()
+    monkeypatch.setenv("LLMTUNE_HEARTBEAT_GRACE", "soon")
+    with pytest.raises(SearchError, match="LLMTUNE_HEARTBEAT_GRACE='soon' is not a whole number"):
+        heartbeat_settings()
+    monkeypatch.delenv("LLMTUNE_HEARTBEAT_INTERVAL")
+    monkeypatch.delenv("LLMTUNE_HEARTBEAT_GRACE")
+    assert heartbeat_settings() == (20, 90)
+    assert mask_url("postgresql://llm:pa55word@db:5432/studies") == "postgresql://llm:***@db:5432/studies"
+
+
+def test_a_storage_that_does_not_open_is_reported_without_its_password():
+    pytest.importorskip("psycopg2")
+    # Port 1 on loopback: nothing listens, the connection is refused at once.
+    url = "postgresql://llm:Pa55-w0rd-x@127.0.0.1:1/studies"
+    with pytest.raises(SearchError) as err:
+        open_study(url, "x", ["minimize"], optuna.samplers.RandomSampler())
+    message = str(err.value)
+    assert "Pa55-w0rd-x" not in message and "postgresql://llm:***@127.0.0.1:1/studies" in message
+    assert "reachable" in message
+
+
+def test_workers_on_postgres_share_n_trials_and_retry_the_trial_of_a_killed_worker(tmp_path, tiny_assets, pg_url):
+    """Three `llmtune search` processes on one PostgreSQL study; one is SIGKILLed while its trial runs.
+    Its trial is found by its missing heartbeat, failed as interrupted and retried by a survivor."""
+    n_trials, study_name = 3, f"scale-{uuid.uuid4().hex[:8]}"
+    data = fast_recipe(tmp_path, study={"n_trials": n_trials, "sampler": "random", "trial_timeout": 300})
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "LLMTUNE_HEARTBEAT_INTERVAL": "1", "LLMTUNE_HEARTBEAT_GRACE": "4"}
+    password = pg_url.split("://", 1)[1].rsplit("@", 1)[0].partition(":")[2]
+
+    def start(name: str, **extra: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "llmtune.cli", "search", str(recipe_path), "--study-name", study_name,
+               "--output-dir", str(tmp_path / name), "--quiet"]
+        if name != "b":  # worker b reads the URL from the environment
+            cmd += ["--storage", pg_url]
+        worker_env = {**env, **extra, **({"LLMTUNE_STORAGE": pg_url} if name == "b" else {})}
+        return subprocess.Popen(cmd, env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    doomed = start("a", LLMTUNE_FAULT="hang")  # its trials would never end; it is killed mid-trial
+    survivors = [start("b"), start("c")]
+    storage = open_storage(pg_url)
+    deadline, killed = time.time() + 120, None
+    while time.time() < deadline and killed is None:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+        except KeyError:
+            continue
+        for t in study.get_trials(states=(TrialState.RUNNING,)):
+            if t.system_attrs.get(OWNER, "").endswith(f":{doomed.pid}") and \
+                    Path(tmp_path / "a" / "trials" / f"{t.number:04d}" / "spec.json").exists():
+                doomed.send_signal(signal.SIGKILL)  # like a machine that dies: no goodbye to the database
+                killed = t.number
+    assert killed is not None, "the doomed worker never started a trial"
+    doomed.wait()
+    outputs = [p.communicate(timeout=240)[0] for p in survivors]
+    for p, out in zip(survivors, outputs, strict=True):
+        assert p.returncode == 0, out
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    trials = study.get_trials()
+    lost = trials[killed]
+    assert lost.state == TrialState.FAIL and lost.user_attrs[STATUS] == "interrupted"
+    assert "heartbeat" in lost.user_attrs[REASON]
+    finished = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(finished) == n_trials and counted(study) == (n_trials, 0)
+    assert len({t.number for t in trials}) == len(trials)
+    retry = [t for t in finished if t.user_attrs.get(RETRY_OF) == killed]
+    assert len(retry) == 1 and retry[0].params == lost.params  # the lost config ran again, once
+    for t in finished:
+        assert t.user_attrs[STATUS] == "complete"
+        assert {"eval_loss", "peak_memory_gb"} <= set(t.user_attrs[METRICS_KEY])
+        assert t.values == [t.user_attrs[METRICS_KEY]["eval_loss"], t.user_attrs[METRICS_KEY]["peak_memory_gb"]]
+        assert not t.system_attrs[OWNER].endswith(f":{doomed.pid}")
+    # Every finished trial ran in exactly one surviving worker.
+    ran = sorted(p.parent.name for w in ("b", "c") for p in (tmp_path / w / "trials").glob("*/result.json"))
+    assert ran == sorted(f"{t.number:04d}" for t in finished)
+    assert any("lost their worker" in out for out in outputs)
+    # The password never shows: not in the output, not in the trials' spec files, not in the study.
+    assert all(password not in out for out in outputs) and mask_url(pg_url) in outputs[0]
+    for spec in tmp_path.glob("*/trials/*/spec.json"):
+        assert password not in spec.read_text()
+    assert password not in str(study.user_attrs)
