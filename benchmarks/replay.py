@@ -35,7 +35,7 @@ from llmtune.pruning import CURVE_ATTR, STATUS_ATTR, make_pruner
 from llmtune.space import SearchSpace
 
 REF = 1.1  # reference point in scaled objective space: the table's worst value is 1.0
-SAMPLERS = ("llmtune", "random", "grid", "nsga2", "tpe")
+SAMPLERS = ("llmtune", "llmtune-new", "random", "grid", "nsga2", "tpe")
 DEFAULT_OBJECTIVES = "eval_loss:minimize,train_throughput:maximize"
 
 
@@ -129,7 +129,7 @@ def make_sampler(name: str, table: Table, space: SearchSpace, seed: int, n_trial
     if name == "llmtune-new":
         from llmtune.sampling import default_sampler
 
-        return default_sampler(space, n_objectives=len(table.objectives), n_trials=n_trials, seed=seed)
+        return default_sampler(space, n_objectives=len(table.objectives), n_trials=n_trials, seed=seed)[0]
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":  # llmtune's `sampler: grid` (Optuna's grid sampler): every grid point once, seeded order
@@ -140,14 +140,16 @@ def make_sampler(name: str, table: Table, space: SearchSpace, seed: int, n_trial
         return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "tpe":  # Optuna's default sampler, with its default settings
         return optuna.samplers.TPESampler(seed=seed)
-    raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}, llmtune-new")
+    raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
 
 
-def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trials: int) -> dict[str, list]:
+def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trials: int,
+           planned: int | None = None) -> dict[str, list]:
     """One replayed search. Per trial: cumulative training seconds, HV ratio, whether it was pruned,
-    its own cost, the rung it was pruned at (None: it completed) and its configuration's key."""
+    its own cost, the rung it was pruned at (None: it completed) and its configuration's key.
+    ``planned`` is the n_trials llmtune's samplers are configured for (default: n_trials)."""
     space = SearchSpace.from_dict(table.grid)
-    sampler = make_sampler(sampler_name, table, space, seed, n_trials)
+    sampler = make_sampler(sampler_name, table, space, seed, planned or n_trials)
     pruner = make_pruner(pruner_name)
     study = optuna.create_study(directions=[d for _, d in table.objectives], sampler=sampler)
     spent, front = 0.0, []
@@ -386,10 +388,10 @@ def _init(table: Table) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def _job(job: tuple[str, str, int, int]) -> tuple[str, int, dict[str, list]]:
-    sampler, pruner, seed, trials = job
+def _job(job: tuple[str, str, int, int, int]) -> tuple[str, int, dict[str, list]]:
+    sampler, pruner, seed, trials, planned = job
     assert _TABLE is not None
-    return f"{sampler}+{pruner}", seed, replay(_TABLE, sampler, pruner, seed, trials)
+    return f"{sampler}+{pruner}", seed, replay(_TABLE, sampler, pruner, seed, trials, planned)
 
 
 def parse_objectives(text: str) -> list[tuple[str, str]]:
@@ -429,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     samplers, pruners = args.samplers.split(","), args.pruners.split(",")
     if pruners[0] != "none":
         raise SystemExit("--pruners: list 'none' first (the baseline the pruned runs are compared with)")
-    jobs = [(s, pr, seed, args.trials) for s in samplers for pr in pruners for seed in range(args.seeds)]
+    # llmtune's samplers are set up for the largest budget reported, as a user asking for that many would.
+    jobs = [(s, pr, seed, args.trials, max(budgets)) for s in samplers for pr in pruners for seed in range(args.seeds)]
     t0 = time.time()
     runs: dict[str, list[dict[str, list]]] = {f"{s}+{pr}": [] for s in samplers for pr in pruners}
     with mp.get_context("fork").Pool(args.jobs, initializer=_init, initargs=(table,)) as pool:
