@@ -227,7 +227,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from llmtune.hub import push_to_hub
 
-    push = push_to_hub(args.output_dir, args.repo_id, private=True if args.private else None, trial=args.trial,
+    push = push_to_hub(args.output_dir, args.repo_id, private=True if args.private else False if args.public else None, trial=args.trial,
                        revision=args.revision, dry_run=args.dry_run, export_dir=args.export_dir)
     exp = push.export
     where = f"{push.repo_id}" + (f" (branch {push.revision})" if push.revision else "")
@@ -298,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("push", help="export a trial's adapter and upload it to the Hub in one commit")
     u.add_argument("output_dir", help="output_dir of a search")
     u.add_argument("--repo-id", help="user/name on the Hub (default: hub.repo_id of the recipe)")
-    u.add_argument("--private", action="store_true", help="create the repository private (default: hub.private)")
+    vis = u.add_mutually_exclusive_group()
+    vis.add_argument("--private", action="store_true", help="create the repository private (default: hub.private, true)")
+    vis.add_argument("--public", action="store_true", help="create the repository public")
     u.add_argument("--trial", type=int, help="trial number (default: the chosen trial)")
     u.add_argument("--revision", help="branch to push to (created if missing; default: main)")
     u.add_argument("--export-dir", help="where to export first (default: <output_dir>/export/trial-NNNN)")

@@ -71,6 +71,8 @@ def _as_result(output_dir: str | Path | SearchResult) -> SearchResult:
 
     if isinstance(output_dir, SearchResult):
         return output_dir
+    if "://" in str(output_dir):  # a storage URL (PostgreSQL study); trial folders must still be reachable
+        return load_results(str(output_dir))
     path = Path(output_dir)
     if not path.is_dir():
         raise HubError(f"output_dir {str(path)!r} does not exist; pass the output_dir of a search (it holds study.db)")

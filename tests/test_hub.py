@@ -195,10 +195,15 @@ def test_push_sends_the_export_in_one_commit_and_never_leaks_the_token(searched,
     _no_token_anywhere(out, tmp_path, text=captured.out + captured.err)
 
 
-def test_push_api_public_to_main_and_dry_run(searched, hub, tmp_path):
+def test_push_api_public_to_main_and_dry_run(searched, hub, tmp_path, capfd):
     dry = searched.push_to_hub("alice/dry", dry_run=True, export_dir=tmp_path / "dry")
-    assert hub["requests"] == [] and dry.commit_oid is None
     assert sorted(dry.export.files) == sorted(p.name for p in (tmp_path / "dry").iterdir())
+    assert main(["push", searched.recipe.output_dir, "--repo-id", "alice/dry", "--public", "--dry-run",
+                 "--export-dir", str(tmp_path / "dry")]) == 0
+    listed = capfd.readouterr().out
+    assert f"would upload {len(dry.export.files)} file(s)" in listed and "as public" in listed
+    assert all(f"  {f}  (" in listed for f in dry.export.files)
+    assert hub["requests"] == [] and dry.commit_oid is None
     done = push_to_hub(searched, "org/name.v2", private=False, export_dir=tmp_path / "real")
     assert done.commit_oid == f"{1:040x}" and hub["commits"][0]["revision"] == "main" and hub["branches"] == []
     assert hub["created"][0]["visibility"] == "public"
