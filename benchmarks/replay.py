@@ -31,7 +31,7 @@ import optuna
 from optuna._hypervolume import compute_hypervolume
 from optuna.trial import TrialState
 
-from llmtune.pruning import CURVE_ATTR, STATUS_ATTR, make_pruner
+from llmtune.pruning import CURVE_ATTR, PARTIAL_METRICS, RUNG_METRICS_ATTR, STATUS_ATTR, make_pruner
 from llmtune.space import SearchSpace
 
 REF = 1.1  # reference point in scaled objective space: the table's worst value is 1.0
@@ -150,7 +150,9 @@ def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trial
     ``planned`` is the n_trials llmtune's samplers are configured for (default: n_trials)."""
     space = SearchSpace.from_dict(table.grid)
     sampler = make_sampler(sampler_name, table, space, seed, planned or n_trials)
-    pruner = make_pruner(pruner_name)
+    # "<name>-loss": the pruner ranks on eval loss alone (llmtune before multi-objective pruning).
+    loss_only = pruner_name.endswith("-loss")
+    pruner = make_pruner(pruner_name.removesuffix("-loss"), objectives=None if loss_only else dict(table.objectives))
     study = optuna.create_study(directions=[d for _, d in table.objectives], sampler=sampler)
     spent, front = 0.0, []
     out: dict[str, list] = {"seconds": [], "hv_ratio": [], "pruned": [], "cost": [], "rung": [], "key": []}
@@ -173,6 +175,28 @@ def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trial
     return out
 
 
+def partial_metrics(row: dict[str, Any], rung: float, names: list[str]) -> dict[str, float]:
+    """What a trial has measured of its other objectives when it reaches ``rung``, from the table.
+
+    Throughput so far: the rung's share of the trial's real tokens (the budget is in examples, so
+    about proportional) over the training seconds recorded up to the rung; train_time_s: those
+    seconds extrapolated to the whole budget; memory and parameter count: the final values (the
+    peak is reached in the first steps; the count is known before training).
+    """
+    seconds = at_rung(row, "train_s", rung) or 0.0
+    out: dict[str, float] = {}
+    for name in names:
+        if name not in PARTIAL_METRICS or row.get(name) is None:
+            continue
+        if name == "train_throughput" and seconds > 0:
+            out[name] = rung * float(row["train_throughput"]) * float(row["train_time_s"]) / seconds
+        elif name == "train_time_s" and seconds > 0:
+            out[name] = seconds / rung
+        else:
+            out[name] = float(row[name])
+    return out
+
+
 def replay_trial(study: optuna.Study, trial: optuna.Trial, row: dict[str, Any], pruner: Any,
                  objectives: list[tuple[str, str]]) -> tuple[float, float | None]:
     """Tell the study what the recorded run measured, pruning at rungs as llmtune's loop does.
@@ -185,14 +209,18 @@ def replay_trial(study: optuna.Study, trial: optuna.Trial, row: dict[str, Any], 
         study.tell(trial, state=TrialState.FAIL)
         return float(row.get("train_time_s") or 0.0), None
     curve: list[list[float]] = []
+    partial: list[list[Any]] = []
     for rung in pruner.rungs_for_trial(trial.number):
         loss = at_rung(row, "loss", rung)
         if loss is None:
             raise ValueError(f"the table has no eval loss at rung {rung:.4g}: record it with the pruner's rungs")
         curve.append([rung, loss])
+        metrics = partial_metrics(row, rung, [m for m, _ in objectives])
+        partial.append([rung, metrics])
         # A copy each time: the in-memory storage keeps the object, and llmtune writes a new list too.
         storage.set_trial_user_attr(tid, CURVE_ATTR, list(curve))
-        if pruner.should_prune(study, trial.number, rung, loss):
+        storage.set_trial_user_attr(tid, RUNG_METRICS_ATTR, list(partial))
+        if pruner.should_prune(study, trial.number, rung, loss, metrics):
             storage.set_trial_user_attr(tid, STATUS_ATTR, "pruned")
             study.tell(trial, state=TrialState.PRUNED)
             return float(at_rung(row, "train_s", rung) or 0.0), rung

@@ -4,8 +4,16 @@ Optuna's pruners refuse multi-objective studies (``Trial.report`` raises there),
 decides pruning itself.  While a trial trains, the parent process appends each evaluation to
 the trial's user attribute ``"llmtune.curve"`` (a JSON list of ``[fraction, eval_loss]`` pairs,
 fraction of the trial's training budget in (0, 1]).  The pruners here read those curves from the
-study storage only, so they work across parallel workers sharing an RDB storage and never look
-at end-of-trial metrics (latency, throughput, memory): eval loss, minimised, is the only signal.
+study storage only, so they work across parallel workers sharing an RDB storage.
+
+With one objective, or when nothing else is measured before the end, eval loss (minimised) is the
+only signal.  In a multi-objective study, pruning on loss alone throws away exactly the trials that
+trade a little loss for speed or memory, i.e. much of the Pareto front.  So when the search loop
+also stores, per rung, what the trial has measured so far of its other objectives (user attribute
+``"llmtune.rung_metrics"``: a JSON list of ``[fraction, {metric: value}]``; only metrics that are
+known before the end, `PARTIAL_METRICS`), and the pruner was told the objectives, a trial is ranked
+by non-dominated sorting on (loss at the rung, those metrics): multi-objective ASHA (Schmucker et
+al., 2021), which reduces to plain ASHA when there is only the loss.
 """
 
 from __future__ import annotations
@@ -15,11 +23,17 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 CURVE_ATTR = "llmtune.curve"
+RUNG_METRICS_ATTR = "llmtune.rung_metrics"
 STATUS_ATTR = "llmtune.status"
+# Objectives whose value partway through training is a fair estimate of the final one (measured over
+# the steps so far; train_time_s is extrapolated to the whole budget by the search loop).  Latency
+# and generation memory are only measured after training, so they never take part in pruning.
+PARTIAL_METRICS = frozenset({"train_throughput", "peak_memory_gb", "trainable_params", "train_time_s"})
 # These trials stopped for reasons unrelated to their loss; their curve says nothing honest
 # about how good the configuration is, so they must not raise or lower anyone's cutoff.
 IGNORED_STATUSES = frozenset({"oom", "over_budget", "crashed", "timeout"})
@@ -35,8 +49,11 @@ class Pruner(Protocol):
         """Ascending fractions (< 1) at which the study wants an evaluation and a decision."""
         ...
 
-    def should_prune(self, study: optuna.Study, trial_number: int, fraction: float, eval_loss: float) -> bool:
-        """Whether running trial ``trial_number``, just evaluated at ``fraction``, should stop."""
+    def should_prune(self, study: optuna.Study, trial_number: int, fraction: float, eval_loss: float,
+                     metrics: dict[str, float] | None = None) -> bool:
+        """Whether running trial ``trial_number``, just evaluated at ``fraction``, should stop.
+
+        ``metrics``: what the trial has measured so far of its other objectives (may be omitted)."""
         ...
 
     def describe(self) -> str:
@@ -84,6 +101,39 @@ def _loss_at(trial: FrozenTrial, rung: float) -> float | None:
     return None
 
 
+def _metrics_at(trial: FrozenTrial, rung: float) -> dict[str, float]:
+    """What the trial had measured of its other objectives when it reached ``rung`` ({} if unknown)."""
+    points = trial.user_attrs.get(RUNG_METRICS_ATTR)
+    if not isinstance(points, list):
+        return {}
+    for point in points:
+        try:
+            if abs(float(point[0]) - rung) <= FRACTION_TOL and isinstance(point[1], dict):
+                return {k: float(v) for k, v in point[1].items()}
+        except (TypeError, ValueError, IndexError, KeyError):
+            continue
+    return {}
+
+
+def _pareto_ranks(points: np.ndarray) -> np.ndarray:
+    """Non-dominated sorting rank of each row (0 = not dominated), all columns minimised."""
+    n = len(points)
+    # dominates[i, j]: row i is no worse than row j everywhere and better somewhere.
+    no_worse = (points[:, None, :] <= points[None, :, :]).all(axis=2)
+    better = (points[:, None, :] < points[None, :, :]).any(axis=2)
+    dominates = no_worse & better
+    ranks = np.full(n, -1)
+    left = np.ones(n, dtype=bool)
+    rank = 0
+    while left.any():
+        dominated = (dominates[left][:, left]).any(axis=0)
+        front = np.flatnonzero(left)[~dominated]
+        ranks[front] = rank
+        left[front] = False
+        rank += 1
+    return ranks
+
+
 def _asha_prunes(
     study: optuna.Study,
     trial_number: int,
@@ -92,11 +142,17 @@ def _asha_prunes(
     eta: int,
     min_trials: int,
     same_group: Callable[[int], bool] | None = None,
+    objectives: dict[str, str] | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> bool:
-    """The successive-halving rule shared by ASHA and each Hyperband bracket."""
+    """The successive-halving rule shared by ASHA and each Hyperband bracket.
+
+    The trial continues iff fewer than ``keep`` peers are in better non-dominated fronts than its
+    own; with the loss as the only column that is "its loss <= the keep-th smallest loss".
+    """
     if not math.isfinite(eval_loss):
         return True  # diverged: no amount of extra budget fixes NaN
-    losses = [eval_loss]
+    rows: list[tuple[float, dict[str, float]]] = [(eval_loss, dict(metrics or {}))]
     # deepcopy=False keeps a 1000-trial study in the millisecond range; we only read.
     for trial in study.get_trials(deepcopy=False):
         # The running trial's own stored point (if already written) is replaced by eval_loss.
@@ -106,12 +162,17 @@ def _asha_prunes(
             continue
         loss = _loss_at(trial, rung)
         if loss is not None:
-            losses.append(loss)
-    if len(losses) < min_trials:
+            rows.append((loss, _metrics_at(trial, rung) if objectives else {}))
+    if len(rows) < min_trials:
         return False
-    keep = max(1, len(losses) // eta)
-    cutoff = sorted(losses)[keep - 1]
-    return eval_loss > cutoff
+    keep = max(1, len(rows) // eta)
+    # Other objectives take part only where every trial in the comparison measured them.
+    extra = [m for m, d in (objectives or {}).items() if m in PARTIAL_METRICS
+             and all(math.isfinite(r[1].get(m, math.nan)) for r in rows)]
+    signs = [1.0 if (objectives or {})[m] == "minimize" else -1.0 for m in extra]
+    points = np.array([[loss, *(s * r[m] for s, m in zip(signs, extra, strict=True))] for loss, r in rows])
+    ranks = _pareto_ranks(points)
+    return int((ranks < ranks[0]).sum()) >= keep
 
 
 def _check_eta(eta: Any) -> int:
@@ -145,6 +206,11 @@ def _check_min_trials(min_trials: Any, eta: int) -> int:
     return min_trials
 
 
+def _ranked_on(objectives: dict[str, str]) -> str:
+    extra = [m for m in objectives if m in PARTIAL_METRICS]
+    return f", Pareto-ranked on eval_loss+{'+'.join(extra)}" if extra else ""
+
+
 def _fmt(fractions: list[float]) -> str:
     return ",".join(f"{f:.3g}" for f in fractions) or "-"
 
@@ -158,7 +224,8 @@ class NopPruner:
     def rungs_for_trial(self, trial_number: int) -> list[float]:
         return []
 
-    def should_prune(self, study: optuna.Study, trial_number: int, fraction: float, eval_loss: float) -> bool:
+    def should_prune(self, study: optuna.Study, trial_number: int, fraction: float, eval_loss: float,
+                     metrics: dict[str, float] | None = None) -> bool:
         return False
 
     def describe(self) -> str:
@@ -184,11 +251,13 @@ class ASHAPruner:
     """
 
     def __init__(
-        self, eta: int = 3, min_fraction: float = 1 / 9, min_trials_per_rung: int | None = None
+        self, eta: int = 3, min_fraction: float = 1 / 9, min_trials_per_rung: int | None = None,
+        objectives: dict[str, str] | None = None,
     ) -> None:
         self.eta = _check_eta(eta)
         self.min_fraction = _check_min_fraction(min_fraction)
         self.min_trials_per_rung = _check_min_trials(min_trials_per_rung, self.eta)
+        self.objectives = dict(objectives or {})
         self._rungs = geometric_rungs(self.min_fraction, self.eta)
 
     def rungs(self) -> list[float]:
@@ -198,15 +267,18 @@ class ASHAPruner:
         """Same rungs for every trial (Hyperband differs)."""
         return list(self._rungs)
 
-    def should_prune(self, study: optuna.Study, trial_number: int, fraction: float, eval_loss: float) -> bool:
+    def should_prune(self, study: optuna.Study, trial_number: int, fraction: float, eval_loss: float,
+                     metrics: dict[str, float] | None = None) -> bool:
         rung = _match_rung(self._rungs, fraction)
         if rung is None:
             return False
-        return _asha_prunes(study, trial_number, rung, eval_loss, self.eta, self.min_trials_per_rung)
+        return _asha_prunes(study, trial_number, rung, eval_loss, self.eta, self.min_trials_per_rung,
+                            objectives=self.objectives, metrics=metrics)
 
     def describe(self) -> str:
         return (
-            f"ASHA(eta={self.eta}, rungs={_fmt(self._rungs)}, min_trials_per_rung={self.min_trials_per_rung})"
+            f"ASHA(eta={self.eta}, rungs={_fmt(self._rungs)}, min_trials_per_rung={self.min_trials_per_rung}"
+            f"{_ranked_on(self.objectives)})"
         )
 
 
@@ -241,11 +313,13 @@ class HyperbandPruner:
     """
 
     def __init__(
-        self, eta: int = 3, min_fraction: float = 1 / 27, min_trials_per_rung: int | None = None
+        self, eta: int = 3, min_fraction: float = 1 / 27, min_trials_per_rung: int | None = None,
+        objectives: dict[str, str] | None = None,
     ) -> None:
         self.eta = _check_eta(eta)
         self.min_fraction = _check_min_fraction(min_fraction)
         self.min_trials_per_rung = _check_min_trials(min_trials_per_rung, self.eta)
+        self.objectives = dict(objectives or {})
         base = geometric_rungs(self.min_fraction, self.eta)
         self._rungs = base
         self.bracket_rungs: list[list[float]] = [base[b:] for b in range(len(base) + 1)]
@@ -267,7 +341,8 @@ class HyperbandPruner:
         """Only the rungs where this trial can be pruned (lets the harness skip useless evals)."""
         return list(self.bracket_rungs[self.bracket_of(trial_number)])
 
-    def should_prune(self, study: optuna.Study, trial_number: int, fraction: float, eval_loss: float) -> bool:
+    def should_prune(self, study: optuna.Study, trial_number: int, fraction: float, eval_loss: float,
+                     metrics: dict[str, float] | None = None) -> bool:
         bracket = self.bracket_of(trial_number)
         rung = _match_rung(self.bracket_rungs[bracket], fraction)
         if rung is None:
@@ -280,6 +355,8 @@ class HyperbandPruner:
             self.eta,
             self.min_trials_per_rung,
             same_group=lambda number: self.bracket_of(number) == bracket,
+            objectives=self.objectives,
+            metrics=metrics,
         )
 
     def describe(self) -> str:
@@ -287,7 +364,7 @@ class HyperbandPruner:
         weights = "/".join(str(w) for w in self.weights)
         return (
             f"Hyperband(eta={self.eta}, brackets=[{brackets}], weights={weights}, "
-            f"min_trials_per_rung={self.min_trials_per_rung})"
+            f"min_trials_per_rung={self.min_trials_per_rung}{_ranked_on(self.objectives)})"
         )
 
 
@@ -309,8 +386,13 @@ def _coerce(value: Any) -> Any:
     return int(number) if number.denominator == 1 else float(number)
 
 
-def make_pruner(name: str, **settings: Any) -> NopPruner | ASHAPruner | HyperbandPruner:
-    """Build a pruner from a config name ("none" | "asha" | "hyperband") and its settings."""
+def make_pruner(
+    name: str, *, objectives: dict[str, str] | None = None, **settings: Any
+) -> NopPruner | ASHAPruner | HyperbandPruner:
+    """Build a pruner from a config name ("none" | "asha" | "hyperband") and its settings.
+
+    ``objectives`` (metric -> minimize/maximize, the study's) lets the pruner rank trials on the
+    partial measurements of their other objectives as well as their loss (see the module doc)."""
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in _SETTINGS:
         raise ValueError(f"unknown pruner {name!r}: use one of 'none', 'asha', 'hyperband'")
@@ -322,9 +404,9 @@ def make_pruner(name: str, **settings: Any) -> NopPruner | ASHAPruner | Hyperban
     kwargs = {k: _coerce(v) for k, v in settings.items()}
     try:
         if key == "asha":
-            return ASHAPruner(**kwargs)
+            return ASHAPruner(**kwargs, objectives=objectives)
         if key == "hyperband":
-            return HyperbandPruner(**kwargs)
+            return HyperbandPruner(**kwargs, objectives=objectives)
     except ValueError as err:
         raise ValueError(f"pruner {key!r}: {err}") from None
     return NopPruner()
