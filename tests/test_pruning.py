@@ -12,6 +12,7 @@ from optuna.trial import TrialState, create_trial
 
 from llmtune.pruning import (
     CURVE_ATTR,
+    RUNG_METRICS_ATTR,
     STATUS_ATTR,
     ASHAPruner,
     HyperbandPruner,
@@ -101,6 +102,71 @@ def test_keep_count_uses_floor() -> None:
     assert not pruner.should_prune(study, me, R1, 0.5)
     assert not pruner.should_prune(study, me, R1, 1.0)
     assert pruner.should_prune(study, me, R1, 1.5)
+
+
+OBJECTIVES = {"eval_loss": "minimize", "peak_memory_gb": "minimize", "train_throughput": "maximize",
+              "latency_ms": "minimize"}
+
+
+def add_mo(study: optuna.Study, loss: float, throughput: float | None, memory: float = 1.0) -> int:
+    metrics = {"peak_memory_gb": memory}
+    if throughput is not None:
+        metrics["train_throughput"] = throughput
+    return add(study, [[R1, loss]], **{RUNG_METRICS_ATTR: [[R1, metrics]]})
+
+
+def test_multi_objective_keeps_fast_trials_that_loss_alone_would_prune() -> None:
+    study = new_study()
+    # 8 peers: losses 1..8, throughput rising with the loss (the usual trade-off), same memory.
+    for loss in range(1, 9):
+        add_mo(study, float(loss), throughput=100.0 * loss)
+    me = running(study)
+    loss_only, pareto = ASHAPruner(), ASHAPruner(objectives=OBJECTIVES)
+    assert "Pareto-ranked on eval_loss+peak_memory_gb+train_throughput" in pareto.describe()
+    assert "Pareto" not in loss_only.describe()
+    fast = {"train_throughput": 5000.0, "peak_memory_gb": 1.0}
+    # Loss 8.5 is 9th of 9 on loss, but nobody is faster: first front, continues.
+    assert loss_only.should_prune(study, me, R1, 8.5)
+    assert not pareto.should_prune(study, me, R1, 8.5, fast)
+    # Slow and bad: dominated by every peer (rank 8 of 9; keep 3) -> pruned either way.
+    slow = {"train_throughput": 50.0, "peak_memory_gb": 1.0}
+    assert pareto.should_prune(study, me, R1, 8.5, slow)
+    # All 9 are mutually non-dominated (loss up, throughput up): one front, everyone continues.
+    assert not pareto.should_prune(study, me, R1, 8.5, {"train_throughput": 850.0, "peak_memory_gb": 1.0})
+
+
+def test_multi_objective_counts_better_fronts_against_keep() -> None:
+    study = new_study()
+    # Front 0: (1, 900), (2, 950); front 1: (3, 800), (4, 850); then dominated ones.
+    for loss, thr in ((1.0, 900.0), (2.0, 950.0), (3.0, 800.0), (4.0, 850.0), (5.0, 100.0), (6.0, 90.0)):
+        add_mo(study, loss, thr)
+    me = running(study)
+    pareto = ASHAPruner(objectives=OBJECTIVES)  # 7 at the rung -> keep 2
+    # In front 1 (dominated by (1, 900) only): 2 trials are better -> pruned.
+    assert pareto.should_prune(study, me, R1, 3.5, {"train_throughput": 870.0, "peak_memory_gb": 1.0})
+    # In front 0 with ties: continues.
+    assert not pareto.should_prune(study, me, R1, 1.5, {"train_throughput": 920.0, "peak_memory_gb": 1.0})
+
+
+def test_multi_objective_falls_back_to_loss_where_metrics_are_missing() -> None:
+    study = new_study()
+    for loss in (1.0, 2.0, 3.0, 4.0, 5.0):
+        add_mo(study, loss, throughput=None)  # no throughput recorded: that objective cannot rank
+    add(study, [[R1, 6.0]])  # an older trial without any rung metrics
+    me = running(study)
+    pareto = ASHAPruner(objectives=OBJECTIVES)
+    fast = {"train_throughput": 1e9, "peak_memory_gb": 0.1}
+    # Memory is missing on the older trial and throughput on all: loss only, 7 -> keep 2.
+    assert pareto.should_prune(study, me, R1, 2.5, fast)
+    assert not pareto.should_prune(study, me, R1, 2.0, fast)
+    # latency_ms is an objective but never measured before the end: it never takes part.
+    assert "latency" not in pareto.describe()
+
+
+def test_make_pruner_passes_objectives_and_hyperband_uses_them() -> None:
+    hb = make_pruner("hyperband", objectives=OBJECTIVES, eta=3)
+    assert hb.objectives == OBJECTIVES and "Pareto" in hb.describe()
+    assert make_pruner("asha").objectives == {}
 
 
 def test_too_few_trials_continue() -> None:
