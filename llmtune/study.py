@@ -371,7 +371,7 @@ class Search:
         if bad:
             raise SearchError(f"--gpus: {bad[0]!r} is not a GPU index or a group like 0+1; e.g. --gpus 0,1 or --gpus 0+1,2+3")
         self.workers = len(self.gpus) if self.gpus else max(1, workers)
-        self.url = storage_url(recipe, storage)
+        self.url, self.storage_given = storage_url(recipe, storage), storage
         self.study_name = study_name or recipe.study.study_name or recipe.name
         self.log = log
         self.progress = progress
@@ -396,7 +396,10 @@ class Search:
         resolve_data_source(self.recipe.data.source, log=self.log)
         self.data_fingerprint = load_splits(self.recipe.data).fingerprint
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.sampler, self.sampler_why = make_sampler(self.recipe, self.space, self.workers > 1)
+        # Trials run in parallel with other threads, or with other processes on a named (shared) storage:
+        # TPE then treats running trials as bad guesses (constant liar) so workers spread out.
+        shared = bool(self.storage_given or os.environ.get("LLMTUNE_STORAGE") or self.recipe.study.storage)
+        self.sampler, self.sampler_why = make_sampler(self.recipe, self.space, self.workers > 1 or shared)
         grid = self.space.grid_size()
         if isinstance(self.sampler, optuna.samplers.GridSampler) and grid is not None and (self.n_trials or grid) > grid:
             self.log(f"the grid has {grid} point(s): running {grid} trial(s), not {self.n_trials}")
@@ -446,11 +449,11 @@ class Search:
             return "done"
         if self.recipe.study.timeout and time.time() - self.started > self.recipe.study.timeout:
             return "done"
-        if self.n_trials is None:
-            return "start"
         lost = fail_stale(self.study)
         if lost:
             self.log(f"trial(s) {', '.join(map(str, lost))} lost their worker (no heartbeat): retrying")
+        if self.n_trials is None:
+            return "start"
         done, running = counted(self.study)
         if done + running < self.n_trials:
             return "start"
@@ -481,7 +484,7 @@ class Search:
                     storage.set_trial_state_values(tid, TrialState.WAITING)
             if state == "done":
                 return None
-            time.sleep(min(5.0, max(0.5, interval / 4)) * random.uniform(0.5, 1.5))
+            self.stop.wait(min(5.0, max(0.5, interval / 4)) * random.uniform(0.5, 1.5))
 
     def _worker(self, index: int) -> None:
         try:
