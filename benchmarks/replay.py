@@ -37,6 +37,7 @@ from llmtune.space import SearchSpace
 REF = 1.1  # reference point in scaled objective space: the table's worst value is 1.0
 SAMPLERS = ("llmtune", "llmtune-new", "random", "grid", "nsga2", "tpe")
 DEFAULT_OBJECTIVES = "eval_loss:minimize,train_throughput:maximize"
+SECOND_SHARES = (0.01, 0.02, 0.05)  # training-seconds budgets, as shares of what the whole grid cost
 
 
 @dataclass
@@ -68,6 +69,12 @@ class Table:
         self._span = np.maximum(values.max(axis=0) - self._lo, 1e-12)
         self.true_hv = hypervolume(np.array([self.scaled(r) for r in self.rows.values() if r["status"] == "complete"]))
         return self
+
+
+def true_front_size(table: Table) -> int:
+    points = np.array([table.scaled(r) for r in table.rows.values() if r["status"] == "complete"])
+    dominated = ((points[:, None, :] <= points[None, :, :]).all(2) & (points[:, None, :] < points[None, :, :]).any(2)).any(0)
+    return int((~dominated).sum())
 
 
 def hypervolume(points: np.ndarray) -> float:
@@ -282,7 +289,7 @@ def hv_at_seconds(run: dict[str, list], seconds: float) -> float:
     return best
 
 
-def summarise(runs: dict[str, list[dict[str, list]]], budgets: list[int]) -> dict[str, dict[str, Any]]:
+def summarise(runs: dict[str, list[dict[str, list]]], budgets: list[int], grid_seconds: float) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for method, seeds in runs.items():
         entry: dict[str, Any] = {}
@@ -291,6 +298,8 @@ def summarise(runs: dict[str, list[dict[str, list]]], budgets: list[int]) -> dic
             entry[f"seconds@{n}"] = quantiles([r["seconds"][min(n, len(r["seconds"])) - 1] for r in seeds])
         for level in (0.9, 0.95):
             entry[f"seconds_to_{int(level * 100)}"] = quantiles([seconds_to(r, level) for r in seeds])
+        for share in SECOND_SHARES:
+            entry[f"hv@{share:.0%}s"] = quantiles([hv_at_seconds(r, share * grid_seconds) for r in seeds])
         entry["pruned_share"] = float(np.mean([np.mean(r["pruned"]) for r in seeds]))
         out[method] = entry
     return out
@@ -338,14 +347,17 @@ def markdown(summary: dict[str, dict[str, Any]], rat: dict[str, Any], budgets: l
         f"{meta['date']}; table: {meta['configs']} configurations recorded on {meta['machine']}; "
         f"objectives {meta['objectives']}; {meta['seeds']} seeds x {meta['trials']} trials; "
         f"cost = recorded training seconds (pruned trials: seconds up to their rung); "
-        f"the whole grid costs {meta['grid_seconds']:.0f} s. Cells: median [q25, q75] over seeds.",
+        f"the whole grid costs {meta['grid_seconds']:.0f} s; its true front has {meta['true_front_size']} "
+        "configurations. Cells: median [q25, q75] over seeds.",
         "",
-        "| sampler + pruner | " + " | ".join(f"HV ratio @{n}" for n in budgets)
+        "| sampler + pruner | " + " | ".join(f"HV ratio @{n} trials" for n in budgets)
+        + " | " + " | ".join(f"HV ratio @{s:.0%} of grid s" for s in SECOND_SHARES)
         + " | s to 90% HV | s to 95% HV | pruned |",
-        "|---" * (len(budgets) + 4) + "|",
+        "|---" * (len(budgets) + len(SECOND_SHARES) + 4) + "|",
     ]
     for method, e in summary.items():
-        cells = [_fmt(e[f"hv@{n}"]) for n in budgets] + [_fmt(e["seconds_to_90"]), _fmt(e["seconds_to_95"])]
+        cells = ([_fmt(e[f"hv@{n}"]) for n in budgets] + [_fmt(e[f"hv@{s:.0%}s"]) for s in SECOND_SHARES]
+                 + [_fmt(e["seconds_to_90"]), _fmt(e["seconds_to_95"])])
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {e['pruned_share']:.0%} |")
     lines += ["", "Ratios (of medians):", ""]
     for key, value in rat.items():
@@ -466,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     with mp.get_context("fork").Pool(args.jobs, initializer=_init, initargs=(table,)) as pool:
         for method, _seed, run in pool.imap_unordered(_job, jobs):
             runs[method].append(run)
-    summary = summarise(runs, budgets)
+    grid_seconds = sum(float(r.get("train_time_s") or 0) for r in table.rows.values())
+    summary = summarise(runs, budgets, grid_seconds)
     rat = ratios(summary, budgets, samplers, pruners, ours="llmtune-new" if "llmtune-new" in samplers else "llmtune")
     m = table_meta.get("machine", {})
     meta = {
@@ -474,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         "configs": sum(r["status"] == "complete" for r in table.rows.values()),
         "machine": f"{m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs, device {m.get('device', '?')}",
         "objectives": ", ".join(f"{n} ({d[:3]})" for n, d in objectives), "seeds": args.seeds, "trials": args.trials,
-        "grid_seconds": sum(float(r.get("train_time_s") or 0) for r in table.rows.values()),
+        "grid_seconds": grid_seconds, "true_front_size": true_front_size(table),
         "replay_wall_s": round(time.time() - t0, 1),
     }
     ours = "llmtune-new" if "llmtune-new" in samplers else "llmtune"
