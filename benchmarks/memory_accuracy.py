@@ -7,7 +7,7 @@ packing and LoRA targets, and puts the measured peak (`peak_memory_gb`: the larg
 and NVML's view, which includes the CUDA context) beside the prediction of `llmtune.gate.estimate_for`, which
 reads only config.json. It prints the relative error per config, the median and the worst.
 
-    python benchmarks/memory_accuracy.py --device cuda          # measure + compare (GPU; ~6 min on an H100)
+    python benchmarks/memory_accuracy.py --device cuda          # measure + compare (GPU; ~8 min on an H100)
     python benchmarks/memory_accuracy.py --from benchmarks/results/memory_accuracy.json   # re-predict only (CPU)
 
 The second form re-runs the estimator on the stored measurements, so a change to `llmtune/memory.py` can be
@@ -57,6 +57,10 @@ CONFIGS: list[tuple[str, str, bool, int, int, bool, str, int]] = [
     ("qwen2.5-0.5b", "none", True, 2048, 2, True, "all-linear", 16),
     ("qwen2.5-0.5b", "8bit", False, 512, 2, False, "all-linear", 16),
     ("qwen2.5-0.5b", "4bit", True, 1024, 4, False, "all-linear", 16),
+    ("llama-3.2-1b", "8bit", True, 512, 4, False, "all-linear", 16),
+    ("llama-3.2-1b", "none", False, 256, 16, False, "attention", 16),
+    ("llama-3.2-1b", "4bit", False, 2048, 1, True, "all-linear", 16),
+    ("qwen2.5-0.5b", "8bit", True, 1024, 2, False, "qv", 16),
 ]
 KEYS = ("arch", "quantization", "gradient_checkpointing", "sequence_len", "micro_batch_size", "sample_packing",
         "lora_target_modules", "lora_r")

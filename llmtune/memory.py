@@ -4,10 +4,11 @@ The architecture is instantiated on the meta device (no weights, no GPU) to get 
 Linear's shape; the rest is arithmetic on what PyTorch autograd, peft and bitsandbytes keep alive at the peak.
 All sizes are bytes; ``*_gb`` values are GiB (2**30 bytes), which is what llmtune calls ``peak_memory_gb``.
 
-Assumed training recipe (the HF Trainer / peft defaults):
+Assumed training recipe (llmtune's harness; ``autocast=True`` models the HF Trainer's mixed precision instead):
 
-* 16-bit ``dtype`` trains under autocast mixed precision; ``float32`` trains without autocast.
-* LoRA A/B are fp32 (peft's ``autocast_adapter_dtype=True`` upcasts 16-bit adapters), so are their grads.
+* The base model runs in ``dtype`` without autocast. LoRA A/B are fp32 (peft's ``autocast_adapter_dtype=True``
+  upcasts 16-bit adapters), so are their grads; peft casts each LoRA layer's input to fp32, and every such
+  copy is saved for backward (under autocast each layer saves a 16-bit copy instead).
 * ``quantization`` != "none" loads with bitsandbytes and calls ``peft.prepare_model_for_kbit_training``, which
   upcasts every non-quantized parameter (embeddings, lm_head, norms, biases) to fp32 (``kbit_upcast=True``).
   A side effect: the residual stream and MLP intermediates then run in fp32 (bnb layers return the input dtype).
@@ -15,6 +16,13 @@ Assumed training recipe (the HF Trainer / peft defaults):
   ``sequence_len`` (worst case) and have a mask, so SDPA uses the mem-efficient kernel with a per-layer
   additive bias and transformers materialises repeated K/V for GQA.
 * ``outputs.logits`` stays referenced through backward (a plain ``out = model(**b); out.loss.backward()`` loop).
+  At the start of backward each logit holds its 16-bit value, the fp32 log-softmax output, its fp32 grad and
+  the 16-bit grad of the logits: 12 bytes in bf16, measured on an H100 over four shapes (benchmarks/
+  memory_accuracy.py), where vocabularies of 128k-152k make this the largest single term.
+* bitsandbytes' 8-bit matmul keeps its input on ``ctx`` rather than through ``save_for_backward``, so
+  gradient checkpointing cannot drop it: 8-bit layers hold their inputs for every layer either way.
+* The CUDA caching allocator runs with ``expandable_segments`` (llmtune sets it for trials), so reserved memory
+  stays close to the allocated peak.
 """
 
 from __future__ import annotations
@@ -31,20 +39,21 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 GIB = 2**30
-# CUDA context of a PyTorch process on Hopper with lazy module loading (CUDA 12): driver state + kernel images.
-# Measured values range ~300-600 MiB depending on driver/toolkit; outside torch's allocator, so only visible to nvml.
-CUDA_CONTEXT_BYTES = 512 * 2**20
+# CUDA context of a PyTorch process (driver state + kernel images), outside torch's allocator, so only NVML sees
+# it: NVML minus torch's reserved peak was 0.74 GiB in every trial on an H100 (torch 2.11, CUDA 13, driver 580).
+CUDA_CONTEXT_BYTES = 760 * 2**20
 # cuBLAS workspace per stream on sm90 (CUBLAS_WORKSPACE_CONFIG default ":4096:8" = 8 x 4 MiB), via torch's allocator.
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20
 # Caching-allocator slack: blocks are rounded (512 B small / 2 MiB large segments) and freed blocks fragment, so
 # reserved exceeds allocated by a few percent of the churning (activation + logits) memory.
-ALLOCATOR_SLACK_FRACTION = 0.05
+ALLOCATOR_SLACK_FRACTION = 0.02
 BNB_4BIT_BLOCKSIZE = 64  # bitsandbytes quantize_4bit default: one absmax per 64 weights
 BNB_NESTED_BLOCKSIZE = 256  # double quant: absmax itself blockwise-quantized to uint8, one fp32 scale per 256
 BNB_OPTIM_BLOCKSIZE = 256  # 8-bit optimizers: one fp32 absmax per 256 state values
 BNB_OPTIM_MIN_8BIT_SIZE = 4096  # smaller tensors keep 32-bit optimizer state (bnb min_8bit_size default)
-# Cross entropy at the start of backward, per logit: log_softmax output + its incoming grad + grad of its input.
-LOSS_FP32_BUFFERS = 3
+# Cross entropy at its peak (start of backward), per logit, beyond the held logits: the fp32 log_softmax output,
+# its fp32 grad, and the grad of the logits in their own dtype (see the module docstring).
+LOSS_FP32_BUFFERS = 2
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # bytes of optimizer state per trainable fp32 param (8-bit ones are handled per tensor in _optimizer_bytes)
@@ -238,18 +247,23 @@ class _Activations:
     """Bytes of activations for one micro-batch."""
 
     layer: int  # one decoder layer's saved tensors (layers are alike)
+    kept: int  # one layer's tensors that checkpointing cannot drop (bitsandbytes 8-bit inputs)
     outer: int  # final norm, rotary tables, masks, autocast copies of LoRA weights
     checkpoint: int  # one layer's input, all that a checkpointed layer keeps
     temp: int  # transient buffers while one layer runs (grads in flight, casts, bnb dequantized weight)
 
 
-def _lora_input_bytes(lins: list[_Linear], c: int, autocast: bool) -> int:
-    """Per token: the input each lora_A saves. Under autocast every LoRA layer casts its own copy; without
-    casting, layers fed by the same tensor (q/k/v, gate/up) share it."""
+def _lora_input_bytes(lins: list[_Linear], c: int, s: int, autocast: bool) -> int:
+    """Per token: the input each lora_A saves. Under autocast every LoRA layer casts its own 16-bit copy. Without
+    it peft casts the input to the fp32 adapter: a 16-bit input gives every layer its own fp32 copy, while fp32
+    inputs (fp32 models, the kbit-upcast stream) are not copied and layers fed by one tensor (q/k/v, gate/up)
+    share it."""
     if autocast:
         return sum(c * lin.in_features for lin in lins)
+    if s != 4:
+        return sum(4 * lin.in_features for lin in lins)
     distinct = {(lin.name.rsplit(".", 2)[0], lin.in_features, lin.name.endswith(_OUTPUT_PROJ)) for lin in lins}
-    return sum(c * in_f for _, in_f, _ in distinct)
+    return sum(4 * in_f for _, in_f, _ in distinct)
 
 
 def _activation_bytes(shape: _Shape, targeted: list[_Linear], *, r: int, batch: int, seq: int, c: int, s: int,
@@ -268,19 +282,25 @@ def _activation_bytes(shape: _Shape, targeted: list[_Linear], *, r: int, batch: 
     per_token += s * (3 if shape.gated else 1) * shape.intermediate
     # LoRA: lora_A saves its input, lora_B saves lora_A's output; dropout adds a 1-byte mask per input
     inner = [lin for lin in targeted if lin.in_layer]
-    lora_tok = _lora_input_bytes(inner, c, autocast) + sum(c * r + (lin.in_features if dropout > 0 else 0)
-                                                           for lin in inner)
+    lora_c = c if autocast else 4  # lora_A's output (lora_B's saved input) is in the adapter's compute dtype
+    lora_tok = _lora_input_bytes(inner, c, s, autocast) + sum(lora_c * r + (lin.in_features if dropout > 0 else 0)
+                                                              for lin in inner)
     per_token += lora_tok // L
+    kept = 0
     if quantization == "8bit":  # MatMul8bitLt keeps its input alive: 2 norm outputs, o_proj's, down_proj's
-        per_token += s * 2 * shape.hidden + c * q_dim + s * shape.intermediate
+        kept = tokens * (s * 2 * shape.hidden + c * q_dim + s * shape.intermediate)
     layer = tokens * per_token
     outer_lins = [lin for lin in targeted if not lin.in_layer]
     outer_tok = 4 * shape.outer_norm_elems + 8 * shape.outer_norms + 2 * shape.head_dim * s  # + cos/sin
-    outer_tok += _lora_input_bytes(outer_lins, c, autocast) + c * r * len(outer_lins)
+    outer_tok += _lora_input_bytes(outer_lins, c, s, autocast) + lora_c * r * len(outer_lins)
     outer = tokens * outer_tok + (lora_params * c if autocast else 0)  # autocast caches 16-bit LoRA weights
     if not packed:  # the bool mask once; SDPA converts it to an additive bias per call, which backward keeps
         outer += batch * seq * seq
         layer += batch * seq * seq * c
+    if s == 4 and c != 4:
+        # kbit upcast: q/k/v arrive in fp32 and SDPA falls back to its math kernel, which saves the fp32
+        # attention probabilities (measured on an H100: ~seq^2 * heads * 4 bytes per layer, packed or not)
+        layer += batch * shape.heads * seq * seq * 4
     # in flight inside one layer: grads of the residual and MLP tensors in backward, or in (re)computation
     # peft's fp32 cast of a LoRA input before autocast casts it back down
     grads = tokens * s * (2 * shape.hidden + 2 * shape.intermediate)
@@ -289,7 +309,7 @@ def _activation_bytes(shape: _Shape, targeted: list[_Linear], *, r: int, batch: 
     if quantization != "none":  # bnb dequantizes one weight to 16-bit (8-bit: to the input dtype) per matmul
         biggest = max((lin.in_features * lin.out_features for lin in shape.linears if lin.quantized), default=0)
         dequant = biggest * (c if quantization == "4bit" else s)
-    return _Activations(layer, outer, tokens * shape.hidden * s, max(grads, cast) + dequant)
+    return _Activations(layer, kept, outer, tokens * shape.hidden * s, max(grads, cast) + dequant)
 
 
 def estimate_memory(
@@ -309,12 +329,15 @@ def estimate_memory(
     device: str = "cuda",
     lora_dropout: float = 0.0,
     kbit_upcast: bool = True,
+    autocast: bool = False,
 ) -> MemoryEstimate:
     """Predict the peak memory of one LoRA training step (see the module docstring for the assumed recipe).
 
     ``model`` is a config, or a local directory / hub name loaded with ``AutoConfig`` (offline-safe for paths).
     Unpacked batches are assumed padded to ``sequence_len``; packed ones are full rows of ``sequence_len``.
     ``kbit_upcast`` mirrors ``prepare_model_for_kbit_training`` (fp32 non-quantized params) for quantized models.
+    ``autocast=True`` models 16-bit autocast mixed precision (the HF Trainer's ``bf16=True``) instead of llmtune's
+    harness, which runs the base in ``dtype`` without autocast.
     """
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPE_BYTES)}, got {dtype!r}")
@@ -325,7 +348,7 @@ def estimate_memory(
     config = _load_config(model)
     shape = _model_shape(config)
     c = _DTYPE_BYTES[dtype]
-    autocast = c == 2
+    autocast = autocast and c == 2
     upcast = quantization != "none" and kbit_upcast
     s = 4 if upcast else c
     targeted = [lin for lin in shape.linears if _targeted(lin, lora_target_modules)]
@@ -340,16 +363,16 @@ def estimate_memory(
     held_logits = tokens * shape.vocab * c  # outputs.logits, referenced until backward is done
     # cross entropy upcasts to fp32: log_softmax output + its grad + grad of its input at the start of backward;
     # a fp32 head (kbit upcast) under autocast also keeps its 16-bit weight copy for the backward matmul
-    loss_buffers = tokens * shape.vocab * 4 * LOSS_FP32_BUFFERS
+    loss_buffers = tokens * shape.vocab * (4 * LOSS_FP32_BUFFERS + c)
     if upcast and autocast:
         loss_buffers += shape.vocab * shape.hidden * c
     # peak A: start of backward, everything saved + loss buffers; peak B: one layer's backward (recomputed first
     # when checkpointing), after the loss buffers are freed
     if gradient_checkpointing:
-        saved = shape.layers * act.checkpoint + act.outer
+        saved = shape.layers * (act.checkpoint + act.kept) + act.outer
         in_layer = act.layer + act.temp
     else:
-        saved = shape.layers * act.layer + act.outer
+        saved = shape.layers * (act.layer + act.kept) + act.outer
         in_layer = act.temp
     if loss_buffers >= in_layer:
         activations, logits = saved, held_logits + loss_buffers
