@@ -157,15 +157,29 @@ def test_a_storage_that_does_not_open_is_reported_without_its_password():
     assert "reachable" in message
 
 
+def _running_trial_of(study_name: str, storage, pid: int, out: Path) -> int | None:
+    """The number of a trial that process `pid` runs (its trial process started), if any."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:  # not created yet
+        return None
+    for t in study.get_trials(states=(TrialState.RUNNING,)):
+        if t.system_attrs.get(OWNER, "").endswith(f":{pid}") and (out / "trials" / f"{t.number:04d}" / "spec.json").exists():
+            return t.number
+    return None
+
+
 def test_workers_on_postgres_share_n_trials_and_retry_the_trial_of_a_killed_worker(tmp_path, tiny_assets, pg_url):
-    """Three `llmtune search` processes on one PostgreSQL study; one is SIGKILLed while its trial runs.
-    Its trial is found by its missing heartbeat, failed as interrupted and retried by a survivor."""
-    n_trials, study_name = 3, f"scale-{uuid.uuid4().hex[:8]}"
+    """Three `llmtune search` processes on one PostgreSQL study of 2 trials. Worker a is SIGKILLed while
+    its trial runs; its trial is found by its missing heartbeat, failed as interrupted and retried by
+    b or c, which end with exactly 2 finished trials between them."""
+    n_trials, study_name = 2, f"scale-{uuid.uuid4().hex[:8]}"
     data = fast_recipe(tmp_path, study={"n_trials": n_trials, "sampler": "random", "trial_timeout": 300})
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(data))
     env = {**os.environ, "LLMTUNE_HEARTBEAT_INTERVAL": "1", "LLMTUNE_HEARTBEAT_GRACE": "4"}
     password = pg_url.split("://", 1)[1].rsplit("@", 1)[0].partition(":")[2]
+    logs = {name: tmp_path / f"{name}.log" for name in "abc"}
 
     def start(name: str, **extra: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "llmtune.cli", "search", str(recipe_path), "--study-name", study_name,
@@ -173,26 +187,28 @@ def test_workers_on_postgres_share_n_trials_and_retry_the_trial_of_a_killed_work
         if name != "b":  # worker b reads the URL from the environment
             cmd += ["--storage", pg_url]
         worker_env = {**env, **extra, **({"LLMTUNE_STORAGE": pg_url} if name == "b" else {})}
-        return subprocess.Popen(cmd, env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(cmd, env=worker_env, stdout=logs[name].open("w"), stderr=subprocess.STDOUT)
 
-    doomed = start("a", LLMTUNE_FAULT="hang")  # its trials would never end; it is killed mid-trial
-    survivors = [start("b"), start("c")]
+    def wait_for(what: str, check, seconds: float = 120):
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            if (found := check()) is not None:
+                return found
+            time.sleep(0.3)
+        pytest.fail(f"timed out waiting for {what}; logs: " + " | ".join(p.read_text() for p in logs.values() if p.exists()))
+
     storage = open_storage(pg_url)
-    deadline, killed = time.time() + 120, None
-    while time.time() < deadline and killed is None:
-        time.sleep(0.5)
-        try:
-            study = optuna.load_study(study_name=study_name, storage=storage)
-        except KeyError:
-            continue
-        for t in study.get_trials(states=(TrialState.RUNNING,)):
-            if t.system_attrs.get(OWNER, "").endswith(f":{doomed.pid}") and \
-                    Path(tmp_path / "a" / "trials" / f"{t.number:04d}" / "spec.json").exists():
-                doomed.send_signal(signal.SIGKILL)  # like a machine that dies: no goodbye to the database
-                killed = t.number
-    assert killed is not None, "the doomed worker never started a trial"
+    doomed = start("a", LLMTUNE_FAULT="hang")  # its trials would never end
+    killed = wait_for("worker a to run a trial", lambda: _running_trial_of(study_name, storage, doomed.pid, tmp_path / "a"))
+    survivors = [start("b"), start("c")]
+    # Both survivors must be past their start-up (where a dead local PID is spotted at once): this test
+    # is about the heartbeat, the only sign a worker on another machine gives.
+    wait_for("b and c to start", lambda: True if all("worker(s)" in logs[n].read_text() for n in "bc") else None)
+    doomed.send_signal(signal.SIGKILL)  # like a machine that dies: no goodbye to the database
     doomed.wait()
-    outputs = [p.communicate(timeout=240)[0] for p in survivors]
+    for p in survivors:
+        p.wait(timeout=300)
+    outputs = [logs[n].read_text() for n in "bc"]
     for p, out in zip(survivors, outputs, strict=True):
         assert p.returncode == 0, out
 
@@ -212,9 +228,9 @@ def test_workers_on_postgres_share_n_trials_and_retry_the_trial_of_a_killed_work
         assert t.values == [t.user_attrs[METRICS_KEY]["eval_loss"], t.user_attrs[METRICS_KEY]["peak_memory_gb"]]
         assert not t.system_attrs[OWNER].endswith(f":{doomed.pid}")
     # Every finished trial ran in exactly one surviving worker.
-    ran = sorted(p.parent.name for w in ("b", "c") for p in (tmp_path / w / "trials").glob("*/result.json"))
+    ran = sorted(p.parent.name for w in "bc" for p in (tmp_path / w / "trials").glob("*/result.json"))
     assert ran == sorted(f"{t.number:04d}" for t in finished)
-    assert any("lost their worker" in out for out in outputs)
+    assert "lost their worker" in "".join(outputs)
     # The password never shows: not in the output, not in the trials' spec files, not in the study.
     assert all(password not in out for out in outputs) and mask_url(pg_url) in outputs[0]
     for spec in tmp_path.glob("*/trials/*/spec.json"):
