@@ -288,7 +288,8 @@ def pareto_png(result: SearchResult, path: str | Path, x: str | None = None, y: 
         if "lines" in (tr.mode or ""):
             ax.plot(tr.x, tr.y, color=tr.line.color or m.color, linewidth=1.8, zorder=2)
         ax.scatter(tr.x, tr.y, s=size, c=m.color, marker=marks.get(m.symbol or "", "o"), label=tr.name, zorder=3,
-                   edgecolors="black" if m.symbol == "star" else "white", linewidths=0.8, alpha=m.opacity or 1.0)
+                   edgecolors={"star": "black", "x": None}.get(m.symbol or "", "white"), linewidths=0.8,
+                   alpha=m.opacity or 1.0)
         if m.symbol == "star":
             for xv, yv, label in zip(tr.x, tr.y, tr.text or [], strict=False):
                 ax.annotate(label, (xv, yv), textcoords="offset points", xytext=(8, 6), fontsize=9)
