@@ -48,6 +48,13 @@ class Table:
     objectives: list[tuple[str, str]]
     rungs: list[float]
     rows: dict[tuple[Any, ...], dict[str, Any]] = field(default_factory=dict)
+    cost: str = "train"  # "train": training seconds; "wall": the trial process's whole time (load, evals...)
+
+    def charge(self, row: dict[str, Any], rung: float | None = None) -> float:
+        """Seconds a trial costs: run to the end (rung None) or stopped at ``rung``."""
+        if rung is None:
+            return float(row.get("train_time_s" if self.cost == "train" else "wall_time_s") or 0.0)
+        return float(at_rung(row, "train_s" if self.cost == "train" else "wall_s", rung) or 0.0)
 
     def key(self, params: dict[str, Any]) -> tuple[Any, ...]:
         return tuple(params[name] for name in self.grid)
@@ -169,7 +176,7 @@ def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trial
         row = table.rows.get(table.key(values))
         if row is None:
             raise ValueError(f"the table has no configuration {table.key(values)}: record the whole grid")
-        cost, pruned_at = replay_trial(study, trial, row, pruner, table.objectives)
+        cost, pruned_at = replay_trial(study, trial, row, pruner, table.objectives, table.charge)
         spent += cost
         if pruned_at is None and row["status"] == "complete":
             front.append(table.scaled(row))
@@ -205,16 +212,18 @@ def partial_metrics(row: dict[str, Any], rung: float, names: list[str]) -> dict[
 
 
 def replay_trial(study: optuna.Study, trial: optuna.Trial, row: dict[str, Any], pruner: Any,
-                 objectives: list[tuple[str, str]]) -> tuple[float, float | None]:
+                 objectives: list[tuple[str, str]], charge: Any = None) -> tuple[float, float | None]:
     """Tell the study what the recorded run measured, pruning at rungs as llmtune's loop does.
 
-    Returns (training seconds charged, the rung where it was pruned or None).
+    Returns (seconds charged, the rung where it was pruned or None); ``charge(row, rung)`` prices
+    a trial (default: recorded training seconds).
     """
+    charge = charge or Table(grid={}, objectives=[], rungs=[]).charge
     storage, tid = study._storage, trial._trial_id
     if row["status"] != "complete":
         storage.set_trial_user_attr(tid, STATUS_ATTR, row["status"])
         study.tell(trial, state=TrialState.FAIL)
-        return float(row.get("train_time_s") or 0.0), None
+        return charge(row), None
     curve: list[list[float]] = []
     partial: list[list[Any]] = []
     for rung in pruner.rungs_for_trial(trial.number):
@@ -230,12 +239,12 @@ def replay_trial(study: optuna.Study, trial: optuna.Trial, row: dict[str, Any], 
         if pruner.should_prune(study, trial.number, rung, loss, metrics):
             storage.set_trial_user_attr(tid, STATUS_ATTR, "pruned")
             study.tell(trial, state=TrialState.PRUNED)
-            return float(at_rung(row, "train_s", rung) or 0.0), rung
+            return charge(row, rung), rung
     curve.append([1.0, float(row["eval_loss"])])
     storage.set_trial_user_attr(tid, CURVE_ATTR, curve)
     storage.set_trial_user_attr(tid, STATUS_ATTR, "complete")
     study.tell(trial, [float(row[m]) for m, _ in objectives])
-    return float(row["train_time_s"]), None
+    return charge(row), None
 
 
 
@@ -346,7 +355,7 @@ def markdown(summary: dict[str, dict[str, Any]], rat: dict[str, Any], budgets: l
         "",
         f"{meta['date']}; table: {meta['configs']} configurations recorded on {meta['machine']}; "
         f"objectives {meta['objectives']}; {meta['seeds']} seeds x {meta['trials']} trials; "
-        f"cost = recorded training seconds (pruned trials: seconds up to their rung); "
+        f"cost = recorded {meta['cost']} seconds (pruned trials: seconds up to their rung); "
         f"the whole grid costs {meta['grid_seconds']:.0f} s; its true front has {meta['true_front_size']} "
         "configurations. Cells: median [q25, q75] over seeds.",
         "",
@@ -454,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samplers", default=",".join(SAMPLERS))
     p.add_argument("--pruners", default="none,asha")
     p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--cost", choices=("train", "wall"), default="train",
+                   help="train: recorded training seconds; wall: the trial's whole recorded time")
     p.add_argument("--out", default="benchmarks/results", help="folder for replay.md/.json/_hv.png")
     p.add_argument("--tag", default="replay")
     args = p.parse_args(argv)
@@ -467,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         table = load_table(args.table, objectives)
         table_meta = json.loads(Path(args.table).with_suffix(".json").read_text())
+    table.cost = args.cost
     budgets = [int(b) for b in args.budgets.split(",")]
     samplers, pruners = args.samplers.split(","), args.pruners.split(",")
     if pruners[0] != "none":
@@ -478,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     with mp.get_context("fork").Pool(args.jobs, initializer=_init, initargs=(table,)) as pool:
         for method, _seed, run in pool.imap_unordered(_job, jobs):
             runs[method].append(run)
-    grid_seconds = sum(float(r.get("train_time_s") or 0) for r in table.rows.values())
+    grid_seconds = sum(table.charge(r) for r in table.rows.values())
     summary = summarise(runs, budgets, grid_seconds)
     rat = ratios(summary, budgets, samplers, pruners, ours="llmtune-new" if "llmtune-new" in samplers else "llmtune")
     m = table_meta.get("machine", {})
@@ -488,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs, device {m.get('device', '?')}",
         "objectives": ", ".join(f"{n} ({d[:3]})" for n, d in objectives), "seeds": args.seeds, "trials": args.trials,
         "grid_seconds": grid_seconds, "true_front_size": true_front_size(table),
-        "replay_wall_s": round(time.time() - t0, 1),
+        "replay_wall_s": round(time.time() - t0, 1), "cost": "training" if args.cost == "train" else "wall-clock trial",
     }
     ours = "llmtune-new" if "llmtune-new" in samplers else "llmtune"
     meta["targets"] = targets(summary, rat, ours, pruners)
