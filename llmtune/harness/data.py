@@ -171,23 +171,41 @@ class Example:
 
 def encode(row: dict[str, Any], cfg: DataConfig, tokenizer: Any, max_len: int) -> Example:
     """Tokenize one row, masking prompt tokens when training on completions, cut to max_len."""
-    ids: list[int] = []
-    labels: list[int] = []
-    bos = tokenizer.bos_token_id
-    if cfg.format != "chat" and bos is not None:
-        ids.append(bos)
-        labels.append(IGNORE)
-    for text, is_completion in segments(row, cfg, tokenizer):
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids += piece
-        train = is_completion or cfg.train_on == "all"
-        labels += piece if train else [IGNORE] * len(piece)
-    return Example(ids[:max_len], labels[:max_len], len(ids) > max_len)
+    return _encode_rows([row], cfg, tokenizer, max_len)[0]
+
+
+def _encode_rows(rows: list[dict[str, Any]], cfg: DataConfig, tokenizer: Any, max_len: int) -> list[Example]:
+    # Every piece of every row goes to the tokenizer in one call: a fast tokenizer batches it natively,
+    # several times quicker than a call per piece, with the same ids.
+    pieces = [segments(r, cfg, tokenizer) for r in rows]
+    flat = [text for row in pieces for text, _ in row]
+    encoded = iter(_token_ids(tokenizer, flat) if flat else [])
+    bos = tokenizer.bos_token_id if cfg.format != "chat" else None
+    out = []
+    for row in pieces:
+        ids: list[int] = [] if bos is None else [bos]
+        labels: list[int] = [] if bos is None else [IGNORE]
+        for _, is_completion in row:
+            piece = list(next(encoded))
+            ids += piece
+            labels += piece if (is_completion or cfg.train_on == "all") else [IGNORE] * len(piece)
+        out.append(Example(ids[:max_len], labels[:max_len], len(ids) > max_len))
+    return out
+
+
+def _token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        # The Rust tokenizer directly: the same ids, without building an offsets/mask dict per text
+        # (that conversion costs as much as tokenizing).
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def encode_all(rows: list[dict[str, Any]], cfg: DataConfig, tokenizer: Any, max_len: int) -> tuple[list[Example], int]:
     """Encoded examples that still carry a trainable token after truncation, and how many were dropped."""
-    out = [encode(r, cfg, tokenizer, max_len) for r in rows]
+    out = _encode_rows(rows, cfg, tokenizer, max_len)
     kept = [e for e in out if any(t != IGNORE for t in e.labels[1:])]
     return kept, len(out) - len(kept)
 
@@ -356,8 +374,13 @@ def _units(e: Example, unit: str) -> int:
 
 
 def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> list[Batch]:
-    """Fixed eval batches; losses are summed per token, so batch size does not change the result."""
-    return [_pad_batch(examples[i: i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
+    """Fixed eval batches; losses are summed per token, so batch size and order do not change the result.
+
+    Examples are grouped by length (stable sort) so a batch pads little: on variable-length data this
+    cuts the padded slots of every eval by a third or more, for the same eval tokens.
+    """
+    ordered = sorted(examples, key=len)
+    return [_pad_batch(ordered[i: i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]
 
 
 def padding_share(plan: Plan) -> float:

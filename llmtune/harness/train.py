@@ -182,10 +182,12 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
     seq_len = int(settings["sequence_len"])
     train_examples, dropped = D.encode_all(splits.train, recipe.data, tokenizer, seq_len)
     eval_examples, _ = D.encode_all(splits.eval, recipe.data, tokenizer, recipe.data.eval_max_length)
+    t_plan = time.perf_counter()
     plan = D.plan_batches(train_examples, budget=recipe.train.budget, micro_batch_size=int(settings["micro_batch_size"]),
                           grad_accum=recipe.train.gradient_accumulation_steps, sequence_len=seq_len,
                           packing=bool(settings["sample_packing"]), pad_id=tokenizer.pad_token_id, seed=recipe.train.seed)
     eval_set = D.eval_batches(eval_examples, recipe.train.eval_batch_size, tokenizer.pad_token_id)
+    info["plan_s"] = time.perf_counter() - t_plan  # batching and padding: what a collator costs elsewhere
     totals = plan.totals()
     info.update(plan=totals, padding_share=D.padding_share(plan), dropped_examples=dropped,
                 truncated_examples=sum(e.truncated for e in train_examples),
@@ -226,10 +228,11 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
 
     if 0.0 in fractions:
         run_eval(0.0, 0)
+    eval_before_loop = eval_s
     model.train()
     train_s = 0.0
     real_tokens = examples_seen = 0
-    last_progress = time.perf_counter()
+    last_progress = loop_start = time.perf_counter()
     stopped = False
     with track_peak_memory(device) as train_peak:
         for i, step in enumerate(plan.steps):
@@ -238,11 +241,11 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
             sync(device)
             t = time.perf_counter()
             n_labels = max(1, sum(b.label_tokens for b in step))
-            step_loss = 0.0
+            loss_sum = torch.zeros((), device=device)
             for batch in step:
                 loss = _loss_sum(model, batch, device) / n_labels
                 loss.backward()
-                step_loss += float(loss.detach())
+                loss_sum += loss.detach()  # stays on the device: no host sync per micro batch
             if recipe.train.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm)
             optimizer.step()
@@ -252,6 +255,8 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
             train_s += time.perf_counter() - t
             real_tokens += sum(b.real_tokens for b in step)
             examples_seen += sum(b.examples for b in step)
+            # One host read per step (the step already synced): a diverged run stops at once.
+            step_loss = float(loss_sum)
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"training loss became {step_loss} at step {i + 1}; lower learning_rate")
             if time.perf_counter() - last_progress > 1.0 or i == n_steps - 1:
@@ -269,6 +274,8 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
         train_throughput=real_tokens / train_s if train_s else 0.0,
         train_time_s=train_s,
     )
+    # The loop's wall time without its evals: steps plus the loop's own bookkeeping (progress, logs).
+    info["train_loop_s"] = time.perf_counter() - loop_start - (eval_s - eval_before_loop)
     info.update(peak_memory=vars(train_peak), trained_tokens=real_tokens, trained_examples=examples_seen,
                 steps_done=i + 1 if plan.steps else 0, eval_s=eval_s, warmup_steps=warmup)
     if stopped:

@@ -1,0 +1,313 @@
+"""Harness speed: llmtune's training loop against a plain transformers.Trainer + peft, side by side.
+
+Same model, data (llmtune/tiny-tasks: variable-length instruction examples), LoRA settings, examples,
+micro batch, optimizer (AdamW), schedule (cosine, 5% warmup), grad clipping and threads. Contestants
+run interleaved, one after the other in each round; the table holds the median over rounds of:
+
+- real (non-padding) training tokens per second, over the whole training loop (llmtune: batch planning
+  + loop wall time without evals; Trainer: on_train_begin..on_train_end, which includes its collator);
+- llmtune unpacked / Trainer and llmtune packed / Trainer (the Trainer is unpacked: what users run);
+- llmtune's per-trial overhead: a real child-process trial (`llmtune.train`) of the shipped tiny-cpu
+  recipe, split into process start, load, eval, latency, other, as shares of its wall time.
+
+On a GPU (``--device cuda``) it also reports model FLOPs utilisation on real tokens, with
+FLOPs/token = 4*N_lin + 2*N_lora (forward 2N, input gradients 2N, weight gradients only for the LoRA
+weights; N_lin = weights of all linear layers incl. LoRA and lm_head; attention score FLOPs left out)
+and the conventional 6*N_lin, against a peak of --peak-tflops (H100 SXM bf16 dense: 989).
+
+    python benchmarks/harness_speed.py                       # tiny model, CPU
+    python benchmarks/harness_speed.py --device cuda --model llama-1b   # random-weight 1.1B Llama
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# A TinyLlama-1.1B-shaped config; vocab kept at 32000 (the tiny tokenizer's ids are a subset of it).
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+def build_model(name: str, device: str) -> str:
+    """Path of the base model: the tiny model, a local path, or 'llama-1b' built with random weights."""
+    from llmtune.tiny import ensure_tiny_model
+
+    tiny = ensure_tiny_model(log=None)
+    if name == "tiny":
+        return str(tiny)
+    if name != "llama-1b":
+        return name
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    out = Path(tempfile.mkdtemp(prefix="llmtune-llama-1b-"))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_1B), dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(out)
+    return str(out)
+
+
+def bench_recipe(args: argparse.Namespace, model_path: str, work: Path) -> dict[str, Any]:
+    on_gpu = args.device == "cuda"
+    return {
+        "name": "harness-speed",
+        "model": {"name": model_path, "dtype": "bfloat16" if on_gpu else "float32"},
+        "data": {"source": "llmtune/tiny-tasks", "eval_max_length": 256, "max_eval_examples": 32},
+        "train": {"budget": {"examples": args.examples}, "eval_points": 1, "device": args.device,
+                  "lr_scheduler": "cosine", "seed": 42},
+        "measure": {"latency": False},
+        "search": {"learning_rate": 1e-3, "lora_r": args.lora_r, "lora_alpha_ratio": 2, "lora_dropout": 0.0,
+                   "lora_target_modules": "all-linear", "warmup_ratio": 0.05, "sequence_len": args.sequence_len,
+                   "micro_batch_size": args.micro_batch, "sample_packing": [False, True],
+                   "quantization": "none", "gradient_checkpointing": False},
+        "output_dir": str(work / "runs"),
+    }
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_llmtune(recipe: Any, packing: bool, work: Path) -> dict[str, Any]:
+    from llmtune.harness.train import run_trial
+
+    res = run_trial(recipe, recipe.space.complete({"sample_packing": packing}), work / f"llmtune-{packing}-{time.time_ns()}",
+                    fractions=[1.0], save_adapter=False)
+    if res.status != "complete":
+        raise RuntimeError(f"llmtune trial {res.status}: {res.reason}")
+    info = res.info
+    loop_s = info["plan_s"] + info["train_loop_s"]
+    return {"tokens": info["trained_tokens"], "examples": info["trained_examples"], "loop_s": loop_s,
+            "tokens_per_s": info["trained_tokens"] / loop_s, "metric_tokens_per_s": res.metrics["train_throughput"],
+            "padding_share": info["padding_share"], "steps": info["steps_done"], "eval_loss": res.metrics["eval_loss"]}
+
+
+def run_trainer(recipe: Any, device: str, work: Path) -> dict[str, Any]:
+    """transformers.Trainer + peft on exactly the examples llmtune's unpacked plan trains on, in its order."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from llmtune.harness import data as D
+    from llmtune.harness import model as M
+    from llmtune.space import trial_settings
+
+    s = trial_settings(recipe.space.complete({"sample_packing": False}))
+    tok = M.load_tokenizer(recipe.model)
+    splits = D.load_splits(recipe.data)
+    examples, _ = D.encode_all(splits.train, recipe.data, tok, int(s["sequence_len"]))
+    stream = D._example_stream(examples, recipe.train.seed)  # the order llmtune's plan draws them in
+    chosen = [e for _, e in itertools.islice(stream, int(recipe.train.budget.amount))]
+    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in chosen]
+
+    torch.manual_seed(recipe.train.seed)
+    dtype = M.pick_dtype(recipe.model.dtype, device)
+    model = M.apply_lora(M.load_base(recipe.model, s, device, dtype), s)
+    pad = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=D.IGNORE, return_tensors="pt")
+    counted = {"tokens": 0}
+
+    def collate(features: list[dict[str, Any]]) -> Any:
+        batch = pad(features)
+        counted["tokens"] += int(batch["attention_mask"].sum())  # the non-padding tokens it trains on
+        return batch
+
+    clock: dict[str, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            sync(device)
+            clock["start"] = time.perf_counter()
+
+        def on_train_end(self, *a: Any, **k: Any) -> None:
+            sync(device)
+            clock["end"] = time.perf_counter()
+
+    targs = TrainingArguments(
+        output_dir=str(work / f"trainer-{time.time_ns()}"), per_device_train_batch_size=int(s["micro_batch_size"]),
+        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps, num_train_epochs=1,
+        learning_rate=float(s["learning_rate"]), lr_scheduler_type=recipe.train.lr_scheduler,
+        warmup_steps=float(s["warmup_ratio"]), weight_decay=recipe.train.weight_decay,
+        max_grad_norm=recipe.train.max_grad_norm, optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
+        bf16=dtype == torch.bfloat16, use_cpu=device == "cpu", save_strategy="no", report_to="none",
+        disable_tqdm=True, dataloader_pin_memory=device == "cuda", train_sampling_strategy="sequential",
+        seed=recipe.train.seed)
+    trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collate, callbacks=[Clock()])
+    out = trainer.train()
+    loop_s = clock["end"] - clock["start"]
+    return {"tokens": counted["tokens"], "examples": len(dataset), "loop_s": loop_s,
+            "tokens_per_s": counted["tokens"] / loop_s, "train_runtime": out.metrics.get("train_runtime"),
+            "steps": out.global_step, "flops_model": _linear_params(model)}
+
+
+def _linear_params(model: Any) -> dict[str, int]:
+    lin = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"n_linear": lin, "n_lora": lora}
+
+
+def run_overhead(args: argparse.Namespace, model_path: str, work: Path) -> dict[str, Any]:
+    """One real child-process trial of the shipped tiny-cpu recipe: where its wall time goes."""
+    import llmtune
+
+    r = yaml.safe_load((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
+    r["output_dir"] = str(work / "overhead")
+    if args.model != "tiny":
+        r["model"]["name"] = model_path
+        r["train"]["device"] = args.device
+    res = llmtune.train(r, {"learning_rate": 1e-3, "lora_r": 8, "sequence_len": 256, "sample_packing": False,
+                            "lora_target_modules": "all-linear", "lora_alpha_ratio": 2},
+                        out_dir=work / f"overhead-{time.time_ns()}")
+    if res.status != "complete":
+        raise RuntimeError(f"overhead trial {res.status}: {res.reason}")
+    i, total = res.info, res.info["process_wall_s"]
+    parts = {"process_start": total - i["wall_time_s"], "load": i["load_s"], "eval": i["eval_s"],
+             "latency": i.get("latency_s", 0.0), "train_steps": res.metrics["train_time_s"]}
+    parts["other"] = total - sum(parts.values())
+    return {"wall_s": total, "seconds": parts, "share": {k: v / total for k, v in parts.items()},
+            "overhead_share": 1 - parts["train_steps"] / total}
+
+
+def median(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--model", default="tiny", help="tiny, llama-1b (random weights, built in a temp dir) or a path")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--examples", type=int, default=None, help="examples per run (default 256 on CPU, 4096 on GPU)")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--sequence-len", type=int, default=256)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads, the same for every contestant (1: robust on a shared CPU, where OpenMP spin-waits)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak (H100 SXM bf16 dense: 989)")
+    p.add_argument("--no-overhead", action="store_true", help="skip the child-process overhead trials")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "harness_speed"))
+    args = p.parse_args()
+    args.examples = args.examples or (4096 if args.device == "cuda" else 256)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible; run on a GPU machine or use --device cpu")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["LLMTUNE_THREADS"] = str(args.threads)  # run_trial and the overhead child apply it
+    torch.set_num_threads(args.threads)
+
+    from llmtune.recipe import recipe_from_dict
+
+    work = Path(tempfile.mkdtemp(prefix="llmtune-harness-speed-"))
+    model_path = build_model(args.model, args.device)
+    recipe = recipe_from_dict(bench_recipe(args, model_path, work))
+    try:
+        import trl  # noqa: F401
+        trl_note = "trl is installed but an SFTTrainer contestant is not wired in yet"
+    except ImportError:
+        trl_note = "skipped: trl is not installed"
+    load_before = os.getloadavg()
+    rows: dict[str, list[dict[str, Any]]] = {"llmtune": [], "llmtune_packed": [], "trainer": [], "overhead": []}
+    for rnd in range(args.rounds):
+        # Rotate the order each round so no contestant always runs first (warm caches, load drift).
+        order = ["llmtune", "llmtune_packed", "trainer"]
+        order = order[rnd % 3:] + order[:rnd % 3]
+        for name in order:
+            if name == "trainer":
+                rows[name].append(run_trainer(recipe, args.device, work))
+            else:
+                rows[name].append(run_llmtune(recipe, name == "llmtune_packed", work))
+            print(f"round {rnd + 1} {name:<15} {rows[name][-1]['tokens_per_s']:10.0f} real tokens/s", flush=True)
+        if not args.no_overhead:
+            rows["overhead"].append(run_overhead(args, model_path, work))
+            print(f"round {rnd + 1} overhead share {rows['overhead'][-1]['overhead_share']:.1%} "
+                  f"of {rows['overhead'][-1]['wall_s']:.1f} s", flush=True)
+    summary = summarize(args, rows, trl_note, load_before)
+    write(summary, Path(args.out))
+    return 0
+
+
+def summarize(args: argparse.Namespace, rows: dict[str, list[dict[str, Any]]], trl_note: str,
+              load_before: tuple[float, ...]) -> dict[str, Any]:
+    tps = {k: median(v, "tokens_per_s") for k, v in rows.items() if k != "overhead" and v}
+    ratios = {"llmtune_unpacked_over_trainer": tps["llmtune"] / tps["trainer"],
+              "llmtune_packed_over_trainer_unpacked": tps["llmtune_packed"] / tps["trainer"],
+              "llmtune_packed_over_llmtune_unpacked": tps["llmtune_packed"] / tps["llmtune"]}
+    same_tokens = rows["llmtune"][0]["tokens"] == rows["trainer"][0]["tokens"] == rows["llmtune_packed"][0]["tokens"]
+    out: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
+        "cpu_count": os.cpu_count(), "threads": args.threads, "load_avg_before_after": [load_before[0], os.getloadavg()[0]],
+        "shared_machine_note": "CPU runs were made on a 2-core machine shared with other jobs: absolute figures are noisy; ratios are medians of interleaved rounds",
+        "device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+        "model": args.model, "settings": {k: getattr(args, k) for k in ("examples", "micro_batch", "sequence_len", "lora_r", "rounds")},
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "same_real_tokens_for_all": same_tokens, "real_tokens": rows["trainer"][0]["tokens"],
+        "tokens_per_s_median": tps, "ratios": ratios, "trl_sft_trainer": trl_note,
+        "padding_share": {"unpacked": rows["llmtune"][0]["padding_share"], "packed": rows["llmtune_packed"][0]["padding_share"]},
+        "rounds": rows,
+    }
+    import peft
+    import transformers
+    out["versions"].update(transformers=transformers.__version__, peft=peft.__version__)
+    if args.device == "cuda":
+        n = rows["trainer"][0]["flops_model"]
+        lora_flops, six_n = 4 * n["n_linear"] + 2 * n["n_lora"], 6 * n["n_linear"]
+        peak = args.peak_tflops * 1e12
+        out["mfu"] = {"formula": "real tokens/s * (4*N_lin + 2*N_lora) / peak; also 6*N_lin", **n,
+                      **{f"{k}_lora_formula": v * lora_flops / peak for k, v in tps.items()},
+                      **{f"{k}_6N": v * six_n / peak for k, v in tps.items()}}
+    if rows["overhead"]:
+        ov = rows["overhead"]
+        out["overhead"] = {"wall_s_median": median(ov, "wall_s"),
+                           "share_median": {k: statistics.median(o["share"][k] for o in ov) for k in ov[0]["share"]},
+                           "overhead_share_median": median(ov, "overhead_share")}
+    return out
+
+
+def write(summary: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str))
+    t, r = summary["tokens_per_s_median"], summary["ratios"]
+    lines = [f"# Harness speed ({summary['date']}, {summary['device']}"
+             f"{' ' + summary['gpu'] if summary['gpu'] else ''}, model {summary['model']})", "",
+             f"{summary['machine']}, {summary['cpu_count']} CPUs, {summary['threads']} torch threads; "
+             f"load average {summary['load_avg_before_after'][0]:.1f} -> {summary['load_avg_before_after'][1]:.1f}. "
+             f"{summary['shared_machine_note']}.", "",
+             f"Settings {summary['settings']}; all contestants trained on the same {summary['real_tokens']} real tokens: "
+             f"{summary['same_real_tokens_for_all']}. Padding share: unpacked {summary['padding_share']['unpacked']:.0%}, "
+             f"packed {summary['padding_share']['packed']:.0%}.", "",
+             "| contestant | real tokens/s (median) | vs Trainer |", "| --- | --- | --- |"]
+    for k, label in (("trainer", "transformers.Trainer + peft, unpacked"), ("llmtune", "llmtune harness, unpacked"),
+                     ("llmtune_packed", "llmtune harness, packed")):
+        lines.append(f"| {label} | {t[k]:.0f} | {t[k] / t['trainer']:.2f}x |")
+    lines.append(f"| TRL SFTTrainer | — | {summary['trl_sft_trainer']} |")
+    lines += ["", f"Ratios: llmtune/Trainer unpacked {r['llmtune_unpacked_over_trainer']:.2f}x (target >= 1.0); "
+              f"llmtune packed / Trainer unpacked {r['llmtune_packed_over_trainer_unpacked']:.2f}x (target >= 1.5)."]
+    if "mfu" in summary:
+        m = summary["mfu"]
+        lines += ["", f"MFU ({m['formula']}; N_lin={m['n_linear']:,}, N_lora={m['n_lora']:,}):"]
+        lines += [f"- {k}: {m[k + '_lora_formula']:.1%} (6N: {m[k + '_6N']:.1%})" for k in t]
+    if "overhead" in summary:
+        o = summary["overhead"]
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in o["share_median"].items())
+        lines += ["", f"Per-trial overhead of a real child-process trial (recipes/tiny-cpu.yaml, median wall "
+                  f"{o['wall_s_median']:.1f} s): {o['overhead_share_median']:.0%} of trial time is not training steps "
+                  f"(target <= 10%). Shares: {shares}."]
+    text = "\n".join(lines) + "\n"
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The harness speed benchmark compares like with like: the Trainer baseline trains on llmtune's tokens."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("harness_speed", ROOT / "benchmarks" / "harness_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trainer_baseline_trains_on_the_same_real_tokens_as_llmtune(bench, tmp_path, tiny_model_path, tiny_data_path):
+    import argparse
+
+    from llmtune.recipe import recipe_from_dict
+
+    args = argparse.Namespace(device="cpu", examples=16, lora_r=4, sequence_len=256, micro_batch=4)
+    recipe = recipe_from_dict(bench.bench_recipe(args, str(tiny_model_path), tmp_path))
+    ours = bench.run_llmtune(recipe, False, tmp_path)
+    packed = bench.run_llmtune(recipe, True, tmp_path)
+    theirs = bench.run_trainer(recipe, "cpu", tmp_path)
+    assert ours["examples"] == packed["examples"] == theirs["examples"] == 16
+    assert ours["tokens"] == packed["tokens"] == theirs["tokens"] > 16 * 20
+    assert theirs["steps"] == ours["steps"] == 4 and packed["steps"] <= ours["steps"]
+    assert packed["padding_share"] < ours["padding_share"]
+    assert theirs["flops_model"]["n_lora"] > 0 and theirs["flops_model"]["n_linear"] > theirs["flops_model"]["n_lora"]
