@@ -326,6 +326,24 @@ def check_resume(study: optuna.Study, recipe: Recipe, space: SearchSpace, data_f
             f"Start a new study: pass --study-name NEW (or set study.study_name), or use another output_dir.")
 
 
+def _physical_gpus(entry: str) -> str:
+    """CUDA_VISIBLE_DEVICES for a --gpus entry ("1" or a group "0+1"). Indices count the GPUs this
+    process sees: under CUDA_VISIBLE_DEVICES=2,3, --gpus 0 is GPU 2."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    parts = [p.strip() for p in entry.replace("+", ",").split(",")]
+    if not entry.strip() or not all(parts):
+        raise SearchError(f"--gpus: {entry!r} is not a GPU index or a group like 0+1; e.g. --gpus 0,1 or --gpus 0+1,2+3")
+    out = []
+    for p in parts:
+        if visible and p.isdigit():
+            if int(p) >= len(visible):
+                raise SearchError(f"--gpus: GPU {p} is not among the {len(visible)} visible ones "
+                                  f"(CUDA_VISIBLE_DEVICES={','.join(visible)}); use 0 to {len(visible) - 1}")
+            p = visible[int(p)]
+        out.append(p)
+    return ",".join(out)
+
+
 class _Heartbeat:
     """Records a running trial's heartbeat every interval from a thread of its own, so that no slow
     step of the search process (memory estimate, telling) makes a live worker look dead."""
@@ -366,10 +384,7 @@ class Search:
         self.recipe = recipe
         self.space = recipe.space
         self.n_trials = n_trials or recipe.study.n_trials
-        self.gpus = [g.replace("+", ",") for g in gpus or []]
-        bad = [g for g in self.gpus if not g or any(not part.strip() for part in g.split(","))]
-        if bad:
-            raise SearchError(f"--gpus: {bad[0]!r} is not a GPU index or a group like 0+1; e.g. --gpus 0,1 or --gpus 0+1,2+3")
+        self.gpus = [_physical_gpus(g) for g in gpus or []]
         self.workers = len(self.gpus) if self.gpus else max(1, workers)
         self.url, self.storage_given = storage_url(recipe, storage), storage
         self.study_name = study_name or recipe.study.study_name or recipe.name

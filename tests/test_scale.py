@@ -132,6 +132,19 @@ def test_the_last_slot_goes_to_one_process_the_other_gives_its_trial_back(tmp_pa
     assert counted(rival) == (2, 0)
 
 
+def test_gpus_entries_are_indices_of_the_visible_gpus_and_may_be_groups(tmp_path, monkeypatch):
+    recipe = recipe_from_dict(tiny_recipe_dict(tmp_path))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert Search(recipe, gpus=["0", "1+2"]).gpus == ["0", "1,2"]
+    assert Search(recipe, gpus=["0", "1+2"]).workers == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    assert Search(recipe, gpus=["0", "1+2"]).gpus == ["4", "5,6"]
+    with pytest.raises(SearchError, match="GPU 3 is not among the 3 visible ones"):
+        Search(recipe, gpus=["3"])
+    with pytest.raises(SearchError, match="'0\\+' is not a GPU index or a group like 0\\+1"):
+        Search(recipe, gpus=["0+"])
+
+
 def test_bad_heartbeat_settings_and_storage_errors_say_what_to_fix(monkeypatch):
     monkeypatch.setenv("LLMTUNE_HEARTBEAT_INTERVAL", "10")
     monkeypatch.setenv("LLMTUNE_HEARTBEAT_GRACE", "5")
@@ -236,3 +249,24 @@ def test_workers_on_postgres_share_n_trials_and_retry_the_trial_of_a_killed_work
     for spec in tmp_path.glob("*/trials/*/spec.json"):
         assert password not in spec.read_text()
     assert password not in str(study.user_attrs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpus_pins_one_trial_per_gpu_entry(tmp_path, tiny_assets):
+    """Run on a GPU machine: CUDA_VISIBLE_DEVICES=0 python -m pytest -m gpu tests/test_scale.py.
+    Two workers on GPU 0 (`--gpus 0,0`, so one GPU suffices): both trials run at once, on CUDA."""
+    data = fast_recipe(tmp_path, train={**FAST["train"], "device": "cuda"},
+                       study={"n_trials": 2, "sampler": "random", "trial_timeout": 300})
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(data))
+    run = subprocess.run([sys.executable, "-m", "llmtune.cli", "search", str(recipe_path), "--gpus", "0,0", "--quiet"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    study = optuna.load_study(study_name="test", storage=f"sqlite:///{Path(data['output_dir']) / 'study.db'}")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert _overlaps([(t.datetime_start.timestamp(), t.datetime_complete.timestamp()) for t in trials]) == 2
+    for t in trials:
+        assert t.user_attrs["llmtune.info"]["device"] == "cuda"
+        assert t.user_attrs[METRICS_KEY]["peak_memory_gb"] > 0
