@@ -123,6 +123,18 @@ def load_table(csv_path: str | Path, objectives: list[tuple[str, str]]) -> Table
     return table.finish()
 
 
+def exclude(table: Table, item: str) -> Table:
+    """The table without one choice of one setting (``quantization=4bit``)."""
+    name, _, value = item.partition("=")
+    if name not in table.grid:
+        raise SystemExit(f"--exclude {item!r}: {name!r} is not a setting of the grid ({', '.join(table.grid)})")
+    drop = _parse(value, table.grid[name])
+    index = list(table.grid).index(name)
+    grid = {**table.grid, name: [c for c in table.grid[name] if c != drop]}
+    rows = {k: r for k, r in table.rows.items() if k[index] != drop}
+    return Table(grid=grid, objectives=table.objectives, rungs=table.rungs, rows=rows, cost=table.cost).finish()
+
+
 def at_rung(row: dict[str, Any], what: str, fraction: float) -> float | None:
     """A row's ``loss`` or ``train_s`` at a rung fraction (columns are named like ``loss@0.111111``)."""
     value = row.get(f"{what}@{round(fraction, 6):g}")
@@ -463,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samplers", default=",".join(SAMPLERS))
     p.add_argument("--pruners", default="none,asha")
     p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--exclude", action="append", metavar="SETTING=VALUE",
+                   help="drop one choice from the grid and its rows (e.g. quantization=4bit); repeatable")
     p.add_argument("--cost", choices=("train", "wall"), default="train",
                    help="train: recorded training seconds; wall: the trial's whole recorded time")
     p.add_argument("--out", default="benchmarks/results", help="folder for replay.md/.json/_hv.png")
@@ -479,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         table = load_table(args.table, objectives)
         table_meta = json.loads(Path(args.table).with_suffix(".json").read_text())
     table.cost = args.cost
+    for item in args.exclude or []:
+        table = exclude(table, item)
     budgets = [int(b) for b in args.budgets.split(",")]
     samplers, pruners = args.samplers.split(","), args.pruners.split(",")
     if pruners[0] != "none":
@@ -495,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     rat = ratios(summary, budgets, samplers, pruners, ours="llmtune-new" if "llmtune-new" in samplers else "llmtune")
     m = table_meta.get("machine", {})
     meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "table": str(args.table),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "table": str(args.table) + "".join(f" without {e}" for e in args.exclude or []),
         "configs": sum(r["status"] == "complete" for r in table.rows.values()),
         "machine": f"{m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs, device {m.get('device', '?')}",
         "objectives": ", ".join(f"{n} ({d[:3]})" for n, d in objectives), "seeds": args.seeds, "trials": args.trials,

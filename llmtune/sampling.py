@@ -22,8 +22,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from llmtune.space import SearchSpace
 
-# Trials whose configuration counts as tried: a FAIL (a crash) may be worth one retry elsewhere.
-_TRIED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+# Trials whose configuration counts as tried. A crash (FAIL) counts too: a trial is deterministic
+# given its settings, so the same configuration would crash again. (Trials lost with their worker
+# are re-queued by the search loop with fixed parameters, which take precedence over this sampler.)
+_TRIED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL)
 
 
 def _choices(distribution: BaseDistribution) -> list[Any] | None:

@@ -91,3 +91,23 @@ def test_load_table_reads_the_recorder_format(tmp_path):
 def test_quantiles_keep_never_as_never():
     assert R.quantiles([1.0, 2.0, 3.0, float("inf")])[0] == pytest.approx(1.75)
     assert R.quantiles([1.0, float("inf"), float("inf")])[1] == float("inf")
+
+
+def test_default_sampler_never_repeats_a_configuration_of_a_discrete_space():
+    from llmtune.sampling import UniqueSampler, default_sampler
+    from llmtune.space import SearchSpace
+
+    space = SearchSpace.from_dict(GRID)
+    sampler, why = default_sampler(space, n_objectives=2, n_trials=12, seed=0)
+    assert isinstance(sampler, UniqueSampler) and "never repeating" in why
+    study = optuna.create_study(directions=["minimize", "maximize"], sampler=sampler)
+    seen = []
+    for _ in range(12):  # 12 = the whole grid: TPE alone repeats itself well before that
+        trial = study.ask()
+        values = space.suggest(trial)
+        seen.append(tuple(values[n] for n in GRID))
+        study.tell(trial, [values["learning_rate"] * values["lora_r"], float(values["sample_packing"])])
+    assert len(set(seen)) == 12
+    # With a float range repeats cannot happen: plain TPE.
+    mixed = SearchSpace.from_dict({**GRID, "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}})
+    assert isinstance(default_sampler(mixed, 2, 40, 0)[0], optuna.samplers.TPESampler)
