@@ -48,3 +48,23 @@ def test_single_file_holds_out_a_seeded_fraction(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist; check data.source"):
         load_splits(data_cfg(source=str(tmp_path / "nope.jsonl")))
+
+
+def test_local_json_reads_like_datasets_without_importing_it(tmp_path):
+    from datasets import load_dataset
+
+    from llmtune.harness.data import _load_file
+
+    rows_ = [{"instruction": "a", "output": 1}, {"instruction": "b", "input": "x", "output": 2}]
+    (tmp_path / "a.json").write_text(json.dumps(rows_))
+    write_jsonl(tmp_path / "b.jsonl", rows_)
+    for name in ("a.json", "b.jsonl"):
+        expected = [dict(r) for r in load_dataset("json", data_files=str(tmp_path / name), split="train")]
+        assert _load_file(tmp_path / name) == expected  # missing keys become None, values keep their types
+    assert _load_file(tmp_path / "b.jsonl")[0] == {"instruction": "a", "output": 1, "input": None}
+
+
+def test_broken_json_lines_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "a"}\n{"instruction": \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl.*not valid JSON.*fix the file"):
+        load_splits(data_cfg(source=str(tmp_path / "bad.jsonl")))

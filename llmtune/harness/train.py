@@ -59,9 +59,10 @@ def _tensors(batch: D.Batch, device: str) -> dict[str, torch.Tensor]:
 def _loss_sum(model: Any, batch: D.Batch, device: str) -> torch.Tensor:
     """Summed next-token cross-entropy over the batch's label tokens (float32)."""
     logits = model(**_tensors(batch, device), use_cache=False).logits
-    labels = torch.tensor(batch.labels, device=device)
+    # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
+    labels = torch.tensor([row[1:] + [D.IGNORE] for row in batch.labels], device=device)
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=D.IGNORE, reduction="sum")
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=D.IGNORE, reduction="sum")
 
 
 @torch.no_grad()
