@@ -20,7 +20,10 @@ Assumed training recipe (llmtune's harness; ``autocast=True`` models the HF Trai
   the 16-bit grad of the logits: 12 bytes in bf16, measured on an H100 over four shapes (benchmarks/
   memory_accuracy.py), where vocabularies of 128k-152k make this the largest single term.
 * bitsandbytes' 8-bit matmul keeps its input on ``ctx`` rather than through ``save_for_backward``, so
-  gradient checkpointing cannot drop it: 8-bit layers hold their inputs for every layer either way.
+  gradient checkpointing cannot drop it: 8-bit layers hold their inputs for every layer either way. On CUDA
+  it also keeps the outlier columns of each input (``subA``, |x| > 6); how many there are depends on the data,
+  not the config, so 8-bit + checkpointing is under-predicted there (-25% in the one such config measured);
+  the study's calibration fit absorbs what it sees.
 * The CUDA caching allocator runs with ``expandable_segments`` (llmtune sets it for trials), so reserved memory
   stays close to the allocated peak.
 """
@@ -267,8 +270,8 @@ def _lora_input_bytes(lins: list[_Linear], c: int, s: int, autocast: bool) -> in
 
 
 def _activation_bytes(shape: _Shape, targeted: list[_Linear], *, r: int, batch: int, seq: int, c: int, s: int,
-                      packed: bool, dropout: float, quantization: str, autocast: bool, lora_params: int
-                      ) -> _Activations:
+                      packed: bool, dropout: float, quantization: str, autocast: bool, lora_params: int,
+                      cuda: bool) -> _Activations:
     """c = compute dtype bytes (matmul/attention), s = stream bytes (residual, MLP; fp32 after kbit upcast)."""
     tokens, L = batch * seq, max(shape.layers, 1)
     q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -297,9 +300,10 @@ def _activation_bytes(shape: _Shape, targeted: list[_Linear], *, r: int, batch: 
     if not packed:  # the bool mask once; SDPA converts it to an additive bias per call, which backward keeps
         outer += batch * seq * seq
         layer += batch * seq * seq * c
-    if s == 4 and c != 4:
-        # kbit upcast: q/k/v arrive in fp32 and SDPA falls back to its math kernel, which saves the fp32
-        # attention probabilities (measured on an H100: ~seq^2 * heads * 4 bytes per layer, packed or not)
+    if cuda and s == 4 and c != 4:
+        # kbit upcast on CUDA: q/k/v arrive in fp32 and SDPA falls back to its math kernel, which saves the fp32
+        # attention probabilities (measured on an H100: ~seq^2 * heads * 4 bytes per layer, packed or not;
+        # PyTorch's CPU flash kernel takes fp32, so CPU trials do not pay it)
         layer += batch * shape.heads * seq * seq * 4
     # in flight inside one layer: grads of the residual and MLP tensors in backward, or in (re)computation
     # peft's fp32 cast of a LoRA input before autocast casts it back down
@@ -358,7 +362,7 @@ def estimate_memory(
     weights = _weight_bytes(shape, quantization, bnb_4bit_use_double_quant, c, upcast)
     act = _activation_bytes(shape, targeted, r=lora_r, batch=micro_batch_size, seq=sequence_len, c=c, s=s,
                             packed=sample_packing, dropout=lora_dropout, quantization=quantization,
-                            autocast=autocast, lora_params=lora_params)
+                            autocast=autocast, lora_params=lora_params, cuda=device.startswith("cuda"))
     tokens = micro_batch_size * sequence_len
     held_logits = tokens * shape.vocab * c  # outputs.logits, referenced until backward is done
     # cross entropy upcasts to fp32: log_softmax output + its grad + grad of its input at the start of backward;

@@ -313,3 +313,32 @@ def test_4bit_weights_match_bitsandbytes(tmp_path):
                 actual += state.state2.absmax.nbytes + state.state2.code.nbytes + state.offset.nbytes
     est = estimate_memory(config, quantization="4bit", device="cpu")
     assert est.weights == actual
+
+
+@pytest.mark.parametrize(("quantization", "checkpointing"), [("4bit", True), ("8bit", True)])
+def test_harness_step_matches_estimate_on_cpu(tiny_model_path, quantization, checkpointing):
+    """One training step exactly as a trial runs it (harness loading, real bitsandbytes layers, peft's
+    kbit preparation, the harness loss): live non-parameter bytes at the peak vs the estimate, within 10%."""
+    from llmtune.harness import model as M
+    from llmtune.harness.data import Batch
+    from llmtune.harness.train import _loss_sum
+    from llmtune.recipe import ModelConfig
+
+    settings = dict(quantization=quantization, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                    gradient_checkpointing=checkpointing, lora_r=16, lora_alpha=16, lora_dropout=0.0,
+                    lora_target_modules="all-linear", use_rslora=False)
+    model = M.apply_lora(M.load_base(ModelConfig(name=str(tiny_model_path)), settings, "cpu", torch.bfloat16), settings)
+    model.train()
+    batch_size, seq = 4, 128
+    torch.manual_seed(0)
+    rows = torch.randint(5, 500, (batch_size, seq)).tolist()
+    batch = Batch(rows, rows, [list(range(seq))] * batch_size, None, batch_size * seq, batch_size * (seq - 1), batch_size)
+    tracker = _LiveBytes({p.untyped_storage().data_ptr() for p in model.parameters()})
+    with tracker:
+        _loss_sum(model, batch, "cpu").backward()
+    est = estimate_memory(str(tiny_model_path), quantization=quantization, dtype="bfloat16", lora_r=16,
+                          micro_batch_size=batch_size, sequence_len=seq, sample_packing=True,
+                          gradient_checkpointing=checkpointing, device="cpu")
+    predicted = est.activations + est.logits
+    assert tracker.peak * 0.9 <= predicted + est.gradients
+    assert predicted <= tracker.peak * 1.1
