@@ -135,6 +135,39 @@ def exclude(table: Table, item: str) -> Table:
     return Table(grid=grid, objectives=table.objectives, rungs=table.rungs, rows=rows, cost=table.cost).finish()
 
 
+# Settings that change the numbers but not the computation: a config's speed and memory cannot depend
+# on them, so runs differing only in these measure the same thing (up to timing noise).
+NUMERIC_ONLY = frozenset({"learning_rate", "lora_alpha_ratio", "lora_alpha", "warmup_ratio", "warmup_steps"})
+COST_METRICS = ("train_throughput", "train_time_s", "peak_memory_gb", "latency_ms", "ttft_ms")
+
+
+def pool_speed(table: Table) -> Table:
+    """Timing and memory of each row replaced by their mean over the rows with the same computation.
+
+    On a CPU shared by many workers single timings scatter by ~10%; averaging the runs that only differ
+    in NUMERIC_ONLY settings gives each configuration its expected speed. Per-rung seconds scale with it.
+    """
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    same = [i for i, n in enumerate(table.grid) if n not in NUMERIC_ONLY]
+    for key, row in table.rows.items():
+        if row["status"] == "complete":
+            groups.setdefault(tuple(key[i] for i in same), []).append(row)
+    rows = {}
+    for key, row in table.rows.items():
+        peers = groups.get(tuple(key[i] for i in same))
+        new = dict(row)
+        if row["status"] == "complete" and peers:
+            for m in COST_METRICS:
+                if all(p.get(m) is not None for p in peers):
+                    new[m] = float(np.mean([float(p[m]) for p in peers]))
+            scale = new["train_time_s"] / float(row["train_time_s"]) if row.get("train_time_s") else 1.0
+            for k in row:
+                if k.startswith(("train_s@", "wall_s@")) and row[k] is not None:
+                    new[k] = float(row[k]) * scale
+        rows[key] = new
+    return Table(grid=table.grid, objectives=table.objectives, rungs=table.rungs, rows=rows, cost=table.cost).finish()
+
+
 def at_rung(row: dict[str, Any], what: str, fraction: float) -> float | None:
     """A row's ``loss`` or ``train_s`` at a rung fraction (columns are named like ``loss@0.111111``)."""
     value = row.get(f"{what}@{round(fraction, 6):g}")
@@ -477,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--exclude", action="append", metavar="SETTING=VALUE",
                    help="drop one choice from the grid and its rows (e.g. quantization=4bit); repeatable")
+    p.add_argument("--pool-speed", action="store_true",
+                   help="average timing/memory over runs that differ only in learning rate, alpha, warmup")
     p.add_argument("--cost", choices=("train", "wall"), default="train",
                    help="train: recorded training seconds; wall: the trial's whole recorded time")
     p.add_argument("--out", default="benchmarks/results", help="folder for replay.md/.json/_hv.png")
@@ -495,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     table.cost = args.cost
     for item in args.exclude or []:
         table = exclude(table, item)
+    if args.pool_speed:
+        table = pool_speed(table)
     budgets = [int(b) for b in args.budgets.split(",")]
     samplers, pruners = args.samplers.split(","), args.pruners.split(",")
     if pruners[0] != "none":
@@ -512,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     m = table_meta.get("machine", {})
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "table": str(args.table) + "".join(f" without {e}" for e in args.exclude or []),
+        "table": str(args.table) + "".join(f" without {e}" for e in args.exclude or [])
+        + (", speed pooled over runs with the same computation" if args.pool_speed else ""),
         "configs": sum(r["status"] == "complete" for r in table.rows.values()),
         "machine": f"{m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs, device {m.get('device', '?')}",
         "objectives": ", ".join(f"{n} ({d[:3]})" for n, d in objectives), "seeds": args.seeds, "trials": args.trials,
