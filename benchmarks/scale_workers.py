@@ -14,7 +14,12 @@ The memory estimator's first call in a process loads transformers (several secon
 process, not per trial); it is warmed up before the runs so that it does not land on one run's first
 trial. On a 2-core machine 4 workers cannot scale; the table says what this machine did, nothing more.
 
-    python benchmarks/scale_workers.py [--trials 8] [--workers 1,2,4] [--storage postgresql://...]
+With several workers llmtune gives each trial process cpu_count / workers threads; one worker's trial
+uses torch's default (all cores). ``--threads-per-trial 1`` gives every run one thread per trial, which
+separates the effect of running trials side by side from that of torch's threading. Each invocation
+adds its table to the results file under its label.
+
+    python benchmarks/scale_workers.py [--trials 8] [--workers 1,2,4] [--threads-per-trial N] [--storage URL]
 """
 
 from __future__ import annotations
@@ -98,9 +103,17 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--workers", default="1,2,4")
     p.add_argument("--storage", help="an Optuna storage URL (default: a fresh SQLite file per run)")
+    p.add_argument("--threads-per-trial", type=int, help="torch threads in every trial process (default: llmtune's choice)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale_workers.json"))
     args = p.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
+    if args.threads_per_trial:
+        # The 1-worker run reads it from the environment; for more workers llmtune sets cpu_count / workers.
+        assert all(max(1, (os.cpu_count() or 1) // w) == args.threads_per_trial for w in counts if w > 1), \
+            "--threads-per-trial must equal cpu_count / workers for every worker count > 1"
+        os.environ["LLMTUNE_THREADS"] = str(args.threads_per_trial)
+    label = (f"{args.threads_per_trial} thread(s) per trial" if args.threads_per_trial
+             else "llmtune's default threads (1 worker: all cores; N workers: cpu_count / N each)")
     rows = []
     with tempfile.TemporaryDirectory(prefix="llmtune-scale-") as tmp:
         warm = warm_up(Path(tmp))
@@ -126,11 +139,15 @@ def main() -> int:
     print(machine)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    runs = json.loads(out.read_text()) if out.exists() else {}
+    runs = runs if "machine" not in runs else {}  # an older layout: start over
+    runs[label] = {"machine": machine, "rows": rows, "table": table}
+    out.write_text(json.dumps(runs, indent=2))
     out.with_suffix(".md").write_text(
-        "# Trial throughput by workers (benchmarks/scale_workers.py)\n\n" + table + "\n\n" + machine + "\n\n"
+        "# Trial throughput by workers (benchmarks/scale_workers.py)\n\n"
         "study overhead: ask to tell minus the trial process's life. process start: the trial process's life "
-        "minus the harness's wall time. trial: the harness's wall time.\n")
+        "minus the harness's wall time. trial: the harness's wall time (one trial, as the worker count changes).\n\n"
+        + "".join(f"## {k}\n\n{v['table']}\n\n{v['machine']}\n\n" for k, v in runs.items()))
     return 0
 
 
