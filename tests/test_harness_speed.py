@@ -32,4 +32,5 @@ def test_trainer_baseline_trains_on_the_same_real_tokens_as_llmtune(bench, tmp_p
     assert ours["tokens"] == packed["tokens"] == theirs["tokens"] > 16 * 20
     assert theirs["steps"] == ours["steps"] == 4 and packed["steps"] <= ours["steps"]
     assert packed["padding_share"] < ours["padding_share"]
+    assert all(r["step_tokens_per_cpu_s"] > 0 and r["tokens_per_s"] > 0 for r in (ours, packed, theirs))
     assert theirs["flops_model"]["n_lora"] > 0 and theirs["flops_model"]["n_linear"] > theirs["flops_model"]["n_lora"]

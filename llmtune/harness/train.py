@@ -231,7 +231,7 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
         run_eval(0.0, 0)
     eval_before_loop = eval_s
     model.train()
-    train_s = 0.0
+    train_s = cpu_s = 0.0
     real_tokens = examples_seen = 0
     last_progress = loop_start = time.perf_counter()
     stopped = False
@@ -240,7 +240,7 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
             if i == 0:
                 _inject_fault(trial_number)
             sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             n_labels = max(1, sum(b.label_tokens for b in step))
             loss_sum = torch.zeros((), device=device)
             for batch in step:
@@ -254,6 +254,7 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
             optimizer.zero_grad(set_to_none=True)
             sync(device)
             train_s += time.perf_counter() - t
+            cpu_s += time.process_time() - c  # CPU seconds: a figure that other jobs on the machine blur less
             real_tokens += sum(b.real_tokens for b in step)
             examples_seen += sum(b.examples for b in step)
             # One host read per step (the step already synced): a diverged run stops at once.
@@ -277,6 +278,7 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
     )
     # The loop's wall time without its evals: steps plus the loop's own bookkeeping (progress, logs).
     info["train_loop_s"] = time.perf_counter() - loop_start - (eval_s - eval_before_loop)
+    info["train_cpu_s"] = cpu_s
     info.update(peak_memory=vars(train_peak), trained_tokens=real_tokens, trained_examples=examples_seen,
                 steps_done=i + 1 if plan.steps else 0, eval_s=eval_s, warmup_steps=warmup)
     if stopped:
