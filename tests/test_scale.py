@@ -190,7 +190,7 @@ def test_workers_on_postgres_share_n_trials_and_retry_the_trial_of_a_killed_work
     data = fast_recipe(tmp_path, study={"n_trials": n_trials, "sampler": "random", "trial_timeout": 300})
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "LLMTUNE_HEARTBEAT_INTERVAL": "1", "LLMTUNE_HEARTBEAT_GRACE": "4"}
+    env = {**os.environ, "LLMTUNE_HEARTBEAT_INTERVAL": "1", "LLMTUNE_HEARTBEAT_GRACE": "6"}
     password = pg_url.split("://", 1)[1].rsplit("@", 1)[0].partition(":")[2]
     logs = {name: tmp_path / f"{name}.log" for name in "abc"}
 
