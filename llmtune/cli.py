@@ -264,11 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
     s.add_argument("--n-trials", type=int, help="trials in total (default: study.n_trials)")
-    s.add_argument("--storage", help="Optuna storage URL (default: SQLite in output_dir; env LLMTUNE_STORAGE)")
+    s.add_argument("--storage", help="Optuna storage URL (default: SQLite in output_dir; env LLMTUNE_STORAGE); printed with the password masked")
     s.add_argument("--study-name", help="study name in the storage (default: the recipe name)")
     s.add_argument("--output-dir", help="override output_dir")
     s.add_argument("--workers", type=int, default=1, help="trials at once on this machine (CPU)")
-    s.add_argument("--gpus", help="GPU indices, one trial per GPU: 0,1,2,3 or all")
+    s.add_argument("--gpus", help="GPUs this process can see, one trial per entry: 0,1,2,3, all, or groups 0+1,2+3 for multi-GPU trials")
     s.add_argument("--quiet", action="store_true", help="plain progress lines instead of the live view")
     s.set_defaults(func=cmd_search)
 
