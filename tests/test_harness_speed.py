@@ -34,3 +34,10 @@ def test_trainer_baseline_trains_on_the_same_real_tokens_as_llmtune(bench, tmp_p
     assert packed["padding_share"] < ours["padding_share"]
     assert all(r["step_tokens_per_cpu_s"] > 0 and r["tokens_per_s"] > 0 for r in (ours, packed, theirs))
     assert theirs["flops_model"]["n_lora"] > 0 and theirs["flops_model"]["n_linear"] > theirs["flops_model"]["n_lora"]
+
+
+def test_mfu_counts_lora_training_flops_against_the_peak(bench):
+    # 1e4 tokens/s on 1e9 linear weights (1e7 of them LoRA): (4e9 + 2e7) FLOPs a token; 6N would be 6e9.
+    m = bench.mfu({"llmtune": 1e4}, {"n_linear": 10**9, "n_lora": 10**7}, 989.0)
+    assert m["llmtune_lora_formula"] == pytest.approx(1e4 * 4.02e9 / 989e12)
+    assert m["llmtune_6N"] == pytest.approx(1e4 * 6e9 / 989e12)
