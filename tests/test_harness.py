@@ -228,3 +228,37 @@ def test_eval_batches_group_by_length_and_keep_every_token(recipe, tokenizer, sp
     assert sum(b.slots for b in grouped) < 0.8 * sum(b.slots for b in in_order)  # far less padding
     model, _ = build(recipe)
     assert evaluate(model, grouped, "cpu") == pytest.approx(evaluate(model, in_order, "cpu"), rel=1e-5)
+
+
+def _full_logits_loss(model, batch):
+    logits = model(**{k: torch.tensor(v) for k, v in (("input_ids", batch.input_ids), ("attention_mask", batch.attention_mask),
+                                                       ("position_ids", batch.position_ids)) if v is not None}).logits
+    labels = torch.tensor(batch.labels)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=D.IGNORE, reduction="sum")
+
+
+def test_loss_computes_logits_only_at_label_tokens_and_keeps_the_value(recipe, tokenizer, splits, monkeypatch):
+    model, _ = build(recipe)
+    model.eval()
+    examples, _ = D.encode_all(splits.train[:8], recipe.data, tokenizer, 128)
+    for batch in (D._pad_batch(examples, tokenizer.pad_token_id), D._packed_batch([examples[:4], examples[4:]], 0)):
+        with torch.no_grad():
+            assert float(_loss_sum(model, batch, "cpu")) == pytest.approx(float(_full_logits_loss(model, batch)), rel=1e-5)
+    assert model._llmtune_split_head  # the tiny Llama takes the label-only path
+    # A model that changes its logits after the output layer keeps the plain path, and its own logits.
+    other, _ = build(recipe)
+    other.eval()
+    base = other.get_base_model()
+    forward = base.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+    monkeypatch.setattr(base, "forward", scaled)
+    batch = D._pad_batch(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert float(_loss_sum(other, batch, "cpu")) == pytest.approx(float(_full_logits_loss(other, batch)), rel=1e-5)
+    assert other._llmtune_split_head is False

@@ -58,11 +58,58 @@ def _tensors(batch: D.Batch, device: str) -> dict[str, torch.Tensor]:
 
 def _loss_sum(model: Any, batch: D.Batch, device: str) -> torch.Tensor:
     """Summed next-token cross-entropy over the batch's label tokens (float32)."""
-    logits = model(**_tensors(batch, device), use_cache=False).logits
-    # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
-    labels = torch.tensor([row[1:] + [D.IGNORE] for row in batch.labels], device=device)
-    return torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=D.IGNORE, reduction="sum")
+    shifted = [row[1:] + [D.IGNORE] for row in batch.labels]  # shift the labels: no copy of the logits
+    split = _split_head(model)
+    if split is None:
+        logits = model(**_tensors(batch, device), use_cache=False).logits
+        labels = torch.tensor(shifted, device=device)
+        return torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=D.IGNORE, reduction="sum")
+    # The output layer only where a label is: prompts and padding (often most of a batch) need no logits.
+    # Positions are found on the host from the plain lists, so there is no device sync.
+    decoder, head = split
+    flat = [t for row in shifted for t in row]
+    keep = [i for i, t in enumerate(flat) if t != D.IGNORE]
+    hidden = decoder(**_tensors(batch, device), use_cache=False)[0].flatten(0, 1)
+    logits = head(hidden.index_select(0, torch.tensor(keep, device=device)))
+    targets = torch.tensor([flat[i] for i in keep], device=device)
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def _split_head(model: Any) -> tuple[Any, Any] | None:
+    """(decoder, output layer) when running them apart gives the model's own logits, else None.
+
+    Checked once per model on a short input, so a model that changes its logits after the output
+    layer (soft-capping, scaling) keeps the plain path.
+    """
+    cached = getattr(model, "_llmtune_split_head", None)
+    if cached is not None:
+        return cached or None
+    split = None
+    try:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+        if decoder is not None and head is not None and _same_logits(model, decoder, head):
+            split = (decoder, head)
+    except Exception:  # an architecture without these hooks keeps the plain path
+        split = None
+    model._llmtune_split_head = split or False
+    return split
+
+
+@torch.no_grad()
+def _same_logits(model: Any, decoder: Any, head: Any) -> bool:
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        vocab = int(getattr(head, "out_features", 0) or head.weight.shape[0])
+        ids = (torch.arange(1, 13, device=device) * 7 % vocab).unsqueeze(0)
+        full = model(input_ids=ids, use_cache=False).logits
+        apart = head(decoder(input_ids=ids, use_cache=False)[0])
+        return full.shape == apart.shape and torch.allclose(full.float(), apart.float(), rtol=1e-4, atol=1e-4)
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
