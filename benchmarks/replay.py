@@ -402,7 +402,9 @@ def markdown(summary: dict[str, dict[str, Any]], rat: dict[str, Any], budgets: l
     lines = [
         f"# Replay of samplers and pruners on `{meta['table']}`",
         "",
-        f"{meta['date']}; table: {meta['configs']} configurations recorded on {meta['machine']}; "
+        f"{meta['date']}; table: {meta['configs']} configurations recorded on {meta['machine']}"
+        + (f" (+{meta['failed']} that crashed: failed trials in the replay, charged 0 training seconds)"
+           if meta["failed"] else "") + "; "
         f"objectives {meta['objectives']}; {meta['seeds']} seeds x {meta['trials']} trials; "
         f"cost = recorded {meta['cost']} seconds (pruned trials: seconds up to their rung); "
         f"the whole grid costs {meta['grid_seconds']:.0f} s; its true front has {meta['true_front_size']} "
@@ -557,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": str(args.table) + "".join(f" without {e}" for e in args.exclude or [])
         + (", speed pooled over runs with the same computation" if args.pool_speed else ""),
         "configs": sum(r["status"] == "complete" for r in table.rows.values()),
+        "failed": sum(r["status"] != "complete" for r in table.rows.values()),
         "machine": f"{m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs, device {m.get('device', '?')}",
         "objectives": ", ".join(f"{n} ({d[:3]})" for n, d in objectives), "seeds": args.seeds, "trials": args.trials,
         "grid_seconds": grid_seconds, "true_front_size": true_front_size(table),
