@@ -166,6 +166,7 @@ def test_training_lowers_eval_loss_and_writes_result(tmp_path, tiny_model_path, 
     # Loop timings behind the benchmark's throughput: planning, and the loop (steps + bookkeeping, no evals).
     assert 0 < info["plan_s"] < info["load_s"]
     assert info["train_loop_s"] >= saved["metrics"]["train_time_s"] > 0 and info["train_cpu_s"] > 0
+    assert info["label_only_logits"] is True
     assert (tmp_path / "t" / "adapter" / "adapter_config.json").exists()
 
 

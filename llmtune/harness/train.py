@@ -326,6 +326,7 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
     # The loop's wall time without its evals: steps plus the loop's own bookkeeping (progress, logs).
     info["train_loop_s"] = time.perf_counter() - loop_start - (eval_s - eval_before_loop)
     info["train_cpu_s"] = cpu_s
+    info["label_only_logits"] = bool(getattr(model, "_llmtune_split_head", False))  # which loss path ran
     info.update(peak_memory=vars(train_peak), trained_tokens=real_tokens, trained_examples=examples_seen,
                 steps_done=i + 1 if plan.steps else 0, eval_s=eval_s, warmup_steps=warmup)
     if stopped:
