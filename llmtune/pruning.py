@@ -121,7 +121,7 @@ def _pareto_ranks(points: np.ndarray) -> np.ndarray:
     # dominates[i, j]: row i is no worse than row j everywhere and better somewhere.
     no_worse = (points[:, None, :] <= points[None, :, :]).all(axis=2)
     better = (points[:, None, :] < points[None, :, :]).any(axis=2)
-    dominates = no_worse & better
+    dominates: np.ndarray = np.asarray(no_worse & better)
     ranks = np.full(n, -1)
     left = np.ones(n, dtype=bool)
     rank = 0
