@@ -46,6 +46,7 @@ from llmtune.result import (
     finite,
 )
 from llmtune.runner import TrialJob, run_trial_process
+from llmtune.sampling import default_sampler
 from llmtune.space import SearchSpace
 
 # llmtune drives heartbeats itself around ask/tell (the trial runs in a child process), which is
@@ -57,6 +58,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 STATUS, REASON, METRICS_KEY, CURVE, SETTINGS, DIR, INFO = (
     "llmtune.status", "llmtune.reason", "llmtune.metrics", "llmtune.curve", "llmtune.settings", "llmtune.dir",
     "llmtune.info")
+RUNG_METRICS = "llmtune.rung_metrics"  # [[fraction, {objective: value so far}], ...], read by the pruner
 OWNER = "llmtune.owner"  # system attr: host:pid of the search process running the trial
 RETRY_OF = "llmtune.retry_of"
 # Trials in these ends count towards n_trials; interrupted ones are retried instead.
@@ -213,8 +215,9 @@ def make_sampler(recipe: Recipe, space: SearchSpace, parallel: bool) -> tuple[op
             name, why = "grid", f"the space has {grid} points, within n_trials={n_trials}: try them all"
         elif n_obj > 1 and n_trials > 200:
             name, why = "nsga2", f"{n_obj} objectives and a large budget ({n_trials} trials)"
-        else:
-            name, why = "tpe", f"{'multi-objective ' if n_obj > 1 else ''}TPE suits small budgets over mixed, conditional spaces"
+        else:  # multivariate TPE that never repeats a configuration (benchmarks/replay.py measures the choice)
+            sampler, why = default_sampler(space, n_obj, n_trials, seed, parallel)
+            return sampler, f"tpe ({why})"
     else:
         why = "as the recipe asks"
     startup = max(4, min(10, n_trials // 4))
@@ -390,7 +393,8 @@ class Search:
         self.study_name = study_name or recipe.study.study_name or recipe.name
         self.log = log
         self.progress = progress
-        self.pruner = make_pruner(recipe.study.pruner, **recipe.study.pruner_settings)
+        self.pruner = make_pruner(recipe.study.pruner, objectives=dict(recipe.objectives),
+                                  **recipe.study.pruner_settings)
         self.stop = threading.Event()
         self.output_dir = Path(recipe.output_dir)
         self._lock = threading.Lock()
@@ -532,6 +536,7 @@ class Search:
             result = TrialResult(status=OVER_BUDGET, reason=reason, settings=values)
         else:
             curve: list[list[float]] = []
+            rung_metrics: list[list[Any]] = []
 
             def on_event(event: dict[str, Any]) -> bool:
                 if self.progress:
@@ -539,11 +544,16 @@ class Search:
                 if event.get("event") != "eval":
                     return False
                 curve.append([event["fraction"], event["eval_loss"]])
+                # what the trial has measured so far of its other objectives: the pruner ranks on these too
+                measured = {k: float(v) for k, v in (event.get("metrics") or {}).items() if finite(v)}
+                rung_metrics.append([event["fraction"], measured])
                 try:
                     storage.set_trial_user_attr(tid, CURVE, curve)
+                    storage.set_trial_user_attr(tid, RUNG_METRICS, rung_metrics)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     return True  # declared lost by another worker (missed heartbeats): its retry runs
-                return self.pruner.should_prune(self.study, trial.number, event["fraction"], event["eval_loss"])
+                return self.pruner.should_prune(self.study, trial.number, event["fraction"], event["eval_loss"],
+                                                measured)
 
             job = TrialJob(recipe=_recipe_dict(self.recipe), values=values,
                            out_dir=trial_dir, fractions=self._fractions(), trial_number=trial.number,
