@@ -66,17 +66,12 @@ def configure_cuda_allocator() -> None:
     With fixed segments, trials whose tensor sizes churn (a 128k-vocabulary logits tensor, then activations)
     reserved up to 45% more than they allocated on an H100 (benchmarks/memory_accuracy.py): memory a trial
     cannot use, that makes configs OOM and the peak unpredictable. Expandable segments keep reserved close to
-    allocated. Must run before the first CUDA allocation of the process.
+    allocated. Trial processes get it from the runner before they start; this covers in-process trials
+    (``llmtune.train(..., in_process=True)``) and must run before the process's first CUDA allocation.
     """
     if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
         return
-    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_SETTINGS
-    try:  # the variable is read when the allocator starts; if torch already started it, set it directly
-        import torch
-
-        torch.cuda.memory._set_allocator_settings(ALLOCATOR_SETTINGS)
-    except Exception:  # an older torch without the setter still reads the variable at CUDA start
-        pass
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_SETTINGS  # read when the allocator starts
 
 
 def resolve_device(requested: str) -> str:

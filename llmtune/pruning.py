@@ -37,6 +37,10 @@ PARTIAL_METRICS = frozenset({"train_throughput", "peak_memory_gb", "trainable_pa
 # These trials stopped for reasons unrelated to their loss; their curve says nothing honest
 # about how good the configuration is, so they must not raise or lower anyone's cutoff.
 IGNORED_STATUSES = frozenset({"oom", "over_budget", "crashed", "timeout"})
+# Measured objectives are noisy (throughput varied ~12% between identical runs of the tabular benchmark):
+# at a rung, values within this relative step count as equal, or a trial that barely trains would survive
+# on a 1% throughput fluke while being far worse on loss.
+MEASUREMENT_TOLERANCE = 0.1
 # Fractions travel through JSON and arithmetic on several machines; compare with a tolerance.
 FRACTION_TOL = 1e-6
 
@@ -170,9 +174,16 @@ def _asha_prunes(
     extra = [m for m, d in (objectives or {}).items() if m in PARTIAL_METRICS
              and all(math.isfinite(r[1].get(m, math.nan)) for r in rows)]
     signs = [1.0 if (objectives or {})[m] == "minimize" else -1.0 for m in extra]
-    points = np.array([[loss, *(s * r[m] for s, m in zip(signs, extra, strict=True))] for loss, r in rows])
+    points = np.array([[loss, *(s * _bucket(r[m]) for s, m in zip(signs, extra, strict=True))] for loss, r in rows])
     ranks = _pareto_ranks(points)
     return int((ranks < ranks[0]).sum()) >= keep
+
+
+def _bucket(value: float) -> float:
+    """A measured value on a geometric grid of MEASUREMENT_TOLERANCE steps (monotonic, so ordering holds)."""
+    if value <= 0:
+        return value
+    return math.floor(math.log(value) / math.log1p(MEASUREMENT_TOLERANCE))
 
 
 def _check_eta(eta: Any) -> int:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmtune import hardware
 from llmtune.result import COMPLETE, CRASHED, INTERRUPTED, OOM, STATUSES, TIMEOUT, TrialResult
 
 OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "torch.OutOfMemoryError", "MemoryError", "CUBLAS_STATUS_ALLOC_FAILED")
@@ -75,6 +76,9 @@ class TrialProcess:
             "recipe": job.recipe, "values": job.values, "out_dir": str(job.out_dir),
             "fractions": job.fractions, "trial_number": job.trial_number}, default=str))
         env = {**os.environ, **job.env, "PYTHONUNBUFFERED": "1", "LLMTUNE_PARENT_PID": str(os.getpid())}
+        if not (env.get("PYTORCH_CUDA_ALLOC_CONF") or env.get("PYTORCH_ALLOC_CONF")):
+            # set before the process exists, so no import order can start the allocator without it
+            env["PYTORCH_CUDA_ALLOC_CONF"] = hardware.ALLOCATOR_SETTINGS
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmtune.harness.worker", str(self.spec_path)],

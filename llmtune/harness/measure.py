@@ -110,6 +110,14 @@ def track_peak_memory(device: str):
             peak.bytes = hwm
 
 
+def peak_so_far_bytes(device: str) -> int:
+    """The training peak up to now, while `track_peak_memory` runs (for pruning at a rung): torch's reserved
+    peak on CUDA (without the CUDA context NVML adds at the end), the resident high-water mark on CPU."""
+    if device == "cuda":
+        return int(torch.cuda.max_memory_reserved())
+    return _read_hwm_bytes() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

@@ -20,7 +20,7 @@ import torch
 from llmtune import hardware
 from llmtune.harness import data as D
 from llmtune.harness import model as M
-from llmtune.harness.measure import GiB, measure_latency, sync, track_peak_memory
+from llmtune.harness.measure import GiB, measure_latency, peak_so_far_bytes, sync, track_peak_memory
 from llmtune.recipe import Recipe
 from llmtune.result import COMPLETE, CRASHED, OOM, PRUNED, TrialResult
 from llmtune.space import trial_settings
@@ -262,7 +262,8 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
     eval_after = {plan.step_at(f): f for f in sorted(fractions) if f > 0}
     eval_s = 0.0
 
-    def run_eval(fraction: float, step: int) -> bool:
+    def run_eval(fraction: float, step: int, measured: dict[str, float] | None = None) -> bool:
+        """Evaluate; ``measured``: the other objectives as known so far, which the pruner may rank on."""
         nonlocal eval_s
         emit({"event": "phase", "phase": "eval"})
         t = time.perf_counter()
@@ -270,7 +271,8 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
         eval_s += time.perf_counter() - t
         result.curve.append([fraction, loss])
         trackers.log({"eval/loss": loss}, step)
-        stop = emit({"event": "eval", "fraction": fraction, "eval_loss": loss, "step": step})
+        stop = emit({"event": "eval", "fraction": fraction, "eval_loss": loss, "step": step,
+                     "metrics": measured or {}})
         emit({"event": "phase", "phase": "train"})
         return bool(stop)
 
@@ -312,7 +314,11 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
                 trackers.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0]}, i + 1)
                 emit({"event": "progress", "fraction": plan.progress[i], "step": i + 1, "steps": n_steps, "loss": step_loss})
                 last_progress = time.perf_counter()
-            if i in eval_after and run_eval(eval_after[i], i + 1):
+            if i in eval_after and run_eval(eval_after[i], i + 1, {
+                    "train_throughput": real_tokens / train_s if train_s else 0.0,
+                    "train_time_s": train_s / plan.progress[i],  # projected to the whole budget
+                    "trainable_params": float(trainable),
+                    "peak_memory_gb": peak_so_far_bytes(device) / GiB}):
                 result.status, result.reason = PRUNED, f"pruned at {eval_after[i]:.3g} of the budget"
                 stopped = True
                 break
