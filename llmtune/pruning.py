@@ -38,7 +38,7 @@ PARTIAL_METRICS = frozenset({"train_throughput", "peak_memory_gb", "trainable_pa
 # about how good the configuration is, so they must not raise or lower anyone's cutoff.
 IGNORED_STATUSES = frozenset({"oom", "over_budget", "crashed", "timeout"})
 # Measured objectives are noisy (throughput varied ~12% between identical runs of the tabular benchmark):
-# at a rung, values within this relative step count as equal, or a trial that barely trains would survive
+# at a rung, values within this relative difference tie, or a trial that barely trains would survive
 # on a 1% throughput fluke while being far worse on loss.
 MEASUREMENT_TOLERANCE = 0.1
 # Fractions travel through JSON and arithmetic on several machines; compare with a tolerance.
@@ -119,12 +119,19 @@ def _metrics_at(trial: FrozenTrial, rung: float) -> dict[str, float]:
     return {}
 
 
-def _pareto_ranks(points: np.ndarray) -> np.ndarray:
-    """Non-dominated sorting rank of each row (0 = not dominated), all columns minimised."""
+def _pareto_ranks(points: np.ndarray, tolerance: float = 0.0) -> np.ndarray:
+    """Non-dominated sorting rank of each row (0 = not dominated), all columns minimised.
+
+    Columns after the first (measured objectives) compare with a relative ``tolerance``: within it two
+    values tie, so only a difference larger than measurement noise can make a row better or worse."""
     n = len(points)
+    slack = np.zeros(points.shape[1])
+    slack[1:] = tolerance
+    a, b = points[:, None, :], points[None, :, :]
+    margin = slack * np.abs(b)
     # dominates[i, j]: row i is no worse than row j everywhere and better somewhere.
-    no_worse = (points[:, None, :] <= points[None, :, :]).all(axis=2)
-    better = (points[:, None, :] < points[None, :, :]).any(axis=2)
+    no_worse = (a <= b + margin).all(axis=2)
+    better = (a < b - margin).any(axis=2)
     dominates: np.ndarray = np.asarray(no_worse & better)
     ranks = np.full(n, -1)
     left = np.ones(n, dtype=bool)
@@ -174,16 +181,9 @@ def _asha_prunes(
     extra = [m for m, d in (objectives or {}).items() if m in PARTIAL_METRICS
              and all(math.isfinite(r[1].get(m, math.nan)) for r in rows)]
     signs = [1.0 if (objectives or {})[m] == "minimize" else -1.0 for m in extra]
-    points = np.array([[loss, *(s * _bucket(r[m]) for s, m in zip(signs, extra, strict=True))] for loss, r in rows])
-    ranks = _pareto_ranks(points)
+    points = np.array([[loss, *(s * r[m] for s, m in zip(signs, extra, strict=True))] for loss, r in rows])
+    ranks = _pareto_ranks(points, MEASUREMENT_TOLERANCE)
     return int((ranks < ranks[0]).sum()) >= keep
-
-
-def _bucket(value: float) -> float:
-    """A measured value on a geometric grid of MEASUREMENT_TOLERANCE steps (monotonic, so ordering holds)."""
-    if value <= 0:
-        return value
-    return math.floor(math.log(value) / math.log1p(MEASUREMENT_TOLERANCE))
 
 
 def _check_eta(eta: Any) -> int:

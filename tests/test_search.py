@@ -187,7 +187,9 @@ def test_memory_gate_skips_configs_predicted_over_budget_without_running_them(tm
 def test_asha_prunes_weak_trials_in_a_multi_objective_study(tmp_path):
     search = {**tiny_recipe_dict(tmp_path)["search"], "learning_rate": [3e-3, 1e-6], "lora_r": [4, 8]}
     data = fast_recipe(tmp_path, search=search, train={"budget": {"examples": 64}, "eval_points": 1},
-                       objectives={"eval_loss": "minimize", "peak_memory_gb": "minimize", "train_throughput": "maximize"},
+                       # objectives known only at the end: the rung decision rests on the loss alone, which
+                       # keeps this real-search test deterministic (ranking on measured metrics: test_pruning)
+                       objectives={"eval_loss": "minimize", "latency_ms": "minimize", "ttft_ms": "minimize"},
                        study={"n_trials": 4, "sampler": "grid", "seed": 1, "trial_timeout": 300, "pruner": "asha",
                               "pruner_settings": {"eta": 2, "min_fraction": 0.5, "min_trials_per_rung": 2}})
     result = llmtune.search(data)
