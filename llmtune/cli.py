@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from llmtune.hardware import MissingDependency
         from llmtune.hub import HubError
-        from llmtune.study import SearchError
+        from llmtune.storage import SearchError
 
         if isinstance(e, HubError):
             return _fail(str(e), e.code)

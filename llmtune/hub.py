@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial
 
 from llmtune.modelcard import hub_id, render_card
 from llmtune.result import COMPLETE
-from llmtune.study import DIR, METRICS_KEY, REASON, SETTINGS, STATUS
+from llmtune.storage import DIR, METRICS_KEY, REASON, SETTINGS, STATUS
 
 if TYPE_CHECKING:
     from llmtune.results import SearchResult

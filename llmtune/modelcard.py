@@ -14,7 +14,7 @@ import yaml
 from optuna.trial import FrozenTrial
 
 from llmtune.recipe import METRICS
-from llmtune.study import CURVE, METRICS_KEY, SETTINGS, mask_url
+from llmtune.storage import CURVE, METRICS_KEY, SETTINGS, mask_url
 
 if TYPE_CHECKING:
     from llmtune.results import SearchResult

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from llmtune.recipe import METRICS
 from llmtune.results import feasible
-from llmtune.study import INFO, METRICS_KEY, REASON, SETTINGS, STATUS
+from llmtune.storage import INFO, METRICS_KEY, REASON, SETTINGS, STATUS
 
 if TYPE_CHECKING:
     from llmtune.results import SearchResult

@@ -11,7 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from llmtune.recipe import Recipe, recipe_from_dict
 from llmtune.result import COMPLETE
-from llmtune.study import CURVE, DIR, METRICS_KEY, REASON, SETTINGS, STATUS, open_storage
+from llmtune.storage import CURVE, DIR, METRICS_KEY, REASON, SETTINGS, STATUS, open_storage
 
 
 def feasible(t: FrozenTrial) -> bool:

@@ -5,7 +5,8 @@ out-of-memory and over-budget trials are told as *infeasible* (constraint values
 steer away from them; a killed or interrupted search resumes where it stopped and retries the
 trial it lost; pruning works with several objectives through the recorded learning curves.
 
-Scale-out (ARCHITECTURE decision 7) is Optuna's own distributed mode: any number of search processes,
+Scale-out (ARCHITECTURE decision 7) is Optuna's own distributed mode (storage and heartbeats:
+`llmtune.storage`): any number of search processes,
 on any number of machines, share one study in one storage (PostgreSQL). Each process counts the
 study's n_trials from the storage (see `Search._claim`), and a process that dies mid-trial is found by
 its missing heartbeats; its trial is failed as interrupted and retried by whichever process sees it
@@ -18,18 +19,14 @@ import json
 import os
 import random
 import shutil
-import socket
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy.exc
-from optuna.storages._heartbeat import is_heartbeat_enabled
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from llmtune import __version__
 from llmtune.pruning import make_pruner
@@ -41,167 +38,36 @@ from llmtune.result import (
     INTERRUPTED,
     OVER_BUDGET,
     PRUNED,
-    TIMEOUT,
     TrialResult,
     finite,
 )
 from llmtune.runner import TrialJob, run_trial_process
 from llmtune.sampling import default_sampler
 from llmtune.space import SearchSpace
-
-# llmtune drives heartbeats itself around ask/tell (the trial runs in a child process), which is
-# what these warnings are about; they would only confuse users.
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-# Trial user attributes written by llmtune (visible in optuna-dashboard).
-STATUS, REASON, METRICS_KEY, CURVE, SETTINGS, DIR, INFO = (
-    "llmtune.status", "llmtune.reason", "llmtune.metrics", "llmtune.curve", "llmtune.settings", "llmtune.dir",
-    "llmtune.info")
-RUNG_METRICS = "llmtune.rung_metrics"  # [[fraction, {objective: value so far}], ...], read by the pruner
-OWNER = "llmtune.owner"  # system attr: host:pid of the search process running the trial
-RETRY_OF = "llmtune.retry_of"
-# Trials in these ends count towards n_trials; interrupted ones are retried instead.
-FINAL_FAILURES = (CRASHED, TIMEOUT)
-# Defaults; LLMTUNE_HEARTBEAT_INTERVAL / LLMTUNE_HEARTBEAT_GRACE (seconds) override them, e.g. for tests.
-# A grace of several intervals keeps a busy database or a slow network from failing live trials.
-HEARTBEAT_INTERVAL, GRACE_PERIOD = 20, 90
-
-
-class SearchError(RuntimeError):
-    """The search cannot start or resume as asked (says how to fix it)."""
-
-
-def mask_url(url: str) -> str:
-    """Hide the password of a storage URL (user:secret@host -> user:***@host)."""
-    if "://" not in url or "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
-
-
-def heartbeat_settings() -> tuple[int, int]:
-    """(heartbeat interval, grace period) in seconds: how often a running trial reports alive, and how
-    long without a report before another worker declares it lost."""
-    values = []
-    for name, default in (("LLMTUNE_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL), ("LLMTUNE_HEARTBEAT_GRACE", GRACE_PERIOD)):
-        raw = os.environ.get(name, "").strip()
-        try:
-            value = int(raw) if raw else default
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise SearchError(f"{name}={raw!r} is not a whole number of seconds >= 1; e.g. {name}={default}")
-        values.append(value)
-    interval, grace = values
-    if grace < 2 * interval:
-        raise SearchError(f"LLMTUNE_HEARTBEAT_GRACE={grace} must be at least twice LLMTUNE_HEARTBEAT_INTERVAL={interval}, "
-                          f"or live trials are declared lost; e.g. LLMTUNE_HEARTBEAT_GRACE={max(GRACE_PERIOD, 4 * interval)}")
-    return interval, grace
-
-
-def worker_id() -> str:
-    """host:pid of this search process. The host part carries the PID namespace, so containers that
-    share a host name (host networking) never take each other's PIDs for their own."""
-    try:
-        ns = os.readlink("/proc/self/ns/pid").removeprefix("pid:")
-    except OSError:
-        ns = ""
-    return f"{socket.gethostname()}{ns}:{os.getpid()}"
-
-
-def _storage_problem(url: str, error: BaseException) -> str:
-    """Why the storage did not open, with its password masked wherever the driver quoted the URL."""
-    text = " ".join(f"{type(error).__name__}: {error}".partition("(Background on this error")[0].split())
-    password = url.split("://", 1)[-1].rsplit("@", 1)[0].partition(":")[2] if "@" in url else ""
-    if password:
-        text = text.replace(password, "***")
-    hint = ("pip install 'psycopg[binary]'" if isinstance(error, ImportError) and url.startswith("postgres")
-            else "check the storage URL, that the database server is reachable and the user may connect")
-    return f"cannot open the study storage {mask_url(url)}: {text.strip()}; {hint}"
-
-
-def open_study(url: str, name: str, directions: list[str], sampler: optuna.samplers.BaseSampler) -> optuna.Study:
-    """Create the study or join it (other workers may have created it already)."""
-    try:
-        return optuna.create_study(storage=open_storage(url), study_name=name, directions=directions,
-                                   sampler=sampler, load_if_exists=True)
-    except (ImportError, ValueError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
-        raise SearchError(_storage_problem(url, e)) from None
-
-
-def storage_url(recipe: Recipe, override: str | None = None) -> str:
-    url = override or os.environ.get("LLMTUNE_STORAGE") or recipe.study.storage
-    if url:
-        return os.path.expandvars(url)
-    out = Path(recipe.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{out / 'study.db'}"
-
-
-def _retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str | None) -> None:
-    """Queue a lost trial's exact settings again (it does not count towards n_trials). With a reason,
-    also mark it interrupted: only possible while it is unfinished, as Optuna freezes finished trials."""
-    if reason is not None:
-        study._storage.set_trial_user_attr(trial._trial_id, STATUS, INTERRUPTED)
-        study._storage.set_trial_user_attr(trial._trial_id, REASON, reason)
-    study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
-
-
-def _retry_failed(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Heartbeat callback, for when Optuna's own `fail_stale_trials` (e.g. in `study.optimize`) found the
-    trial first: it is retried. Optuna calls it after failing the trial, so it can no longer be annotated."""
-    _retry(study, trial, None)
-
-
-def fail_stale(study: optuna.Study) -> list[int]:
-    """Fail the trials whose worker stopped sending heartbeats (it died, or lost the database for longer
-    than the grace period), mark them interrupted and queue each for a retry. Several workers may run
-    this at once: the state change to FAIL succeeds for exactly one of them (the storage locks the
-    trial's row and refuses to update a finished trial), and only that one queues the retry."""
-    storage = study._storage
-    if not is_heartbeat_enabled(storage):
-        return []
-    grace = getattr(getattr(storage, "_backend", storage), "grace_period", None)
-    lost = []
-    for tid in storage._get_stale_trial_ids(study._study_id):  # type: ignore[attr-defined]
-        try:
-            # Annotate while it is still RUNNING: Optuna freezes finished trials.
-            storage.set_trial_user_attr(tid, STATUS, INTERRUPTED)
-            storage.set_trial_user_attr(tid, REASON, f"its worker sent no heartbeat for {grace}s (it died or lost "
-                                                     "the database); retried")
-            if not storage.set_trial_state_values(tid, TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker failed it first and queued the retry
-        trial = storage.get_trial(tid)
-        _retry(study, trial, None)
-        lost.append(trial.number)
-    return lost
-
-
-def _with_driver(url: str) -> str:
-    """postgresql:// (or postgres://, as cloud providers write it) with an installed driver: SQLAlchemy 2.1
-    defaults to psycopg 3, while psycopg2 is what many environments carry."""
-    scheme, sep, rest = url.partition("://")
-    if scheme not in ("postgresql", "postgres"):
-        return url
-    import importlib.util
-
-    driver = "psycopg" if importlib.util.find_spec("psycopg") or not importlib.util.find_spec("psycopg2") else "psycopg2"
-    return f"postgresql+{driver}{sep}{rest}"
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    if url.startswith("sqlite:") or "://" in url:
-        interval, grace = heartbeat_settings()
-        return optuna.storages.RDBStorage(
-            _with_driver(url), heartbeat_interval=interval, grace_period=grace,
-            heartbeat_stale_trial_callback=_retry_failed,
-            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None)
-    raise SearchError(f"study.storage {url!r} is not a database URL; use sqlite:///path.db or postgresql://user@host/db")
+from llmtune.storage import (  # noqa: F401  (SearchError, mask_url, open_storage, RETRY_OF: re-exported)
+    CURVE,
+    DIR,
+    INFO,
+    METRICS_KEY,
+    OWNER,
+    REASON,
+    RETRY_OF,
+    RUNG_METRICS,
+    SETTINGS,
+    STATUS,
+    SearchError,
+    _Heartbeat,
+    _retry,
+    counted,
+    fail_stale,
+    heartbeat_settings,
+    mask_url,
+    open_storage,
+    open_study,
+    recover_lost_trials,
+    storage_url,
+    worker_id,
+)
 
 
 def make_sampler(recipe: Recipe, space: SearchSpace, parallel: bool) -> tuple[optuna.samplers.BaseSampler, str]:
@@ -216,8 +82,8 @@ def make_sampler(recipe: Recipe, space: SearchSpace, parallel: bool) -> tuple[op
         elif n_obj > 1 and n_trials > 200:
             name, why = "nsga2", f"{n_obj} objectives and a large budget ({n_trials} trials)"
         else:  # multivariate TPE that never repeats a configuration (benchmarks/replay.py measures the choice)
-            sampler, why = default_sampler(space, n_obj, n_trials, seed, parallel)
-            return sampler, f"tpe ({why})"
+            default, why = default_sampler(space, n_obj, n_trials, seed, parallel)
+            return default, f"tpe ({why})"
     else:
         why = "as the recipe asks"
     startup = max(4, min(10, n_trials // 4))
@@ -236,10 +102,10 @@ def make_sampler(recipe: Recipe, space: SearchSpace, parallel: bool) -> tuple[op
     elif name == "random":
         sampler = optuna.samplers.RandomSampler(seed=seed)
     elif name == "grid":
-        grid = space.grid()
-        if grid is None:
+        points = space.grid()
+        if points is None:
             raise SearchError("study.sampler grid needs every searched setting to be a list of choices or a range with step")
-        sampler = _GridSampler(grid or {"_": [0]}, seed=seed)
+        sampler = _GridSampler(points or {"_": [0]}, seed=seed)
     elif name == "cmaes":
         if n_obj > 1:
             raise SearchError("study.sampler cmaes handles one objective only; use tpe or nsga2")
@@ -254,46 +120,6 @@ class _GridSampler(optuna.samplers.GridSampler):
 
     def after_trial(self, study, trial, state, values) -> None:  # type: ignore[no-untyped-def]
         return None
-
-
-def _running_elsewhere(owner: str) -> bool:
-    """False when `owner` (host:pid, see `worker_id`) is a dead process on this host."""
-    host, _, pid = owner.rpartition(":")
-    if host != worker_id().rpartition(":")[0] or not pid.isdigit():
-        return True  # another machine: the heartbeat decides
-    try:
-        os.kill(int(pid), 0)
-        return int(pid) != os.getpid()
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def recover_lost_trials(study: optuna.Study) -> list[int]:
-    """At start: fail and requeue RUNNING trials whose search process on this host is gone (at once),
-    and those of other hosts whose heartbeat stopped."""
-    lost = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.system_attrs.get(OWNER)
-        if owner and not _running_elsewhere(owner):
-            _retry(study, t, "the search stopped while it ran; retried")
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            lost.append(t.number)
-    return lost + fail_stale(study)
-
-
-def counted(study: optuna.Study) -> tuple[int, int]:
-    """(finished trials that count towards n_trials, running trials)."""
-    done = running = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            done += 1
-        elif t.state == TrialState.FAIL and t.user_attrs.get(STATUS) in FINAL_FAILURES:
-            done += 1
-        elif t.state == TrialState.RUNNING:
-            running += 1
-    return done, running
 
 
 def _recipe_dict(recipe: Recipe) -> dict[str, Any]:
@@ -345,32 +171,6 @@ def _physical_gpus(entry: str) -> str:
             p = visible[int(p)]
         out.append(p)
     return ",".join(out)
-
-
-class _Heartbeat:
-    """Records a running trial's heartbeat every interval from a thread of its own, so that no slow
-    step of the search process (memory estimate, telling) makes a live worker look dead."""
-
-    def __init__(self, storage: optuna.storages.BaseStorage, trial: optuna.Trial, log: Callable[[str], None]):
-        self.storage, self.trial, self.log = storage, trial, log
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-
-    def __enter__(self) -> _Heartbeat:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.done.set()
-        self.thread.join()
-
-    def _beat(self) -> None:
-        interval = heartbeat_settings()[0]
-        while not self.done.wait(interval):
-            try:
-                self.storage.record_heartbeat(self.trial._trial_id)  # type: ignore[attr-defined]
-            except Exception as e:  # a database hiccup must not stop the trial; the next beat retries
-                self.log(f"trial {self.trial.number}: heartbeat not recorded ({type(e).__name__}); retrying")
 
 
 class Search:
@@ -497,7 +297,7 @@ class Search:
                     done, running = counted(self.study)
                     storage, tid = self.study._storage, trial._trial_id
                     if self.n_trials is None or done + running <= self.n_trials:
-                        storage.record_heartbeat(tid)  # from now on it is found if this process dies
+                        storage.record_heartbeat(tid)  # type: ignore[attr-defined]  # found from now on if it dies
                         storage.set_trial_system_attr(tid, OWNER, worker_id())
                         return trial
                     storage.set_trial_state_values(tid, TrialState.WAITING)
@@ -602,7 +402,7 @@ class Search:
         for metric, bound in self.recipe.constraints.items():
             v = result.metrics.get(metric)
             worst = 0.0
-            if finite(v):
+            if v is not None and finite(v):
                 if "max" in bound:
                     worst = max(worst, (v - bound["max"]) / max(abs(bound["max"]), 1e-9))
                 if "min" in bound:
@@ -631,7 +431,7 @@ class Search:
                     v = max(seen) if direction == "minimize" else min(seen)
                 else:
                     v = 0.0 if direction == "maximize" else 1e6
-            out.append(float(v))
+            out.append(float(v))  # type: ignore[arg-type]  # finite or replaced above
         return out
 
     def _tell(self, trial: optuna.Trial, result: TrialResult) -> None:
