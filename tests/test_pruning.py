@@ -133,8 +133,14 @@ def test_multi_objective_keeps_fast_trials_that_loss_alone_would_prune() -> None
     assert pareto.should_prune(study, me, R1, 8.5, slow)
     # All 9 are mutually non-dominated (loss up, throughput up): one front, everyone continues.
     assert not pareto.should_prune(study, me, R1, 8.5, {"train_throughput": 900.0, "peak_memory_gb": 1.0})
-    # A throughput edge smaller than measurement noise (805 vs 800) buys nothing: worse loss, pruned.
-    assert pareto.should_prune(study, me, R1, 8.5, {"train_throughput": 805.0, "peak_memory_gb": 1.0})
+    # Without a tolerance any edge counts; with metric_tolerance=0.1 a throughput edge under 10% (805 vs
+    # 800, measurement noise) buys nothing: the worse loss decides and the trial is pruned.
+    assert not pareto.should_prune(study, me, R1, 8.5, {"train_throughput": 805.0, "peak_memory_gb": 1.0})
+    tolerant = ASHAPruner(objectives=OBJECTIVES, metric_tolerance=0.1)
+    assert tolerant.should_prune(study, me, R1, 8.5, {"train_throughput": 805.0, "peak_memory_gb": 1.0})
+    assert not tolerant.should_prune(study, me, R1, 8.5, {"train_throughput": 900.0, "peak_memory_gb": 1.0})
+    with pytest.raises(ValueError, match="metric_tolerance"):
+        make_pruner("asha", metric_tolerance=1.5)
 
 
 def test_multi_objective_counts_better_fronts_against_keep() -> None:
