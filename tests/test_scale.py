@@ -270,3 +270,23 @@ def test_gpus_pins_one_trial_per_gpu_entry(tmp_path, tiny_assets):
     for t in trials:
         assert t.user_attrs["llmtune.info"]["device"] == "cuda"
         assert t.user_attrs[METRICS_KEY]["peak_memory_gb"] > 0
+
+
+def test_a_retry_goes_before_a_trial_given_back_at_the_cap():
+    """A worker that lost the race for the last slot gave its trial back (WAITING, nothing sampled). When
+    another worker's trial is then lost, its retry must run first, or the given-back trial takes the slot
+    and the lost configuration never runs again."""
+    from llmtune.storage import _retry
+
+    study = optuna.create_study(directions=["minimize"])
+    lost = study.ask()
+    lost.suggest_int("lora_r", 4, 64)
+    given_back = study.ask()
+    study._storage.set_trial_state_values(given_back._trial_id, TrialState.WAITING)
+    _retry(study, lost, "worker died")
+    study._storage.set_trial_state_values(lost._trial_id, TrialState.FAIL)
+    nxt = study.ask()
+    assert nxt.number == given_back.number  # the oldest waiting trial, now carrying the retry
+    assert nxt.suggest_int("lora_r", 4, 64) == lost.params["lora_r"]
+    assert nxt.user_attrs[RETRY_OF] == lost.number
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 0  # no extra trial was queued
