@@ -78,4 +78,4 @@ def load_results(target: str | os.PathLike, study_name: str | None = None, stora
     """Open a finished or running search by its output_dir or storage URL."""
     from llmtune.results import load_results as _load
 
-    return _load(target, study_name=study_name, storage=storage)
+    return _load(os.fspath(target), study_name=study_name, storage=storage)

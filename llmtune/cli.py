@@ -85,11 +85,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, overrides)
     # --set values become fixed values of the space (checked like recipe values); the rest of the
     # searched settings take their midpoints / first choices.
-    base = dict(recipe.search)
+    space = dict(recipe.search)
     for given, rival in (("lora_alpha", "lora_alpha_ratio"), ("warmup_steps", "warmup_ratio")):
         if given in values:
-            base.pop(rival, None)
-    settings = SearchSpace.from_dict({**base, **values}).complete({})
+            space.pop(rival, None)
+    settings = SearchSpace.from_dict({**space, **values}).complete({})
     out = Path(args.out or Path(recipe.output_dir) / "train")
     print(f"training one trial of {recipe.model.name} on {recipe.data.source} -> {out}", file=sys.stderr)
     result = train(recipe, settings, out_dir=out, in_process=False)
@@ -187,8 +187,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
     if args.gpu_memory:
         budget, where = _parse_gb(args.gpu_memory), f"--gpu-memory {args.gpu_memory}"
-    elif gpu_memory_bytes(0):
-        budget, where = gpu_memory_bytes(0) / 2**30, "this machine's GPU 0"
+    elif total := gpu_memory_bytes(0):
+        budget, where = total / 2**30, "this machine's GPU 0"
     else:
         budget, where = None, ""
     limit = recipe.constraints.get("peak_memory_gb", {}).get("max")

@@ -254,7 +254,7 @@ def _memory(result: SearchResult) -> go.Figure | None:
                    customdata=[p[2].number for p in pts], text=[_hover(result, p[2]) for p in pts],
                    hovertemplate="%{text}<extra></extra>")])
     chosen = [p for p in pts if best is not None and p[2].number == best.number]
-    if chosen:
+    if chosen and best is not None:
         fig.add_trace(go.Scatter(x=[chosen[0][0]], y=[chosen[0][1]], mode="markers", name=f"chosen (trial {best.number})",
                                  customdata=[best.number], marker=dict(color=GOLD, size=18, symbol="star", line=dict(color="black", width=1))))
     title = "Predicted vs measured peak memory"
@@ -300,7 +300,7 @@ def pareto_png(result: SearchResult, path: str | Path, x: str | None = None, y: 
     ax.grid(alpha=0.3)
     legend = ax.legend(fontsize=8, frameon=False)
     for handle in legend.legend_handles:  # same-size legend marks, whatever the plot sizes
-        handle.set_sizes([60])
+        handle.set_sizes([60])  # type: ignore[union-attr]  # scatter legend handles are collections
     mfig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -174,7 +174,7 @@ def load_results(target: str | Path, study_name: str | None = None, storage: str
         out = Path(target)
         if not (out / "study.db").exists() and storage is None:
             raise FileNotFoundError(f"{out} holds no study.db; pass the output_dir of a search or a storage URL")
-    url = storage or f"sqlite:///{Path(out).resolve() / 'study.db'}"
+    url = storage or f"sqlite:///{Path(target).resolve() / 'study.db'}"  # no storage: target is a folder
     names = optuna.get_all_study_names(storage=open_storage(url))
     if study_name is None:
         if len(names) != 1:

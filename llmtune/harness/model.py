@@ -98,7 +98,7 @@ def apply_lora(model: Any, settings: dict[str, Any]):
             raise ValueError(f"search.lora_target_modules: {missing} not in this model; its linear layers are {linear}")
     lora = LoraConfig(
         r=int(settings["lora_r"]),
-        lora_alpha=float(settings["lora_alpha"]),
+        lora_alpha=float(settings["lora_alpha"]),  # type: ignore[arg-type]  # alpha = ratio * r may be fractional
         lora_dropout=float(settings["lora_dropout"]),
         target_modules=targets,
         use_rslora=bool(settings["use_rslora"]),

@@ -147,7 +147,12 @@ class _Trackers:
                 from torch.utils.tensorboard import SummaryWriter
 
                 writer = SummaryWriter(str(out_dir / "tensorboard"))
-                self.sinks.append(lambda m, s, w=writer: [w.add_scalar(k, v, s) for k, v in m.items()] and w.flush())
+                def to_tensorboard(metrics: dict[str, float], step: int, w: Any = writer) -> None:
+                    for k, v in metrics.items():
+                        w.add_scalar(k, v, step)
+                    w.flush()
+
+                self.sinks.append(to_tensorboard)
             elif name == "mlflow":
                 import mlflow
 
