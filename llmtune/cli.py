@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--study-name", help="study name in the storage (default: the recipe name)")
     s.add_argument("--output-dir", help="override output_dir")
     s.add_argument("--workers", type=int, default=1, help="trials at once on this machine (CPU)")
-    s.add_argument("--gpus", help="GPUs this process can see, one trial per entry: 0,1,2,3, all, or groups 0+1,2+3 for multi-GPU trials")
+    s.add_argument("--gpus", help="GPUs this process can see, one trial per entry: 0,1,2,3, all, or groups 0+1,2+3 (a trial sees the group; the model loads on its first GPU)")
     s.add_argument("--quiet", action="store_true", help="plain progress lines instead of the live view")
     s.set_defaults(func=cmd_search)
 

@@ -53,12 +53,17 @@ def _md_table(rows: list[dict[str, Any]]) -> str:
 
 
 def public_recipe(result: SearchResult) -> dict[str, Any]:
-    """The recipe as shipped with the card: storage passwords masked, local output paths dropped."""
+    """The recipe as shipped with the card: storage passwords masked, local paths cut to their last part
+    (a model or data folder on this machine says nothing to a reader and may say too much)."""
     data = result.recipe.to_dict()
     study = data.get("study") or {}
     if study.get("storage"):
         study["storage"] = mask_url(str(study["storage"]))
     data["output_dir"] = Path(str(data.get("output_dir") or "runs")).name
+    for section, key in (("model", "name"), ("data", "source"), ("data", "eval_source")):
+        value = (data.get(section) or {}).get(key)
+        if value and hub_id(str(value)) is None and str(value) not in TINY_NAMES:
+            data[section][key] = Path(str(value)).name
     return data
 
 
@@ -69,7 +74,8 @@ def card_metadata(result: SearchResult, trial: FrozenTrial, repo_id: str | None,
     recipe = result.recipe
     base, data = hub_id(recipe.model.name), hub_id(recipe.data.source)
     metrics = trial.user_attrs.get(METRICS_KEY) or {}
-    evals = [EvalResult(task_type="text-generation", dataset_type=data or "custom", dataset_name=data or recipe.data.source,
+    local_data = Path(recipe.data.source).name  # a local path is not published whole
+    evals = [EvalResult(task_type="text-generation", dataset_type=data or "custom", dataset_name=data or local_data,
                         dataset_split="eval", metric_type=name, metric_name=name, metric_value=float(metrics[name]))
              for name in [*recipe.objectives, *(m for m in metrics if m not in recipe.objectives)]
              if name in METRICS and isinstance(metrics.get(name), (int, float))]

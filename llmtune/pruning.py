@@ -141,6 +141,9 @@ def _pareto_ranks(points: np.ndarray, tolerance: float = 0.0) -> np.ndarray:
     while left.any():
         dominated = (dominates[left][:, left]).any(axis=0)
         front = np.flatnonzero(left)[~dominated]
+        if front.size == 0:  # a tolerance can make dominance cyclic: the rest share the next rank
+            ranks[left] = rank
+            break
         ranks[front] = rank
         left[front] = False
         rank += 1

@@ -19,7 +19,8 @@ OVER_BUDGET = "over_budget"  # predicted or measured over a constraint (infeasib
 CRASHED = "crashed"          # any other error; the log tail is kept
 TIMEOUT = "timeout"          # killed at study.trial_timeout
 INTERRUPTED = "interrupted"  # the search was stopped (Ctrl-C) or died; the config is retried
-STATUSES = (COMPLETE, PRUNED, OOM, OVER_BUDGET, CRASHED, TIMEOUT, INTERRUPTED)
+SURPLUS = "surplus"          # asked for but never run: another worker took the last of n_trials first
+STATUSES = (COMPLETE, PRUNED, OOM, OVER_BUDGET, CRASHED, TIMEOUT, INTERRUPTED, SURPLUS)
 INFEASIBLE = (OOM, OVER_BUDGET)
 
 

@@ -119,23 +119,12 @@ def storage_url(recipe: Recipe, override: str | None = None) -> str:
 def _retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str | None) -> None:
     """Queue a lost trial's exact settings again (it does not count towards n_trials). With a reason,
     also mark it interrupted: only possible while it is unfinished, as Optuna freezes finished trials.
-
-    The retry must run before any fresh trial: `ask` takes the oldest WAITING trial, and a trial that a
-    worker gave back at the n_trials cap (WAITING, nothing sampled yet) would otherwise go first and
-    use up the last slot. So the oldest such trial becomes the retry; only without one is a new
-    trial queued."""
+    Queued trials are the only WAITING ones (a surplus trial is ended, not given back: `Search._claim`),
+    so the next `ask` of any worker runs it."""
     storage = study._storage
     if reason is not None:
         storage.set_trial_user_attr(trial._trial_id, STATUS, INTERRUPTED)
         storage.set_trial_user_attr(trial._trial_id, REASON, reason)
-    for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if "fixed_params" in waiting.system_attrs or waiting.params:
-            continue  # a queued retry or a user-enqueued trial: keep it as it is
-        # (a worker that takes this trial up in the milliseconds between these writes runs it with
-        # fresh settings; that race is left open, it costs one retry at worst)
-        storage.set_trial_system_attr(waiting._trial_id, "fixed_params", dict(trial.params))
-        storage.set_trial_user_attr(waiting._trial_id, RETRY_OF, trial.number)
-        return
     study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
 
 
@@ -214,8 +203,16 @@ def recover_lost_trials(study: optuna.Study) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.system_attrs.get(OWNER)
         if owner and not _running_elsewhere(owner):
-            _retry(study, t, "the search stopped while it ran; retried")
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            # several processes restarting on this host may find it at once: the FAIL transition succeeds
+            # for one of them, and only that one queues the retry (as in fail_stale)
+            try:
+                study._storage.set_trial_user_attr(t._trial_id, STATUS, INTERRUPTED)
+                study._storage.set_trial_user_attr(t._trial_id, REASON, "the search stopped while it ran; retried")
+                if not study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            _retry(study, t, None)
             lost.append(t.number)
     return lost + fail_stale(study)
 

@@ -38,6 +38,7 @@ from llmtune.result import (
     INTERRUPTED,
     OVER_BUDGET,
     PRUNED,
+    SURPLUS,
     TrialResult,
     finite,
 )
@@ -176,8 +177,8 @@ def _physical_gpus(entry: str) -> str:
 class Search:
     """One search process: any number of worker threads, each running trial processes in turn.
 
-    `gpus` pins each worker to one GPU (CUDA_VISIBLE_DEVICES); an entry may name a group, "0+1", for
-    trials that spread one model over several GPUs (device_map: auto). Many search processes may share
+    `gpus` pins each worker to one GPU (CUDA_VISIBLE_DEVICES); an entry may name a group, "0+1", which
+    the trial sees whole (the harness still loads the model on the group's first GPU). Many search processes may share
     one study (same storage and study name): together they run n_trials trials.
     """
 
@@ -283,8 +284,9 @@ class Search:
 
         Several processes may ask at once for the last slot. Each checks again after `ask`, when its
         own trial is in the storage: if finished + running trials now exceed n_trials, it gives the
-        trial back (RUNNING -> WAITING, so the next ask takes it up again, params and all) and tries
-        later. Of two racing asks, the one that checks second sees both trials and gives back, so
+        trial up and tries later. A queued retry goes back to WAITING (params and all) for the next
+        ask; a fresh trial, whose settings are not sampled yet, is ended as FAIL with status
+        ``surplus`` (it counts for nothing), so that WAITING trials are always retries and run first. Of two racing asks, the one that checks second sees both trials and gives back, so
         n_trials is never exceeded; if both give back, random backoff breaks the tie. Storage reads
         see every committed trial (Optuna creates trials under a lock on the study row).
         """
@@ -300,7 +302,12 @@ class Search:
                         storage.record_heartbeat(tid)  # type: ignore[attr-defined]  # found from now on if it dies
                         storage.set_trial_system_attr(tid, OWNER, worker_id())
                         return trial
-                    storage.set_trial_state_values(tid, TrialState.WAITING)
+                    if "fixed_params" in trial._cached_frozen_trial.system_attrs:
+                        storage.set_trial_state_values(tid, TrialState.WAITING)  # a retry: keep it queued
+                    else:
+                        storage.set_trial_user_attr(tid, STATUS, SURPLUS)
+                        storage.set_trial_user_attr(tid, REASON, "another worker took the last of n_trials")
+                        storage.set_trial_state_values(tid, TrialState.FAIL)
             if state == "done":
                 return None
             self.stop.wait(min(5.0, max(0.5, interval / 4)) * random.uniform(0.5, 1.5))
@@ -480,13 +487,28 @@ def finalize(study: optuna.Study, recipe: Recipe, log: Callable[[str], None] = p
         src = Path(best.user_attrs.get(DIR, "")) / "adapter"
         dst = out / "best"
         if src.is_dir():
-            # Workers sharing one output_dir may finish at once: the last copy wins, none fails.
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst / "adapter", dirs_exist_ok=True)
-            (dst / "trial.json").write_text(json.dumps({
+            # Workers sharing one output_dir may finish at once: each builds its copy aside and swaps it
+            # in whole, so best/ never mixes two trials; the last swap wins, none fails.
+            tmp = out / f".best-{os.getpid()}-{threading.get_ident()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp / "adapter")
+            (tmp / "trial.json").write_text(json.dumps({
                 "trial": best.number, "settings": best.user_attrs.get(SETTINGS),
                 "metrics": best.user_attrs.get(METRICS_KEY), "selected_by": recipe.select.by,
                 "base_model": recipe.model.name}, indent=2, default=str))
+            for attempt in range(5):  # a directory cannot replace a non-empty one: move the old one aside
+                old = out / f".best-old-{os.getpid()}-{threading.get_ident()}-{attempt}"
+                try:
+                    os.replace(dst, old)
+                except FileNotFoundError:
+                    pass
+                try:
+                    os.replace(tmp, dst)
+                    break
+                except OSError:  # another worker swapped its copy in meanwhile: move that aside too
+                    continue
+            for leftover in out.glob(f".best-*-{os.getpid()}-{threading.get_ident()}*"):
+                shutil.rmtree(leftover, ignore_errors=True)
     try:
         from llmtune.report import write_report
 

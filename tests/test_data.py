@@ -68,3 +68,11 @@ def test_broken_json_lines_is_a_clear_error(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"instruction": "a"}\n{"instruction": \n')
     with pytest.raises(DataError, match=r"bad\.jsonl.*not valid JSON.*fix the file"):
         load_splits(data_cfg(source=str(tmp_path / "bad.jsonl")))
+
+
+def test_a_json_object_file_is_read_by_datasets_not_refused(tmp_path):
+    from llmtune.harness.data import _load_file
+
+    path = tmp_path / "columns.json"
+    path.write_text(json.dumps({"text": ["a b", "c d"]}, indent=2))  # one object over several lines
+    assert _load_file(path)  # handed to `datasets` as before, no "not valid JSON" error

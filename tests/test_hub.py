@@ -295,3 +295,21 @@ def test_merged_export_matches_the_adapter(searched, tmp_path):
         adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), str(exp.path))(ids).logits
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m" / "merged")(ids).logits
     assert torch.allclose(adapted, merged, atol=1e-4)
+
+
+def test_model_card_recipe_does_not_publish_local_paths(tmp_path):
+    from types import SimpleNamespace
+
+    from conftest import tiny_recipe_dict
+
+    from llmtune.modelcard import public_recipe
+    from llmtune.recipe import recipe_from_dict
+
+    data_file = tmp_path / "private-folder" / "train.jsonl"
+    data_file.parent.mkdir()
+    data_file.write_text('{"text": "a b c"}\n')
+    recipe = recipe_from_dict(tiny_recipe_dict(tmp_path, data={"source": str(data_file), "format": "text"}))
+    shipped = public_recipe(SimpleNamespace(recipe=recipe))
+    assert shipped["data"]["source"] == "train.jsonl"
+    assert shipped["model"]["name"] == "llmtune/tiny"  # built-in names stay as they are
+    assert "private-folder" not in str(shipped)

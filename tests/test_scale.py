@@ -35,6 +35,7 @@ from llmtune.study import (
     mask_url,
     open_storage,
     open_study,
+    worker_id,
 )
 
 FAST = {
@@ -123,8 +124,9 @@ def test_the_last_slot_goes_to_one_process_the_other_gives_its_trial_back(tmp_pa
     worker.start()
     time.sleep(2)
     assert worker.is_alive()  # waits: the rival's trial might still fail and need a retry
-    states = [t.state for t in rival.get_trials()]
-    assert states == [TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING]  # ours went back
+    trials = rival.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.RUNNING, TrialState.FAIL]  # ours: given up
+    assert trials[2].user_attrs[STATUS] == "surplus" and not trials[2].params  # never sampled, never run
     assert counted(rival) == (1, 1)
     rival.tell(rival_trials[0], [2.0, 2.0])
     worker.join(timeout=20)
@@ -272,21 +274,23 @@ def test_gpus_pins_one_trial_per_gpu_entry(tmp_path, tiny_assets):
         assert t.user_attrs[METRICS_KEY]["peak_memory_gb"] > 0
 
 
-def test_a_retry_goes_before_a_trial_given_back_at_the_cap():
-    """A worker that lost the race for the last slot gave its trial back (WAITING, nothing sampled). When
-    another worker's trial is then lost, its retry must run first, or the given-back trial takes the slot
-    and the lost configuration never runs again."""
-    from llmtune.storage import _retry
+def test_a_lost_trial_is_retried_once_when_several_processes_restart_together(tmp_path):
+    """Two search processes restarting on the host where a trial's worker died both find it: the FAIL
+    transition succeeds for one, which alone queues the retry; the other neither retries nor crashes."""
+    from llmtune.storage import recover_lost_trials
 
-    study = optuna.create_study(directions=["minimize"])
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=open_storage(url), study_name="s", directions=["minimize"])
     lost = study.ask()
     lost.suggest_int("lora_r", 4, 64)
-    given_back = study.ask()
-    study._storage.set_trial_state_values(given_back._trial_id, TrialState.WAITING)
-    _retry(study, lost, "worker died")
-    study._storage.set_trial_state_values(lost._trial_id, TrialState.FAIL)
-    nxt = study.ask()
-    assert nxt.number == given_back.number  # the oldest waiting trial, now carrying the retry
-    assert nxt.suggest_int("lora_r", 4, 64) == lost.params["lora_r"]
-    assert nxt.user_attrs[RETRY_OF] == lost.number
-    assert len(study.get_trials(states=(TrialState.WAITING,))) == 0  # no extra trial was queued
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    study._storage.set_trial_system_attr(lost._trial_id, OWNER, f"{worker_id().rpartition(':')[0]}:{dead.stdout.strip()}")
+    other = optuna.load_study(study_name="s", storage=open_storage(url))
+    stale = other.get_trials(states=(TrialState.RUNNING,))  # the second process saw it running too
+    assert recover_lost_trials(study) == [lost.number]
+    other.get_trials = lambda *a, **k: stale  # its view predates the first one's repair
+    assert recover_lost_trials(other) == []
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs[STATUS] == "interrupted"
+    retries = [t for t in trials if t.user_attrs.get(RETRY_OF) == lost.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.WAITING

@@ -58,6 +58,11 @@ def _read_json_rows(path: Path) -> list[dict[str, Any]] | None:
         else:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
+        try:  # one JSON object over several lines (e.g. columns): `datasets` reads those
+            json.loads(text)
+            return None
+        except json.JSONDecodeError:
+            pass
         raise DataError(f"data file {str(path)!r} is not valid JSON / JSON lines ({e}); fix the file") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         return None
