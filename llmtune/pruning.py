@@ -130,7 +130,7 @@ def _pareto_ranks(points: np.ndarray, tolerance: float = 0.0) -> np.ndarray:
     slack = np.zeros(points.shape[1])
     slack[1:] = tolerance
     a, b = points[:, None, :], points[None, :, :]
-    margin = slack * np.abs(b)
+    margin = slack * np.abs(np.where(np.isfinite(b), b, 0.0))  # an infinite loss (diverged peer) has no margin
     # dominates[i, j]: row i is no worse than row j everywhere and better somewhere.
     no_worse = (a <= b + margin).all(axis=2)
     better = (a < b - margin).any(axis=2)

@@ -6,6 +6,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
@@ -346,3 +347,11 @@ def test_make_pruner_errors(name: str, settings: dict[str, object], needles: lis
         make_pruner(name, **settings)
     for needle in needles:
         assert needle in str(info.value)
+
+
+def test_a_diverged_peer_ranks_last_with_and_without_a_tolerance() -> None:
+    from llmtune.pruning import _pareto_ranks
+
+    points = np.array([[1.0, -100.0], [np.inf, -100.0], [2.0, -100.0]])  # loss, -throughput
+    for tolerance in (0.0, 0.1):
+        assert list(_pareto_ranks(points, tolerance)) == [0, 2, 1]
