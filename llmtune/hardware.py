@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import MutableMapping
 
 
 class MissingDependency(RuntimeError):
@@ -69,9 +70,13 @@ def configure_cuda_allocator() -> None:
     allocated. Trial processes get it from the runner before they start; this covers in-process trials
     (``llmtune.train(..., in_process=True)``) and must run before the process's first CUDA allocation.
     """
-    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
-        return
-    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_SETTINGS  # read when the allocator starts
+    set_allocator_default(os.environ)  # read when the allocator starts
+
+
+def set_allocator_default(env: MutableMapping[str, str]) -> None:
+    """Put ALLOCATOR_SETTINGS into an environment that has no allocator configuration of its own."""
+    if not (env.get("PYTORCH_CUDA_ALLOC_CONF") or env.get("PYTORCH_ALLOC_CONF")):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_SETTINGS
 
 
 def resolve_device(requested: str) -> str:

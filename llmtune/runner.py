@@ -76,9 +76,8 @@ class TrialProcess:
             "recipe": job.recipe, "values": job.values, "out_dir": str(job.out_dir),
             "fractions": job.fractions, "trial_number": job.trial_number}, default=str))
         env = {**os.environ, **job.env, "PYTHONUNBUFFERED": "1", "LLMTUNE_PARENT_PID": str(os.getpid())}
-        if not (env.get("PYTORCH_CUDA_ALLOC_CONF") or env.get("PYTORCH_ALLOC_CONF")):
-            # set before the process exists, so no import order can start the allocator without it
-            env["PYTORCH_CUDA_ALLOC_CONF"] = hardware.ALLOCATOR_SETTINGS
+        # set before the process exists, so no import order can start the allocator without it
+        hardware.set_allocator_default(env)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmtune.harness.worker", str(self.spec_path)],
