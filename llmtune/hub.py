@@ -238,7 +238,8 @@ def push_to_hub(output_dir: str | Path | SearchResult, repo_id: str | None = Non
     """Export a trial's adapter (default: the chosen one) and upload the folder to the Hub in one commit.
 
     repo_id / private / revision default to the recipe's ``hub:`` section. The repository is created if
-    missing; ``revision`` names a branch (created from main if missing). ``dry_run`` exports and lists
+    missing; a private push onto an existing public repository is refused (it would publish the adapter).
+    ``revision`` names a branch (created from main if missing). ``dry_run`` exports and lists
     the files without contacting the Hub. On failure the export stays on disk and the error says where.
     """
     result = _as_result(output_dir)
@@ -264,11 +265,20 @@ def push_to_hub(output_dir: str | Path | SearchResult, repo_id: str | None = Non
     api = HfApi(endpoint=endpoint, token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        # create_repo leaves a repository that already exists as it is: a public one would publish the adapter.
+        if private and api.repo_info(repo_id, repo_type="model").private is False:
+            raise HubError(f"{repo_id} already exists on the Hub and is public, but this push is private "
+                           "(--private, or hub.private: true, the default); nothing was uploaded. Make the repository "
+                           f"private first (HfApi().update_repo_settings({repo_id!r}, private=True), or its Settings "
+                           "page on the Hub), or push it as public (--public, or hub.private: false), or push to "
+                           f"another --repo-id ({kept})")
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(export.path / f)) for f in export.files]
         info = api.create_commit(repo_id, operations=ops, revision=revision,
                                  commit_message=commit_message or f"llmtune: adapter of trial {t.number} ({result.study.study_name})")
+    except HubError:
+        raise
     except Exception as e:  # HTTP errors, refused connections, bad metadata: one message, token masked
         raise HubError(f"push to {repo_id} failed: {_mask(f'{type(e).__name__}: {e}', token)} ({kept})", code=1) from None
     push.url, push.commit_oid, push.commit_url = str(url), info.oid, info.commit_url

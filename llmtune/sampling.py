@@ -7,12 +7,16 @@ deterministic given its settings and seed. `UniqueSampler` asks the wrapped samp
 happens and, if it keeps repeating itself, runs an untried configuration drawn at random (which
 is what exploration should do at that point anyway). Spaces with a float range are left alone:
 repeats there have probability zero.
+
+A configuration is what a trial runs: its active settings, the parameters it actually has. In a
+conditional space (``bnb_4bit_*`` only with 4-bit quantization) a proposal also values the settings
+it leaves inactive, and those must not make a repeat look new.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +31,7 @@ from llmtune.space import SearchSpace
 # given its settings, so the same configuration would crash again. (Trials lost with their worker
 # are re-queued by the search loop with fixed parameters, which take precedence over this sampler.)
 _TRIED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL)
+_MISSING = object()
 
 
 def _choices(distribution: BaseDistribution) -> list[Any] | None:
@@ -63,29 +68,30 @@ class UniqueSampler(optuna.samplers.BaseSampler):
         if not search_space or any(c is None for c in choices.values()):
             return self.sampler.sample_relative(study, trial, search_space)
         names = sorted(search_space)
-        tried = {tuple(t.params.get(n) for n in names)
-                 for t in study.get_trials(deepcopy=False, states=_TRIED) if t.number != trial.number}
+        tried = _Tried((t.params for t in study.get_trials(deepcopy=False, states=_TRIED) if t.number != trial.number),
+                       names)
         params: dict[str, Any] = {}
         for _ in range(self.retries):
             params = self.sampler.sample_relative(study, trial, search_space)
             if not params:
                 break  # the wrapped sampler is in its random start-up: draw untried points here
-            if tuple(params.get(n) for n in names) not in tried:
+            if not tried.covers(params):
                 return params
         fresh = self._untried(names, choices, tried)  # type: ignore[arg-type]
         return fresh if fresh is not None else params
 
-    def _untried(self, names: list[str], choices: dict[str, list[Any]], tried: set[tuple[Any, ...]]
-                 ) -> dict[str, Any] | None:
+    def _untried(self, names: list[str], choices: dict[str, list[Any]], tried: _Tried) -> dict[str, Any] | None:
         size = int(np.prod([len(choices[n]) for n in names], dtype=np.float64))
         if len(tried) >= size:
             return None  # every configuration has run: repeats are all that is left
         for _ in range(1000):  # rejection sampling: cheap while most of the space is untried
-            pick = tuple(choices[n][self._rng.randint(len(choices[n]))] for n in names)
-            if pick not in tried:
-                return dict(zip(names, pick, strict=True))
-        untried = [p for p in _product([choices[n] for n in names]) if p not in tried]
-        return dict(zip(names, untried[self._rng.randint(len(untried))], strict=True))
+            pick = dict(zip(names, [choices[n][self._rng.randint(len(choices[n]))] for n in names], strict=True))
+            if not tried.covers(pick):
+                return pick
+        untried = [p for p in (dict(zip(names, combo, strict=True)) for combo in _product([choices[n] for n in names]))
+                   if not tried.covers(p)]
+        # A conditional space has fewer configurations than the product counted above: it can run out here.
+        return untried[self._rng.randint(len(untried))] if untried else None
 
     def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
@@ -96,6 +102,30 @@ class UniqueSampler(optuna.samplers.BaseSampler):
 
     def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
         self.sampler.after_trial(study, trial, state, values)
+
+
+class _Tried:
+    """The configurations already run, each as the parameters (of the relative search space) its trial has.
+
+    A proposal values every parameter, active or not. An objective asks for the same parameters in the
+    same order whenever it gets the same answers, so a proposal that agrees with a tried trial on every
+    parameter that trial has would run that trial again: the values it gives beyond those are never
+    asked for. Trials are kept by which parameters they have (a few shapes: 4-bit or not), so that
+    check is one set lookup a shape."""
+
+    def __init__(self, trials: Iterable[dict[str, Any]], names: Sequence[str]) -> None:
+        self._by_shape: dict[tuple[str, ...], set[tuple[Any, ...]]] = {}
+        for params in trials:
+            shape = tuple(n for n in names if n in params)
+            if shape:  # a trial not yet given its parameters (another worker's, just claimed) has run nothing
+                self._by_shape.setdefault(shape, set()).add(tuple(params[n] for n in shape))
+
+    def __len__(self) -> int:
+        return sum(len(values) for values in self._by_shape.values())
+
+    def covers(self, proposal: dict[str, Any]) -> bool:
+        """Whether a trial given these values would repeat a tried configuration."""
+        return any(tuple(proposal.get(n, _MISSING) for n in shape) in values for shape, values in self._by_shape.items())
 
 
 def _product(lists: list[list[Any]]) -> list[tuple[Any, ...]]:

@@ -1,8 +1,8 @@
 """Export and push: the adapter round-trips through PEFT, the card parses, a push reaches a stand-in Hub.
 
 One tiny search (module fixture) feeds every test. The "Hub" is an HTTP server on 127.0.0.1 that
-speaks the few endpoints huggingface_hub's HfApi calls for create_repo / create_branch / create_commit;
-a guard on the client refuses any other host, so no test can reach the real Hub.
+speaks the few endpoints huggingface_hub's HfApi calls for create_repo / repo_info / create_branch /
+create_commit; a guard on the client refuses any other host, so no test can reach the real Hub.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def searched(tmp_path_factory, tiny_model_path, tiny_data_path):
 
 
 class FakeHub(BaseHTTPRequestHandler):
-    """Just enough of the Hub API for HfApi.create_repo / create_branch / create_commit."""
+    """Just enough of the Hub API for HfApi.create_repo / repo_info / create_branch / create_commit.
+
+    state["repos"] maps each repository that exists to whether it is private; a test may seed it."""
 
     state: dict[str, Any]
 
@@ -66,8 +68,12 @@ class FakeHub(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         if path == "/api/repos/create":
             payload = json.loads(body)
+            repo = f"{payload['organization']}/{payload['name']}"
+            if repo in st["repos"]:  # as the Hub answers: a conflict, which exist_ok=True accepts
+                return self._reply(409, {"error": "You already created this model repo", "url": f"{st['base']}/{repo}"})
             st["created"].append(payload)
-            return self._reply(200, {"url": f"{st['base']}/{payload['organization']}/{payload['name']}"})
+            st["repos"][repo] = payload.get("visibility") == "private"
+            return self._reply(200, {"url": f"{st['base']}/{repo}"})
         if path == "/api/validate-yaml":
             return self._reply(200, {"errors": [], "warnings": []})
         parts = path.split("/")  # /api/models/<ns>/<name>/<op>/<rev>
@@ -90,6 +96,24 @@ class FakeHub(BaseHTTPRequestHandler):
         st["unknown"].append(self.path)
         return self._reply(404, {"error": f"not implemented: {self.path}"})
 
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        st = self.state
+        if self.path.split("?")[0] == "/api/agent-harnesses":
+            # huggingface_hub's own registry fetch, once a process and without the token: no part of a push.
+            # A 404 makes it give up without caching anything under HF_HOME.
+            return self._reply(404, {"error": "not served here"})
+        st["requests"].append((self.command, self.path, self.headers.get("Authorization")))
+        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return self._reply(401, {"error": "Invalid credentials"})
+        parts = self.path.split("?")[0].split("/")  # /api/models/<ns>/<name>[/revision/<rev>]
+        if len(parts) in (5, 7) and parts[:3] == ["", "api", "models"]:
+            repo = f"{parts[3]}/{parts[4]}"
+            if repo not in st["repos"]:
+                return self._reply(404, {"error": "Repository not found"})
+            return self._reply(200, {"id": repo, "private": st["repos"][repo], "sha": "0" * 40})
+        st["unknown"].append(self.path)
+        return self._reply(404, {"error": f"not implemented: {self.path}"})
+
 
 @pytest.fixture
 def hub(monkeypatch):
@@ -98,7 +122,7 @@ def hub(monkeypatch):
     import huggingface_hub
     from huggingface_hub.utils._http import hf_request_event_hook
 
-    state: dict[str, Any] = {"requests": [], "created": [], "branches": [], "commits": [], "unknown": []}
+    state: dict[str, Any] = {"requests": [], "created": [], "repos": {}, "branches": [], "commits": [], "unknown": []}
     handler = type("Hub", (FakeHub,), {"state": state})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     state["base"] = f"http://127.0.0.1:{server.server_address[1]}"
@@ -238,6 +262,31 @@ def test_push_failures_are_clear_and_keep_the_export(searched, hub, tmp_path, mo
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(HubError, match="HF_HUB_OFFLINE"):
         push_to_hub(out, "alice/x", token=TOKEN, export_dir=tmp_path / "d")
+
+
+def test_private_push_onto_an_existing_public_repo_is_refused_and_uploads_nothing(searched, hub, tmp_path, capfd):
+    hub["repos"].update({"alice/shared": False, "alice/secret": True})  # both exist: one public, one private
+    with pytest.raises(HubError) as e:
+        push_to_hub(searched, "alice/shared", private=True, revision="exp", export_dir=tmp_path / "a")
+    msg = str(e.value)
+    assert "alice/shared already exists on the Hub and is public" in msg and "nothing was uploaded" in msg
+    assert "HfApi().update_repo_settings('alice/shared', private=True)" in msg and "--public" in msg
+    assert e.value.code == 2 and str(tmp_path / "a") in msg and TOKEN not in msg
+    assert (tmp_path / "a" / "adapter_model.safetensors").exists()  # the export is kept for the next try
+    # The CLI default is private (hub.private: true): the same refusal, one line, no traceback.
+    out = str(searched.recipe.output_dir)
+    assert main(["push", out, "--repo-id", "alice/shared", "--export-dir", str(tmp_path / "b")]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("error: alice/shared already exists on the Hub and is public") and "Traceback" not in err
+    assert hub["commits"] == [] and hub["branches"] == [] and hub["created"] == []
+    assert hub["repos"]["alice/shared"] is False  # left as it was
+    assert ("GET", "/api/models/alice/shared", f"Bearer {TOKEN}") in hub["requests"]
+    # A private push onto an existing private repository goes ahead; so does a public push onto the public one.
+    done = push_to_hub(searched, "alice/secret", private=True, export_dir=tmp_path / "c")
+    assert done.commit_oid == f"{1:040x}" and hub["commits"][0]["repo"] == "alice/secret"
+    assert main(["push", out, "--repo-id", "alice/shared", "--public", "--export-dir", str(tmp_path / "d")]) == 0
+    assert [c["repo"] for c in hub["commits"]] == ["alice/secret", "alice/shared"]
+    assert hub["created"] == [] and hub["unknown"] == []
 
 
 @pytest.mark.parametrize("argv, expected", [
