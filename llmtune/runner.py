@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,9 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from llmtune import hardware
+from llmtune import hardware, zygote
 from llmtune.result import COMPLETE, CRASHED, INTERRUPTED, OOM, STATUSES, TIMEOUT, TrialResult
 
 OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "torch.OutOfMemoryError", "MemoryError", "CUBLAS_STATUS_ALLOC_FAILED")
@@ -58,6 +59,8 @@ def classify(returncode: int | None, result: TrialResult | None, tail: str, *, t
         return OOM, "out of memory (from the trial log)"
     if returncode is not None and returncode < 0 and -returncode == signal.SIGKILL:
         return OOM, "killed by SIGKILL with no result: most likely the kernel's out-of-memory killer"
+    if returncode is None:
+        return CRASHED, "the trial process was lost: the fork server that started it stopped"
     last = tail.strip().splitlines()[-1] if tail.strip() else "no output"
     return CRASHED, f"trial process exited with code {returncode}: {last[:300]}"
 
@@ -79,18 +82,37 @@ class TrialProcess:
         # set before the process exists, so no import order can start the allocator without it
         hardware.set_allocator_default(env)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
+        self.started = time.time()
+        started = self._forked(env) or self._fresh(env)
+        self.proc: subprocess.Popen[bytes] | zygote.ForkedProcess = started[0]
+        self._events, self._answers, self.launch = started[1:]
+        self._messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _forked(self, env: dict[str, str]) -> tuple[zygote.ForkedProcess, IO[bytes], IO[bytes], str] | None:
+        """Fork the trial from the search's warm fork server, if one is ready for this environment."""
+        server = zygote.ready_server(os.environ)
+        if server is None:
+            return None
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            proc = server.launch(str(self.spec_path), env, theirs, self._log)
+            if proc is None:
+                return None
+            return proc, ours.makefile("rb"), ours.makefile("wb"), "fork-server"  # the files keep it open
+
+    def _fresh(self, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], IO[bytes], IO[bytes], str]:
+        """A fresh interpreter: first trials of a search, a single `train`, or LLMTUNE_FORK_SERVER=0."""
+        proc = subprocess.Popen(
             [sys.executable, "-m", "llmtune.harness.worker", str(self.spec_path)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
             start_new_session=True,  # its own process group: a kill reaches its helpers too
         )
-        self.started = time.time()
-        self._messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        assert proc.stdout is not None and proc.stdin is not None
+        return proc, proc.stdout, proc.stdin, "fresh"
 
     def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
+        for line in self._events:
             try:
                 self._messages.put(json.loads(line))
             except json.JSONDecodeError:
@@ -99,17 +121,21 @@ class TrialProcess:
 
     def _reply(self, answer: dict[str, Any]) -> None:
         try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write((json.dumps(answer) + "\n").encode())
-            self.proc.stdin.flush()
+            self._answers.write((json.dumps(answer) + "\n").encode())
+            self._answers.flush()
         except (BrokenPipeError, OSError):
             pass  # the child is gone; its exit is handled below
 
     def kill(self) -> None:
+        if self.proc.returncode is not None:
+            return
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        except ProcessLookupError:  # a forked trial killed before its setsid: no group yet
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def wait(self, on_event: Callable[[dict[str, Any]], Any] | None = None,
              heartbeat: Callable[[], None] | None = None, stop: threading.Event | None = None) -> TrialResult:
@@ -147,6 +173,11 @@ class TrialProcess:
         finally:
             self.proc.wait()
             self._log.close()
+            for f in (self._events, self._answers):
+                try:
+                    f.close()
+                except OSError:
+                    pass
         result = TrialResult.load(self.result_path) if self.result_path.exists() else None
         tail = log_tail(self.log_path)
         status, reason = classify(self.proc.returncode, result, tail, timed_out=timed_out,
@@ -157,6 +188,7 @@ class TrialProcess:
         if status != COMPLETE and tail:
             result.info.setdefault("log_tail", tail)
         result.info["process_wall_s"] = time.time() - self.started
+        result.info["launch"] = self.launch
         return result
 
 

@@ -12,6 +12,7 @@ import platform
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,8 @@ class _Trackers:
 
     def __init__(self, names: list[str], out_dir: Path, run_name: str, config: dict[str, Any]):
         self.sinks: list[Callable[[dict[str, float], int], None]] = []
+        # Closed by the trial itself, not left to exit handlers: a trial process ends with os._exit.
+        self.closers: list[Callable[[], Any]] = []
         for name in names:
             hardware.tracker_ready(name)
             if name == "tensorboard":
@@ -153,21 +156,31 @@ class _Trackers:
                     w.flush()
 
                 self.sinks.append(to_tensorboard)
+                self.closers.append(writer.close)
             elif name == "mlflow":
                 import mlflow
 
                 mlflow.start_run(run_name=run_name)
                 mlflow.log_params({k: str(v) for k, v in config.items()})
                 self.sinks.append(lambda m, s: mlflow.log_metrics(m, step=s))
+                self.closers.append(mlflow.end_run)
             elif name == "wandb":
                 import wandb
 
                 wandb.init(project=os.environ.get("WANDB_PROJECT", "llmtune"), name=run_name, config=config)
                 self.sinks.append(lambda m, s: wandb.log(m, step=s))
+                self.closers.append(wandb.finish)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for sink in self.sinks:
             sink(metrics, step)
+
+    def __enter__(self) -> _Trackers:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for close in self.closers:
+            close()
 
 
 def _inject_fault(trial_number: int | None) -> None:
@@ -199,7 +212,9 @@ def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fr
     result = TrialResult(status=COMPLETE, settings=settings)
     started = time.perf_counter()
     try:
-        _run(recipe, settings, out, fractions or eval_fractions(recipe), emit, result, trial_number, save_adapter)
+        with ExitStack() as cleanup:
+            _run(recipe, settings, out, fractions or eval_fractions(recipe), emit, result, trial_number, save_adapter,
+                 cleanup)
     except torch.OutOfMemoryError as e:
         result.status, result.reason = OOM, f"out of memory: {str(e).splitlines()[0][:300]}"
     except MemoryError:
@@ -214,7 +229,7 @@ def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fr
 
 
 def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[float], emit: EventFn,
-         result: TrialResult, trial_number: int | None, save_adapter: bool) -> None:
+         result: TrialResult, trial_number: int | None, save_adapter: bool, cleanup: ExitStack) -> None:
     info = result.info
     info.update(versions=_versions(), trial_number=trial_number, output_dir=str(out))
     threads = os.environ.get("LLMTUNE_THREADS")
@@ -262,7 +277,7 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
     from transformers import get_scheduler
 
     scheduler = get_scheduler(recipe.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=n_steps)
-    trackers = _Trackers(recipe.train.report_to, out, f"trial-{trial_number}", settings)
+    trackers = cleanup.enter_context(_Trackers(recipe.train.report_to, out, f"trial-{trial_number}", settings))
 
     eval_after = {plan.step_at(f): f for f in sorted(fractions) if f > 0}
     eval_s = 0.0

@@ -2,7 +2,8 @@
 
 Protocol: one JSON object per line on the original stdout (events); for each ``eval`` event the
 parent answers one line on stdin, ``{"stop": bool}``. Everything else the process prints (libraries,
-warnings, tracebacks) goes to stderr, which the parent sends to ``trial.log``.
+warnings, tracebacks) goes to stderr, which the parent sends to ``trial.log``. A trial forked by the
+fork server (`llmtune.zygote`) runs `serve` with a socket for events and answers instead.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, TextIO
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -23,22 +24,17 @@ def _exit_with_parent(parent: int) -> None:
         time.sleep(2)
 
 
-def main(spec_path: str) -> int:
-    channel = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # stray prints must not corrupt the event channel
-    sys.stdout = sys.stderr
-
+def serve(spec_path: str, events: TextIO, answers: TextIO, parent: int) -> int:
+    """Run the trial in ``spec_path``: events go out on ``events``, the pruner's answers come in on ``answers``."""
     spec = json.loads(open(spec_path).read())
-    # The runner names its pid: a parent that died while this process was still importing is caught too.
-    parent = int(os.environ.get("LLMTUNE_PARENT_PID", os.getppid()))
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
     def on_event(event: dict[str, Any]) -> bool:
-        channel.write(json.dumps(event) + "\n")
-        channel.flush()
+        events.write(json.dumps(event) + "\n")
+        events.flush()
         if event.get("event") != "eval":
             return False
-        answer = sys.stdin.readline()
+        answer = answers.readline()
         return bool(answer and json.loads(answer).get("stop"))
 
     from llmtune.harness.train import run_trial
@@ -51,5 +47,22 @@ def main(spec_path: str) -> int:
     return 0
 
 
+def main(spec_path: str) -> int:
+    channel = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints must not corrupt the event channel
+    sys.stdout = sys.stderr
+    # The runner names its pid: a parent that died while this process was still importing is caught too.
+    parent = int(os.environ.get("LLMTUNE_PARENT_PID", os.getppid()))
+    return serve(spec_path, channel, sys.stdin, parent)
+
+
+def end(code: int) -> None:
+    """End a trial process at once. Interpreter teardown with torch loaded takes ~1 s on a small CPU and
+    frees nothing the kernel does not free anyway; the trial closed its trackers and wrote its result."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    end(main(sys.argv[1]))

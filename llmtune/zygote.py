@@ -1,0 +1,319 @@
+"""A fork server for trial processes: import torch, transformers and peft once, fork a trial from that.
+
+A fresh ``python -m llmtune.harness.worker`` spends seconds importing the ML stack before it trains
+(~5 s on a 2-core machine: more than a tiny trial's training). The fork server is one helper process
+per search that imports the stack once and never touches CUDA; each trial is ``os.fork()`` of it. So
+each trial is still its own process that gives all its memory back when it exits (the design's
+isolation holds), it just starts warm.
+
+Safety:
+- The server imports with ``PYTORCH_NVML_BASED_CUDA_CHECK=1``, so libraries that ask "is CUDA there?"
+  at import (bitsandbytes does) ask NVML and do not create a CUDA context; a forked child must be the
+  first to use CUDA. A probe child checks that torch did not mark forks as unusable for CUDA; if it
+  did, the server reports it and the runner falls back to fresh processes.
+- A server is started with the search process's environment, and libraries read some of it at import.
+  A trial whose environment (apart from the trial's own variables) differs from the server's gets a
+  fresh process instead, or a new server when the old one is idle.
+- Off with ``LLMTUNE_FORK_SERVER=0``; only on Linux.
+
+Protocol: the search process and the server share a SOCK_SEQPACKET socket pair. The search sends
+``{"id", "spec", "env", "cwd"}`` with two file descriptors (the trial's event channel and its log); the
+server forks and answers ``{"id", "pid"}``, and ``{"exited": pid, "returncode": rc}`` when it ends. The
+server exits when the search process closes its end (or dies), and its children follow (they watch
+their parent, see `llmtune.harness.worker`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import json
+import os
+import queue
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping
+from typing import IO, Any
+
+PRELOAD = ("torch", "transformers", "peft", "llmtune.harness.train")
+START_TIMEOUT_S = 180.0
+MAX_MESSAGE = 1 << 20
+
+
+def enabled() -> bool:
+    return (sys.platform == "linux" and hasattr(socket, "send_fds")
+            and os.environ.get("LLMTUNE_FORK_SERVER", "1").strip().lower() not in ("0", "false", "no", "off"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The search process's side
+
+
+class ForkedProcess:
+    """A trial forked by the server: the part of `subprocess.Popen` the runner uses."""
+
+    def __init__(self, pid: int, server: ForkServer):
+        self.pid, self._server = pid, server
+        self.returncode: int | None = None
+        self._done = threading.Event()
+
+    def _exited(self, returncode: int | None) -> None:
+        self.returncode = returncode
+        self._done.set()
+
+    def wait(self) -> int | None:
+        self._done.wait()
+        return self.returncode
+
+
+class ForkServer:
+    def __init__(self, env_key: frozenset[tuple[str, str]]):
+        self.env_key = env_key
+        env = {k: v for k, v in os.environ.items() if k.startswith("LLMTUNE_")} | dict(env_key)
+        env.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # no CUDA context from import-time checks
+        env["PYTHONUNBUFFERED"] = "1"
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._stderr = tempfile.TemporaryFile()
+        with theirs:
+            self.proc = subprocess.Popen([sys.executable, "-m", "llmtune.zygote", str(theirs.fileno())],
+                                         pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
+                                         stdout=self._stderr, stderr=self._stderr, start_new_session=True)
+        self.sock = ours
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._launches: dict[int, queue.Queue[int | None]] = {}
+        self._children: dict[int, ForkedProcess] = {}
+        self._early_exits: dict[int, int] = {}
+        self.ready = self.failed = False
+        self.why = ""  # why it failed
+        self._settled = threading.Event()
+        threading.Thread(target=self._read, daemon=True, name="llmtune-fork-server").start()
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> bool:
+        """Block until the server can fork trials (True) or has failed (False); for benchmarks and tests."""
+        self._settled.wait(timeout)
+        return self.ready
+
+    def _log_tail(self) -> str:
+        try:
+            self._stderr.seek(0)
+            lines = self._stderr.read().decode(errors="replace").strip().splitlines()
+        except (OSError, ValueError):
+            return "it stopped"
+        return lines[-1][:300] if lines else "it stopped"
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(MAX_MESSAGE)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            msg = json.loads(data)
+            if "ready" in msg:
+                self._settle(bool(msg["ready"]), msg.get("why", ""))
+            elif "exited" in msg:
+                with self._lock:
+                    child = self._children.pop(msg["exited"], None)
+                    if child is None:  # the exit overtook the launch answer
+                        self._early_exits[msg["exited"]] = msg["returncode"]
+                if child is not None:
+                    child._exited(msg["returncode"])
+            elif "id" in msg:
+                launch = self._launches.pop(msg["id"], None)
+                if launch is not None:
+                    launch.put(msg.get("pid"))
+        self._settle(False, self._log_tail())
+        with self._lock:
+            orphans, self._children = list(self._children.values()), {}
+            waiting, self._launches = list(self._launches.values()), {}
+        for child in orphans:
+            child._exited(None)
+        for launch in waiting:
+            launch.put(None)
+
+    def _settle(self, ready: bool, why: str) -> None:
+        if not ready and not self.failed:
+            self.why = why or "it stopped"
+            if not self.ready:  # failed to start: say so once; trials start as fresh processes
+                print(f"llmtune: trials start as fresh processes (the fork server is unavailable: {self.why})",
+                      file=sys.stderr)
+        self.ready, self.failed = ready, not ready
+        self._settled.set()
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._children or self._launches)
+
+    def launch(self, spec_path: str, env: dict[str, str], channel: socket.socket, log: IO[bytes]) -> ForkedProcess | None:
+        """Fork a trial; None if the server is gone (the caller starts a fresh process instead)."""
+        if not self.ready:
+            return None
+        rid = next(self._ids)
+        answer: queue.Queue[int | None] = queue.Queue()
+        self._launches[rid] = answer
+        request = json.dumps({"id": rid, "spec": spec_path, "env": env, "cwd": os.getcwd()}).encode()
+        try:
+            with self._lock:  # one sendmsg at a time: workers share the server
+                socket.send_fds(self.sock, [request], [channel.fileno(), log.fileno()])
+            pid = answer.get(timeout=60)
+        except (OSError, queue.Empty):
+            self._launches.pop(rid, None)
+            return None
+        if pid is None:
+            return None
+        child = ForkedProcess(pid, self)
+        with self._lock:
+            early = self._early_exits.pop(pid, None)
+            if early is None:
+                self._children[pid] = child
+        if early is not None:
+            child._exited(early)
+        return child
+
+    def close(self) -> None:
+        self.ready, self.failed = False, True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+_server: ForkServer | None = None
+_server_lock = threading.Lock()
+
+
+def _stop_server() -> None:
+    global _server
+    if _server is not None:
+        _server.close()
+        _server = None
+
+
+atexit.register(_stop_server)
+
+
+def _env_key(env: Mapping[str, str]) -> frozenset[tuple[str, str]]:
+    """What a server's imports may have read: the environment, less llmtune's own variables (read at
+    run time, from the trial's environment) and pytest's per-test marker."""
+    return frozenset((k, v) for k, v in env.items() if not k.startswith("LLMTUNE_") and k != "PYTEST_CURRENT_TEST")
+
+
+def prewarm(parent_env: dict[str, str] | None = None) -> ForkServer | None:
+    """Start the server for this environment in the background (a search calls this before its trials).
+
+    Returns at once; trials launched before it is ready start as fresh processes.
+    """
+    global _server
+    if not enabled():
+        return None
+    key = _env_key(os.environ if parent_env is None else parent_env)
+    with _server_lock:
+        if _server is not None and (_server.failed or (_server.env_key != key and not _server.busy)):
+            _stop_server()
+        if _server is None:
+            _server = ForkServer(key)
+        return _server if _server.env_key == key else None
+
+
+def ready_server(parent_env: Mapping[str, str]) -> ForkServer | None:
+    """The running, ready server for this environment, or None: start a fresh process instead."""
+    server = _server
+    if not enabled() or server is None or not server.ready or server.env_key != _env_key(parent_env):
+        return None
+    return server
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The server's side: `python -m llmtune.zygote FD`
+
+
+def _cuda_usable_after_fork() -> bool:
+    """Fork a probe: does torch let a forked child initialise CUDA? (False if an import poisoned forks.)"""
+    import torch
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(1 if torch.cuda._is_in_bad_fork() else 0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def _child(request: dict[str, Any], fds: list[int]) -> None:
+    """In the forked child: become the trial process, run it, and end."""
+    os.setsid()  # its own process group, as a fresh process gets: a kill reaches its helpers too
+    channel_fd, log_fd = fds
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.chdir(request["cwd"])
+    from llmtune.harness.worker import end, serve
+
+    channel = socket.socket(fileno=channel_fd)
+    events, answers = channel.makefile("w", buffering=1), channel.makefile("r")
+    end(serve(request["spec"], events, answers, parent=os.getppid()))
+
+
+def _reap(sock: socket.socket) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        sock.send(json.dumps({"exited": pid, "returncode": os.waitstatus_to_exitcode(status)}).encode())
+
+
+def main(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    try:
+        for name in PRELOAD:
+            __import__(name)
+        if not _cuda_usable_after_fork():
+            sock.send(json.dumps({"ready": False, "why": "an import initialised CUDA, so forks cannot use it"}).encode())
+            return
+    except Exception as e:  # a broken install: the runner falls back to fresh processes, which report it
+        sock.send(json.dumps({"ready": False, "why": f"{type(e).__name__}: {e}"[:300]}).encode())
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
+    while True:
+        readable, _, _ = select.select([sock], [], [], 0.05)
+        _reap(sock)
+        if not readable:
+            continue
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 2)
+        except OSError:
+            return
+        if not data:  # the search process closed its end or died: stop (the children follow)
+            return
+        request = json.loads(data)
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            _child(request, fds)  # never returns
+        for f in fds:
+            os.close(f)
+        sock.send(json.dumps({"id": request["id"], "pid": pid}).encode())
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

@@ -1,0 +1,112 @@
+"""The fork server: trials forked from a warm interpreter behave exactly as fresh trial processes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from conftest import tiny_recipe_dict
+
+from llmtune import zygote
+from llmtune.harness.train import eval_fractions
+from llmtune.recipe import recipe_from_dict
+from llmtune.runner import TrialJob, TrialProcess, run_trial_process
+
+pytestmark = pytest.mark.skipif(not zygote.enabled(), reason="the fork server runs on Linux only")
+
+FAST = {"data": {"source": "llmtune/tiny-tasks", "eval_max_length": 128, "max_eval_examples": 16, "max_train_examples": 200},
+        "train": {"budget": {"examples": 32}, "eval_points": 2},
+        "measure": {"latency_prompts": 1, "max_new_tokens": 2}}
+
+
+@pytest.fixture
+def server(tiny_model_path, tiny_data_path):
+    started = zygote.prewarm()
+    assert started is not None and started.wait_ready(), started.why if started else "fork server off"
+    return started
+
+
+def job(tmp_path, name: str, timeout: float = 300) -> TrialJob:
+    recipe = recipe_from_dict(tiny_recipe_dict(tmp_path, **FAST))
+    return TrialJob(recipe=recipe.to_dict(), values=recipe.space.complete({}), out_dir=tmp_path / name,
+                    fractions=eval_fractions(recipe), timeout=timeout)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for its parent to reap it has ended too
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_a_forked_trial_gives_the_same_result_as_a_fresh_process(tmp_path, server, monkeypatch):
+    forked = run_trial_process(job(tmp_path, "forked"))
+    monkeypatch.setenv("LLMTUNE_FORK_SERVER", "0")
+    fresh = run_trial_process(job(tmp_path, "fresh"))
+    assert (forked.info["launch"], fresh.info["launch"]) == ("fork-server", "fresh")
+    assert forked.status == fresh.status == "complete"
+    assert forked.curve == fresh.curve and len(forked.curve) == 3  # the same eval losses, bit for bit
+    assert forked.metrics["trainable_params"] == fresh.metrics["trainable_params"]
+    assert (tmp_path / "forked" / "adapter" / "adapter_model.safetensors").exists()
+    assert "trial finished: complete" in (tmp_path / "forked" / "trial.log").read_text()  # its output is logged
+    # what the warm start saves: the imports (seconds) that the fresh process pays before loading
+    assert forked.info["process_wall_s"] - forked.info["wall_time_s"] < fresh.info["process_wall_s"] - fresh.info["wall_time_s"]
+
+
+def test_the_pruners_answer_reaches_a_forked_trial(tmp_path, server):
+    seen: list[float] = []
+
+    def stop_after_first_rung(event: dict) -> bool:
+        if event.get("event") == "eval":
+            seen.append(event["fraction"])
+            return event["fraction"] > 0
+        return False
+
+    result = TrialProcess(job(tmp_path, "pruned")).wait(on_event=stop_after_first_rung)
+    assert result.info["launch"] == "fork-server"
+    assert result.status == "pruned" and seen == [0.0, 0.5]
+    assert [f for f, _ in result.curve] == [0.0, 0.5]
+
+
+@pytest.mark.parametrize("fault, status, reason", [("oom", "oom", "out of memory"),
+                                                   ("crash", "crashed", "injected crash")])
+def test_a_forked_trial_that_fails_gets_its_status(tmp_path, server, monkeypatch, fault, status, reason):
+    monkeypatch.setenv("LLMTUNE_FAULT", fault)  # llmtune's own variables do not need a new server
+    result = run_trial_process(job(tmp_path, fault))
+    assert result.info["launch"] == "fork-server"
+    assert result.status == status and reason in result.reason
+
+
+def test_a_hanging_forked_trial_is_killed_at_its_timeout(tmp_path, server, monkeypatch):
+    monkeypatch.setenv("LLMTUNE_FAULT", "hang")
+    trial = TrialProcess(job(tmp_path, "hang", timeout=8))
+    result = trial.wait()
+    assert trial.launch == "fork-server"
+    assert result.status == "timeout" and result.info["process_wall_s"] < 30
+    assert not alive(trial.proc.pid)
+
+
+def test_a_forked_trial_ends_when_the_fork_server_dies(tmp_path, server, monkeypatch):
+    monkeypatch.setenv("LLMTUNE_FAULT", "hang")
+    trial = TrialProcess(job(tmp_path, "orphan"))
+    assert trial.launch == "fork-server"
+    time.sleep(1.0)
+    server.proc.kill()
+    result = trial.wait()
+    assert result.status == "crashed" and "fork server" in result.reason
+    deadline = time.time() + 15  # it notices its parent is gone within its 2 s watch interval
+    while alive(trial.proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not alive(trial.proc.pid)
+    assert zygote.ready_server(os.environ) is None  # the next trials start fresh until a new server is up
+    replacement = zygote.prewarm()
+    assert replacement is not None and replacement is not server and replacement.wait_ready()
+
+
+def test_a_changed_environment_gets_a_fresh_process(tmp_path, server, monkeypatch):
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "changed")  # libraries may read their variables at import
+    result = run_trial_process(job(tmp_path, "env"))
+    assert result.status == "complete" and result.info["launch"] == "fresh"
