@@ -171,26 +171,42 @@ def _linear_params(model: Any) -> dict[str, int]:
     return {"n_linear": lin, "n_lora": lora}
 
 
-def run_overhead(args: argparse.Namespace, model_path: str, work: Path) -> dict[str, Any]:
-    """One real child-process trial of the shipped tiny-cpu recipe: where its wall time goes."""
-    import llmtune
+def run_overhead(args: argparse.Namespace, model_path: str, work: Path, launch: str) -> dict[str, Any]:
+    """One real child-process trial of the shipped tiny-cpu recipe: where its wall time goes.
 
+    ``launch``: "fresh" (a new interpreter: `llmtune.train`, or a search with LLMTUNE_FORK_SERVER=0) or
+    "fork-server" (forked from the search's warm fork server: every trial of a search).
+    """
+    from llmtune import zygote
+    from llmtune.harness.train import eval_fractions
+    from llmtune.recipe import recipe_from_dict
+    from llmtune.runner import TrialJob, run_trial_process
+
+    server = None
+    if launch == "fork-server":
+        server = zygote.prewarm()  # what a search does when it starts
+        if server is None or not server.wait_ready():
+            raise RuntimeError(f"the fork server is unavailable: {server.why if server else 'off'}")
     r = yaml.safe_load((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
     r["output_dir"] = str(work / "overhead")
     if args.model != "tiny":
         r["model"]["name"] = model_path
         r["train"]["device"] = args.device
-    res = llmtune.train(r, {"learning_rate": 1e-3, "lora_r": 8, "sequence_len": 256, "sample_packing": False,
-                            "lora_target_modules": "all-linear", "lora_alpha_ratio": 2},
-                        out_dir=work / f"overhead-{time.time_ns()}")
-    if res.status != "complete":
-        raise RuntimeError(f"overhead trial {res.status}: {res.reason}")
+    recipe = recipe_from_dict(r)
+    values = recipe.space.complete({"learning_rate": 1e-3, "lora_r": 8, "sequence_len": 256, "sample_packing": False,
+                                    "lora_target_modules": "all-linear", "lora_alpha_ratio": 2})
+    # as a search runs a trial (llmtune.train runs it the same way, always as a fresh process)
+    res = run_trial_process(TrialJob(recipe=recipe.to_dict(), values=values, out_dir=work / f"overhead-{time.time_ns()}",
+                                     fractions=eval_fractions(recipe), timeout=600, fork_server=server))
+    if res.status != "complete" or res.info["launch"] != launch:
+        raise RuntimeError(f"overhead trial ({res.info.get('launch')}, wanted {launch}) {res.status}: {res.reason}")
     i, total = res.info, res.info["process_wall_s"]
     parts = {"process_start": total - i["wall_time_s"], "load": i["load_s"], "eval": i["eval_s"],
              "latency": i.get("latency_s", 0.0), "train_steps": res.metrics["train_time_s"]}
     parts["other"] = total - sum(parts.values())
     return {"wall_s": total, "seconds": parts, "share": {k: v / total for k, v in parts.items()},
-            "overhead_share": 1 - parts["train_steps"] / total}
+            "overhead_share": 1 - parts["train_steps"] / total,
+            "overhead_share_without_evals": 1 - (parts["train_steps"] + parts["eval"]) / total}
 
 
 def median(rows: list[dict[str, Any]], key: str) -> float:
@@ -235,7 +251,8 @@ def main() -> int:
         run_llmtune(warm, False, work)
         run_trainer(warm, args.device, work)
     load_before = os.getloadavg()
-    rows: dict[str, list[dict[str, Any]]] = {"llmtune": [], "llmtune_packed": [], "trainer": [], "overhead": []}
+    rows: dict[str, list[dict[str, Any]]] = {"llmtune": [], "llmtune_packed": [], "trainer": [],
+                                             "overhead_fresh": [], "overhead_forked": []}
     for rnd in range(args.rounds):
         # Rotate the order each round so no contestant always runs first (warm caches, load drift).
         order = ["llmtune", "llmtune_packed", "trainer"]
@@ -247,9 +264,10 @@ def main() -> int:
                 rows[name].append(run_llmtune(recipe, name == "llmtune_packed", work))
             print(f"round {rnd + 1} {name:<15} {rows[name][-1]['tokens_per_s']:10.0f} real tokens/s", flush=True)
         if not args.no_overhead:
-            rows["overhead"].append(run_overhead(args, model_path, work))
-            print(f"round {rnd + 1} overhead share {rows['overhead'][-1]['overhead_share']:.1%} "
-                  f"of {rows['overhead'][-1]['wall_s']:.1f} s", flush=True)
+            for launch, key in (("fresh", "overhead_fresh"), ("fork-server", "overhead_forked"))[::1 if rnd % 2 else -1]:
+                rows[key].append(run_overhead(args, model_path, work, launch))
+                print(f"round {rnd + 1} {launch} trial: overhead share {rows[key][-1]['overhead_share']:.1%} "
+                      f"of {rows[key][-1]['wall_s']:.1f} s", flush=True)
     summary = summarize(args, rows, trl_note, load_before)
     write(summary, Path(args.out))
     return 0
@@ -257,7 +275,7 @@ def main() -> int:
 
 def summarize(args: argparse.Namespace, rows: dict[str, list[dict[str, Any]]], trl_note: str,
               load_before: tuple[float, ...]) -> dict[str, Any]:
-    tps = {k: median(v, "tokens_per_s") for k, v in rows.items() if k != "overhead" and v}
+    tps = {k: median(v, "tokens_per_s") for k, v in rows.items() if not k.startswith("overhead") and v}
 
     def round_ratios(a: str, b: str, key: str) -> float:
         # Ratio within each round (contestants ran back to back), then the median: robust to load drift.
@@ -286,12 +304,14 @@ def summarize(args: argparse.Namespace, rows: dict[str, list[dict[str, Any]]], t
     out["versions"].update(transformers=transformers.__version__, peft=peft.__version__)
     if args.device == "cuda":
         out["mfu"] = mfu(tps, rows["trainer"][0]["flops_model"], args.peak_tflops)
-    if rows["overhead"]:
-        ov = rows["overhead"]
-        out["overhead"] = {"wall_s_median": median(ov, "wall_s"),
-                           "share_median": {k: statistics.median(o["share"][k] for o in ov) for k in ov[0]["share"]},
-                           "overhead_share_median": median(ov, "overhead_share"),
-                           "fixed_s_median": statistics.median(o["wall_s"] - o["seconds"]["train_steps"] for o in ov)}
+    for key, launch in (("overhead_fresh", "fresh"), ("overhead_forked", "fork-server")):
+        if ov := rows[key]:
+            out.setdefault("overhead", {})[launch] = {
+                "wall_s_median": median(ov, "wall_s"),
+                "share_median": {k: statistics.median(o["share"][k] for o in ov) for k in ov[0]["share"]},
+                "overhead_share_median": median(ov, "overhead_share"),
+                "overhead_share_without_evals_median": median(ov, "overhead_share_without_evals"),
+                "fixed_s_median": statistics.median(o["wall_s"] - o["seconds"]["train_steps"] for o in ov)}
     return out
 
 
@@ -334,13 +354,16 @@ def write(summary: dict[str, Any], out: Path) -> None:
         lines += ["", f"MFU ({m['formula']}; N_lin={m['n_linear']:,}, N_lora={m['n_lora']:,}):"]
         lines += [f"- {k}: {m[k + '_lora_formula']:.1%} (6N: {m[k + '_6N']:.1%})" for k in t]
     if "overhead" in summary:
-        o = summary["overhead"]
-        shares = ", ".join(f"{k} {v:.0%}" for k, v in o["share_median"].items())
         where = "recipes/tiny-cpu.yaml" + ("" if summary["model"] == "tiny" else f" with model {summary['model']}")
-        lines += ["", f"Per-trial overhead of a real child-process trial ({where}, median wall "
-                  f"{o['wall_s_median']:.1f} s): {o['overhead_share_median']:.0%} of trial time is not training steps "
-                  f"(target <= 10%). Shares: {shares}. The non-training part is ~{o['fixed_s_median']:.1f} s a trial, "
-                  f"so it falls to 10% only for trials whose training steps take >= {9 * o['fixed_s_median']:.0f} s."]
+        lines += ["", f"Per-trial overhead of a real child-process trial ({where}; target <= 10% of trial time). A search "
+                  "starts its first trial(s) as fresh interpreters and forks the rest from its warm fork server "
+                  "(`llmtune.zygote`):", "",
+                  "| trial process | wall s (median) | not training steps | not training steps or evals | fixed s | "
+                  "shares |", "| --- | --- | --- | --- | --- | --- |"]
+        for launch, o in summary["overhead"].items():
+            shares = ", ".join(f"{k} {v:.0%}" for k, v in o["share_median"].items())
+            lines.append(f"| {launch} | {o['wall_s_median']:.1f} | {o['overhead_share_median']:.0%} | "
+                         f"{o['overhead_share_without_evals_median']:.0%} | {o['fixed_s_median']:.1f} | {shares} |")
     text = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(text)
     print(text)

@@ -202,6 +202,16 @@ def make_sampler(name: str, table: Table, space: SearchSpace, seed: int, n_trial
     raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
 
 
+def replay_pruner(spec: str, table: Table) -> Any:
+    """A pruner from its replay name: "asha", "hyperband", "none"; "<name>-loss" ranks on eval loss alone
+    (llmtune before multi-objective pruning); settings after colons, as in the recipe's pruner section:
+    "asha:min_fraction=0.333333:eta=2"."""
+    name, *settings = spec.split(":")
+    loss_only = name.endswith("-loss")
+    kwargs = dict(s.split("=", 1) for s in settings)
+    return make_pruner(name.removesuffix("-loss"), objectives=None if loss_only else dict(table.objectives), **kwargs)
+
+
 def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trials: int,
            planned: int | None = None) -> dict[str, list]:
     """One replayed search. Per trial: cumulative training seconds, HV ratio, whether it was pruned,
@@ -209,9 +219,7 @@ def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trial
     ``planned`` is the n_trials llmtune's samplers are configured for (default: n_trials)."""
     space = SearchSpace.from_dict(table.grid)
     sampler = make_sampler(sampler_name, table, space, seed, planned or n_trials)
-    # "<name>-loss": the pruner ranks on eval loss alone (llmtune before multi-objective pruning).
-    loss_only = pruner_name.endswith("-loss")
-    pruner = make_pruner(pruner_name.removesuffix("-loss"), objectives=None if loss_only else dict(table.objectives))
+    pruner = replay_pruner(pruner_name, table)
     study = optuna.create_study(directions=[d for _, d in table.objectives], sampler=sampler)
     spent, front = 0.0, []
     out: dict[str, list] = {"seconds": [], "hv_ratio": [], "pruned": [], "cost": [], "rung": [], "key": []}

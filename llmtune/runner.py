@@ -36,6 +36,7 @@ class TrialJob:
     trial_number: int | None = None
     timeout: float = 3600.0
     env: dict[str, str] = field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES, LLMTUNE_THREADS
+    fork_server: zygote.ForkServer | None = None  # the search's: fork the trial from it (else a fresh process)
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -90,9 +91,9 @@ class TrialProcess:
         threading.Thread(target=self._read, daemon=True).start()
 
     def _forked(self, env: dict[str, str]) -> tuple[zygote.ForkedProcess, IO[bytes], IO[bytes], str] | None:
-        """Fork the trial from the search's warm fork server, if one is ready for this environment."""
-        server = zygote.ready_server(os.environ)
-        if server is None:
+        """Fork the trial from the search's warm fork server, if it has a working one."""
+        server = self.job.fork_server
+        if server is None or not server.wait_ready():
             return None
         ours, theirs = socket.socketpair()
         with ours, theirs:
@@ -102,7 +103,7 @@ class TrialProcess:
             return proc, ours.makefile("rb"), ours.makefile("wb"), "fork-server"  # the files keep it open
 
     def _fresh(self, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], IO[bytes], IO[bytes], str]:
-        """A fresh interpreter: first trials of a search, a single `train`, or LLMTUNE_FORK_SERVER=0."""
+        """A fresh interpreter: a single `train`, a search without a working fork server, or LLMTUNE_FORK_SERVER=0."""
         proc = subprocess.Popen(
             [sys.executable, "-m", "llmtune.harness.worker", str(self.spec_path)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,

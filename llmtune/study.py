@@ -201,6 +201,7 @@ class Search:
         self._lock = threading.Lock()
         self.started = time.time()
         self.errors: list[BaseException] = []
+        self.fork_server: zygote.ForkServer | None = None
         gate = recipe.study.memory_gate
         from llmtune.hardware import gpu_count
 
@@ -240,11 +241,8 @@ class Search:
         study = self.prepare()
         self.log(f"study {self.study_name!r} in {mask_url(self.url)}; sampler {self.sampler_why}; "
                  f"pruner {self.pruner.describe()}; {self.workers} worker(s)")
-        done, _ = counted(study)
-        if self.n_trials is None or self.n_trials - done > self.workers:
-            # Trials after each worker's first fork from a warm interpreter (llmtune.zygote): seconds
-            # of imports saved per trial. The first ones start fresh while it warms up.
-            zygote.prewarm()
+        # Trials fork from one warm interpreter (llmtune.zygote): the imports are paid once, not per trial.
+        self.fork_server = zygote.prewarm()
         if self.progress:
             self.progress.start(self)
         threads = [threading.Thread(target=self._worker, args=(i,), daemon=True) for i in range(self.workers)]
@@ -369,7 +367,7 @@ class Search:
 
             job = TrialJob(recipe=_recipe_dict(self.recipe), values=values,
                            out_dir=trial_dir, fractions=self._fractions(), trial_number=trial.number,
-                           timeout=self.recipe.study.trial_timeout, env=env)
+                           timeout=self.recipe.study.trial_timeout, env=env, fork_server=self.fork_server)
             result = run_trial_process(job, on_event=on_event, stop=self.stop)
         if predicted is not None:
             result.metrics["predicted_memory_gb"] = predicted
@@ -455,7 +453,7 @@ class Search:
         storage.set_trial_user_attr(tid, CURVE, result.curve)
         keep = ("device", "gpu", "dtype", "wall_time_s", "process_wall_s", "load_s", "eval_s", "latency_s",
                 "trained_tokens", "trained_examples", "padding_share", "total_params", "data_fingerprint",
-                "adapter_dir", "log_tail", "truncated_examples", "peak_memory")
+                "adapter_dir", "log_tail", "truncated_examples", "peak_memory", "launch")
         storage.set_trial_user_attr(tid, INFO, json.loads(json.dumps({k: result.info[k] for k in keep if k in result.info}, default=str)))
         missing = [m for m in self.recipe.objectives if m not in result.metrics]
         if result.status == COMPLETE and missing:

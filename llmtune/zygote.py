@@ -11,9 +11,12 @@ Safety:
   at import (bitsandbytes does) ask NVML and do not create a CUDA context; a forked child must be the
   first to use CUDA. A probe child checks that torch did not mark forks as unusable for CUDA; if it
   did, the server reports it and the runner falls back to fresh processes.
-- A server is started with the search process's environment, and libraries read some of it at import.
-  A trial whose environment (apart from the trial's own variables) differs from the server's gets a
-  fresh process instead, or a new server when the old one is idle.
+- A server is started with the search's environment (libraries read some of it at import); a search
+  started later in the same process with another environment gets a new server (or, while the old one
+  still runs trials, fresh processes). Each trial still gets the search's full environment.
+- Every trial of a search starts the same way (the first ones wait for the server rather than start
+  fresh): on CPU, peak memory is the resident set, and a forked process's is ~10% smaller (library
+  pages it has not touched are not counted), so launches must not mix within a search.
 - Off with ``LLMTUNE_FORK_SERVER=0``; only on Linux.
 
 Protocol: the search process and the server share a SOCK_SEQPACKET socket pair. The search sends
@@ -213,7 +216,9 @@ def _env_key(env: Mapping[str, str]) -> frozenset[tuple[str, str]]:
 def prewarm(parent_env: dict[str, str] | None = None) -> ForkServer | None:
     """Start the server for this environment in the background (a search calls this before its trials).
 
-    Returns at once; trials launched before it is ready start as fresh processes.
+    Returns at once (None: no server for this search, its trials start fresh). Trials given the server
+    (`TrialJob.fork_server`) wait for it to be ready: that costs nothing a fresh process would not
+    spend importing.
     """
     global _server
     if not enabled():
@@ -225,14 +230,6 @@ def prewarm(parent_env: dict[str, str] | None = None) -> ForkServer | None:
         if _server is None:
             _server = ForkServer(key)
         return _server if _server.env_key == key else None
-
-
-def ready_server(parent_env: Mapping[str, str]) -> ForkServer | None:
-    """The running, ready server for this environment, or None: start a fresh process instead."""
-    server = _server
-    if not enabled() or server is None or not server.ready or server.env_key != _env_key(parent_env):
-        return None
-    return server
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -27,10 +27,10 @@ def server(tiny_model_path, tiny_data_path):
     return started
 
 
-def job(tmp_path, name: str, timeout: float = 300) -> TrialJob:
+def job(tmp_path, name: str, timeout: float = 300, fork_server: zygote.ForkServer | None = None) -> TrialJob:
     recipe = recipe_from_dict(tiny_recipe_dict(tmp_path, **FAST))
     return TrialJob(recipe=recipe.to_dict(), values=recipe.space.complete({}), out_dir=tmp_path / name,
-                    fractions=eval_fractions(recipe), timeout=timeout)
+                    fractions=eval_fractions(recipe), timeout=timeout, fork_server=fork_server)
 
 
 def alive(pid: int) -> bool:
@@ -43,8 +43,7 @@ def alive(pid: int) -> bool:
 
 
 def test_a_forked_trial_gives_the_same_result_as_a_fresh_process(tmp_path, server, monkeypatch):
-    forked = run_trial_process(job(tmp_path, "forked"))
-    monkeypatch.setenv("LLMTUNE_FORK_SERVER", "0")
+    forked = run_trial_process(job(tmp_path, "forked", fork_server=server))
     fresh = run_trial_process(job(tmp_path, "fresh"))
     assert (forked.info["launch"], fresh.info["launch"]) == ("fork-server", "fresh")
     assert forked.status == fresh.status == "complete"
@@ -65,7 +64,7 @@ def test_the_pruners_answer_reaches_a_forked_trial(tmp_path, server):
             return event["fraction"] > 0
         return False
 
-    result = TrialProcess(job(tmp_path, "pruned")).wait(on_event=stop_after_first_rung)
+    result = TrialProcess(job(tmp_path, "pruned", fork_server=server)).wait(on_event=stop_after_first_rung)
     assert result.info["launch"] == "fork-server"
     assert result.status == "pruned" and seen == [0.0, 0.5]
     assert [f for f, _ in result.curve] == [0.0, 0.5]
@@ -75,14 +74,14 @@ def test_the_pruners_answer_reaches_a_forked_trial(tmp_path, server):
                                                    ("crash", "crashed", "injected crash")])
 def test_a_forked_trial_that_fails_gets_its_status(tmp_path, server, monkeypatch, fault, status, reason):
     monkeypatch.setenv("LLMTUNE_FAULT", fault)  # llmtune's own variables do not need a new server
-    result = run_trial_process(job(tmp_path, fault))
+    result = run_trial_process(job(tmp_path, fault, fork_server=server))
     assert result.info["launch"] == "fork-server"
     assert result.status == status and reason in result.reason
 
 
 def test_a_hanging_forked_trial_is_killed_at_its_timeout(tmp_path, server, monkeypatch):
     monkeypatch.setenv("LLMTUNE_FAULT", "hang")
-    trial = TrialProcess(job(tmp_path, "hang", timeout=8))
+    trial = TrialProcess(job(tmp_path, "hang", timeout=8, fork_server=server))
     result = trial.wait()
     assert trial.launch == "fork-server"
     assert result.status == "timeout" and result.info["process_wall_s"] < 30
@@ -91,7 +90,7 @@ def test_a_hanging_forked_trial_is_killed_at_its_timeout(tmp_path, server, monke
 
 def test_a_forked_trial_ends_when_the_fork_server_dies(tmp_path, server, monkeypatch):
     monkeypatch.setenv("LLMTUNE_FAULT", "hang")
-    trial = TrialProcess(job(tmp_path, "orphan"))
+    trial = TrialProcess(job(tmp_path, "orphan", fork_server=server))
     assert trial.launch == "fork-server"
     time.sleep(1.0)
     server.proc.kill()
@@ -101,12 +100,30 @@ def test_a_forked_trial_ends_when_the_fork_server_dies(tmp_path, server, monkeyp
     while alive(trial.proc.pid) and time.time() < deadline:
         time.sleep(0.2)
     assert not alive(trial.proc.pid)
-    assert zygote.ready_server(os.environ) is None  # the next trials start fresh until a new server is up
-    replacement = zygote.prewarm()
+    monkeypatch.delenv("LLMTUNE_FAULT")
+    after = run_trial_process(job(tmp_path, "after", fork_server=server))  # a dead server: a fresh process
+    assert after.status == "complete" and after.info["launch"] == "fresh"
+    replacement = zygote.prewarm()  # the next search gets a new one
     assert replacement is not None and replacement is not server and replacement.wait_ready()
 
 
-def test_a_changed_environment_gets_a_fresh_process(tmp_path, server, monkeypatch):
+def test_a_search_in_another_environment_gets_its_own_server(tmp_path, server, monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "changed")  # libraries may read their variables at import
-    result = run_trial_process(job(tmp_path, "env"))
-    assert result.status == "complete" and result.info["launch"] == "fresh"
+    other = zygote.prewarm()
+    assert other is not None and other is not server and other.wait_ready()
+    assert server.failed  # the idle old one was stopped
+    assert run_trial_process(job(tmp_path, "env", fork_server=other)).info["launch"] == "fork-server"
+    monkeypatch.setenv("LLMTUNE_FAULT", "hang")  # llmtune's own variables are read at run time: no new server
+    assert zygote.prewarm() is other
+
+
+def test_every_trial_of_a_search_is_forked_from_one_server(tmp_path, tiny_model_path, tiny_data_path):
+    import llmtune
+    from llmtune.storage import INFO
+
+    zygote._stop_server()  # the search starts its own; its first trial waits for it instead of starting fresh
+    data = tiny_recipe_dict(tmp_path, **FAST, study={"n_trials": 2, "sampler": "random", "trial_timeout": 300})
+    data["search"] = {**data["search"], "lora_r": [4, 8]}
+    result = llmtune.search(data)
+    launches = [t.user_attrs[INFO]["launch"] for t in result.study.trials]
+    assert launches == ["fork-server", "fork-server"]  # so their CPU peak memory (resident set) compares
