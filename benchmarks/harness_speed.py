@@ -171,11 +171,14 @@ def _linear_params(model: Any) -> dict[str, int]:
     return {"n_linear": lin, "n_lora": lora}
 
 
-def run_overhead(args: argparse.Namespace, model_path: str, work: Path, launch: str) -> dict[str, Any]:
+def run_overhead(args: argparse.Namespace, model_path: str, work: Path, launch: str,
+                 base_eval_loss: float | None = None) -> dict[str, Any]:
     """One real child-process trial of the shipped tiny-cpu recipe: where its wall time goes.
 
     ``launch``: "fresh" (a new interpreter: `llmtune.train`, or a search with LLMTUNE_FORK_SERVER=0) or
     "fork-server" (forked from the search's warm fork server: every trial of a search).
+    ``base_eval_loss``: the untrained adapter's loss, which a search's first trial measures and its later
+    trials reuse (`llmtune.study.base_eval_key`).
     """
     from llmtune import zygote
     from llmtune.harness.train import eval_fractions
@@ -197,7 +200,8 @@ def run_overhead(args: argparse.Namespace, model_path: str, work: Path, launch: 
                                     "lora_target_modules": "all-linear", "lora_alpha_ratio": 2})
     # as a search runs a trial (llmtune.train runs it the same way, always as a fresh process)
     res = run_trial_process(TrialJob(recipe=recipe.to_dict(), values=values, out_dir=work / f"overhead-{time.time_ns()}",
-                                     fractions=eval_fractions(recipe), timeout=600, fork_server=server))
+                                     fractions=eval_fractions(recipe), timeout=600, fork_server=server,
+                                     base_eval_loss=base_eval_loss))
     if res.status != "complete" or res.info["launch"] != launch:
         raise RuntimeError(f"overhead trial ({res.info.get('launch')}, wanted {launch}) {res.status}: {res.reason}")
     i, total = res.info, res.info["process_wall_s"]
@@ -205,6 +209,7 @@ def run_overhead(args: argparse.Namespace, model_path: str, work: Path, launch: 
              "latency": i.get("latency_s", 0.0), "train_steps": res.metrics["train_time_s"]}
     parts["other"] = total - sum(parts.values())
     return {"wall_s": total, "seconds": parts, "share": {k: v / total for k, v in parts.items()},
+            "base_eval_loss": res.base_eval_loss,
             "overhead_share": 1 - parts["train_steps"] / total,
             "overhead_share_without_evals": 1 - (parts["train_steps"] + parts["eval"]) / total}
 
@@ -252,7 +257,7 @@ def main() -> int:
         run_trainer(warm, args.device, work)
     load_before = os.getloadavg()
     rows: dict[str, list[dict[str, Any]]] = {"llmtune": [], "llmtune_packed": [], "trainer": [],
-                                             "overhead_fresh": [], "overhead_forked": []}
+                                             "overhead_fresh": [], "overhead_forked": [], "overhead_forked_reused": []}
     for rnd in range(args.rounds):
         # Rotate the order each round so no contestant always runs first (warm caches, load drift).
         order = ["llmtune", "llmtune_packed", "trainer"]
@@ -264,8 +269,12 @@ def main() -> int:
                 rows[name].append(run_llmtune(recipe, name == "llmtune_packed", work))
             print(f"round {rnd + 1} {name:<15} {rows[name][-1]['tokens_per_s']:10.0f} real tokens/s", flush=True)
         if not args.no_overhead:
-            for launch, key in (("fresh", "overhead_fresh"), ("fork-server", "overhead_forked"))[::1 if rnd % 2 else -1]:
-                rows[key].append(run_overhead(args, model_path, work, launch))
+            # fresh and forked alternate who goes first; the reused-loss trial goes last: it takes the
+            # untrained adapter's loss from this round's first trial, as a search's later trials do
+            order = [("fresh", "overhead_fresh"), ("fork-server", "overhead_forked")][::1 if rnd % 2 else -1]
+            for launch, key in [*order, ("fork-server", "overhead_forked_reused")]:
+                known = rows[order[0][1]][-1]["base_eval_loss"] if key.endswith("reused") else None
+                rows[key].append(run_overhead(args, model_path, work, launch, known))
                 print(f"round {rnd + 1} {launch} trial: overhead share {rows[key][-1]['overhead_share']:.1%} "
                       f"of {rows[key][-1]['wall_s']:.1f} s", flush=True)
     summary = summarize(args, rows, trl_note, load_before)
@@ -304,7 +313,8 @@ def summarize(args: argparse.Namespace, rows: dict[str, list[dict[str, Any]]], t
     out["versions"].update(transformers=transformers.__version__, peft=peft.__version__)
     if args.device == "cuda":
         out["mfu"] = mfu(tps, rows["trainer"][0]["flops_model"], args.peak_tflops)
-    for key, launch in (("overhead_fresh", "fresh"), ("overhead_forked", "fork-server")):
+    for key, launch in (("overhead_fresh", "fresh"), ("overhead_forked", "fork-server"),
+                        ("overhead_forked_reused", "fork-server, loss at 0 reused")):
         if ov := rows[key]:
             out.setdefault("overhead", {})[launch] = {
                 "wall_s_median": median(ov, "wall_s"),
@@ -355,9 +365,10 @@ def write(summary: dict[str, Any], out: Path) -> None:
         lines += [f"- {k}: {m[k + '_lora_formula']:.1%} (6N: {m[k + '_6N']:.1%})" for k in t]
     if "overhead" in summary:
         where = "recipes/tiny-cpu.yaml" + ("" if summary["model"] == "tiny" else f" with model {summary['model']}")
-        lines += ["", f"Per-trial overhead of a real child-process trial ({where}; target <= 10% of trial time). A search "
-                  "starts its first trial(s) as fresh interpreters and forks the rest from its warm fork server "
-                  "(`llmtune.zygote`):", "",
+        lines += ["", f"Per-trial overhead of a real child-process trial ({where}; target <= 10% of trial time). "
+                  "`llmtune train` starts a fresh interpreter; a search forks every trial from its warm fork server "
+                  "(`llmtune.zygote`), and its later trials reuse the untrained adapter's eval loss (at 0) that the "
+                  "first one measured:", "",
                   "| trial process | wall s (median) | not training steps | not training steps or evals | fixed s | "
                   "shares |", "| --- | --- | --- | --- | --- | --- |"]
         for launch, o in summary["overhead"].items():

@@ -37,6 +37,7 @@ class TrialJob:
     timeout: float = 3600.0
     env: dict[str, str] = field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES, LLMTUNE_THREADS
     fork_server: zygote.ForkServer | None = None  # the search's: fork the trial from it (else a fresh process)
+    base_eval_loss: float | None = None  # the untrained adapter's loss, if another trial measured it
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -78,7 +79,8 @@ class TrialProcess:
         self.result_path.unlink(missing_ok=True)  # a retried trial must not read an old result
         self.spec_path.write_text(json.dumps({
             "recipe": job.recipe, "values": job.values, "out_dir": str(job.out_dir),
-            "fractions": job.fractions, "trial_number": job.trial_number}, default=str))
+            "fractions": job.fractions, "trial_number": job.trial_number, "base_eval_loss": job.base_eval_loss},
+            default=str))
         env = {**os.environ, **job.env, "PYTHONUNBUFFERED": "1", "LLMTUNE_PARENT_PID": str(os.getpid())}
         # set before the process exists, so no import order can start the allocator without it
         hardware.set_allocator_default(env)

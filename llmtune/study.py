@@ -15,6 +15,7 @@ first (`fail_stale`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -130,6 +131,21 @@ def _recipe_dict(recipe: Recipe) -> dict[str, Any]:
     if d.get("study", {}).get("storage"):
         d["study"]["storage"] = mask_url(d["study"]["storage"])
     return d
+
+
+def base_eval_key(recipe: dict[str, Any], values: dict[str, Any], data_fingerprint: str) -> str:
+    """The study attribute that holds the untrained adapter's eval loss for a trial with these settings.
+
+    LoRA starts as the identity (its B matrices are zero), so before training every trial computes the
+    base model's loss: the same for every trial with the same model, precision, quantization, device
+    and eval set, whatever its rank, targets, learning rate, context length or packing. One trial
+    measures it; the later ones (on any worker: it lives in the study) skip that evaluation.
+    """
+    what = {"model": recipe.get("model"), "data": recipe.get("data"), "fingerprint": data_fingerprint,
+            "device": recipe.get("train", {}).get("device"), "eval_batch_size": recipe.get("train", {}).get("eval_batch_size"),
+            "quantization": {k: v for k, v in values.items() if k == "quantization" or k.startswith("bnb_")}}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"llmtune.base_eval_loss.{digest}"
 
 
 def check_resume(study: optuna.Study, recipe: Recipe, space: SearchSpace, data_fingerprint: str) -> None:
@@ -347,6 +363,9 @@ class Search:
         else:
             curve: list[list[float]] = []
             rung_metrics: list[list[Any]] = []
+            recipe = _recipe_dict(self.recipe)
+            base_key = base_eval_key(recipe, values, self.data_fingerprint)
+            base_loss = self.study.user_attrs.get(base_key)
 
             def on_event(event: dict[str, Any]) -> bool:
                 if self.progress:
@@ -354,6 +373,8 @@ class Search:
                 if event.get("event") != "eval":
                     return False
                 curve.append([event["fraction"], event["eval_loss"]])
+                if event["fraction"] == 0.0 and base_loss is None and finite(event["eval_loss"]):
+                    self.study.set_user_attr(base_key, event["eval_loss"])  # the next trials reuse it
                 # what the trial has measured so far of its other objectives: the pruner ranks on these too
                 measured = {k: float(v) for k, v in (event.get("metrics") or {}).items() if finite(v)}
                 rung_metrics.append([event["fraction"], measured])
@@ -365,9 +386,9 @@ class Search:
                 return self.pruner.should_prune(self.study, trial.number, event["fraction"], event["eval_loss"],
                                                 measured)
 
-            job = TrialJob(recipe=_recipe_dict(self.recipe), values=values,
-                           out_dir=trial_dir, fractions=self._fractions(), trial_number=trial.number,
-                           timeout=self.recipe.study.trial_timeout, env=env, fork_server=self.fork_server)
+            job = TrialJob(recipe=recipe, values=values, out_dir=trial_dir, fractions=self._fractions(),
+                           trial_number=trial.number, timeout=self.recipe.study.trial_timeout, env=env,
+                           fork_server=self.fork_server, base_eval_loss=base_loss if finite(base_loss) else None)
             result = run_trial_process(job, on_event=on_event, stop=self.stop)
         if predicted is not None:
             result.metrics["predicted_memory_gb"] = predicted
@@ -453,7 +474,7 @@ class Search:
         storage.set_trial_user_attr(tid, CURVE, result.curve)
         keep = ("device", "gpu", "dtype", "wall_time_s", "process_wall_s", "load_s", "eval_s", "latency_s",
                 "trained_tokens", "trained_examples", "padding_share", "total_params", "data_fingerprint",
-                "adapter_dir", "log_tail", "truncated_examples", "peak_memory", "launch")
+                "adapter_dir", "log_tail", "truncated_examples", "peak_memory", "launch", "base_eval_loss_reused")
         storage.set_trial_user_attr(tid, INFO, json.loads(json.dumps({k: result.info[k] for k in keep if k in result.info}, default=str)))
         missing = [m for m in self.recipe.objectives if m not in result.metrics]
         if result.status == COMPLETE and missing:

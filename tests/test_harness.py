@@ -150,6 +150,23 @@ def test_eval_is_identical_across_context_len_packing_and_batch(recipe, tmp_path
     assert losses[0] == losses[1]
 
 
+def test_untrained_adapter_loss_does_not_depend_on_lora_settings_so_a_search_reuses_it(recipe, tmp_path):
+    """LoRA starts as the identity: rank, targets, scaling and learning rate leave the loss at 0 unchanged
+    (bit for bit), which is what lets a search measure it once (`study.base_eval_key`)."""
+    losses = []
+    for values in ({"lora_r": 4, "lora_target_modules": "qv", "learning_rate": 1e-4, "use_rslora": False},
+                   {"lora_r": 16, "lora_target_modules": "all-linear", "learning_rate": 1e-2, "use_rslora": True}):
+        res = run_trial(recipe, recipe.space.complete(values), tmp_path / str(len(losses)), fractions=[0.0],
+                        save_adapter=False)
+        assert res.status == "complete" and res.info["base_eval_loss_reused"] is False
+        losses.append(res.base_eval_loss)
+    assert losses[0] == losses[1]
+    reused = run_trial(recipe, recipe.space.complete({}), tmp_path / "reused", fractions=[0.0, 1.0],
+                       save_adapter=False, base_eval_loss=losses[0])
+    assert reused.status == "complete" and reused.info["base_eval_loss_reused"] is True
+    assert reused.curve[0] == [0.0, losses[0]] and reused.curve[1][1] < losses[0]  # trained from there
+
+
 def test_training_lowers_eval_loss_and_writes_result(tmp_path, tiny_model_path, tiny_data_path):
     r = make_recipe(tmp_path, train={"budget": {"examples": 256}, "eval_points": 2})
     res = run_trial(r, r.space.complete({"learning_rate": 3e-3}), tmp_path / "t")

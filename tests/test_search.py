@@ -238,3 +238,15 @@ def test_a_trial_process_exits_when_its_search_process_dies(tmp_path):
         time.sleep(0.5)
     os.kill(child, signal.SIGKILL)
     pytest.fail("the orphaned trial process kept running after its search process died")
+
+
+def test_a_search_measures_the_untrained_adapter_loss_once_per_base(tmp_path):
+    data = fast_recipe(tmp_path, search={**tiny_recipe_dict(tmp_path)["search"], "lora_r": [4, 8, 16]},
+                       study={"n_trials": 3, "sampler": "grid", "trial_timeout": 300})
+    result = llmtune.search(data)
+    trials = sorted(result.study.trials, key=lambda t: t.number)
+    reused = [t.user_attrs["llmtune.info"]["base_eval_loss_reused"] for t in trials]
+    base = [t.user_attrs["llmtune.curve"][0] for t in trials]
+    assert reused == [False, True, True]
+    assert base[0][0] == 0.0 and base == [base[0]] * 3
+    assert [v for k, v in result.study.user_attrs.items() if k.startswith("llmtune.base_eval_loss.")] == [base[0][1]]

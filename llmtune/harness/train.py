@@ -200,9 +200,12 @@ def _inject_fault(trial_number: int | None) -> None:
 
 
 def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fractions: list[float] | None = None,
-              on_event: EventFn | None = None, trial_number: int | None = None, save_adapter: bool = True) -> TrialResult:
+              on_event: EventFn | None = None, trial_number: int | None = None, save_adapter: bool = True,
+              base_eval_loss: float | None = None) -> TrialResult:
     """Run one trial and return its result (also written to out_dir/result.json).
 
+    ``base_eval_loss``: the eval loss of the untrained adapter, when an earlier trial on the same base
+    model, quantization and eval set measured it (see `llmtune.study.base_eval_key`): not evaluated again.
     Out-of-memory becomes status "oom"; any other error "crashed" with the traceback tail.
     """
     out = Path(out_dir)
@@ -214,7 +217,7 @@ def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fr
     try:
         with ExitStack() as cleanup:
             _run(recipe, settings, out, fractions or eval_fractions(recipe), emit, result, trial_number, save_adapter,
-                 cleanup)
+                 cleanup, base_eval_loss)
     except torch.OutOfMemoryError as e:
         result.status, result.reason = OOM, f"out of memory: {str(e).splitlines()[0][:300]}"
     except MemoryError:
@@ -229,7 +232,8 @@ def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fr
 
 
 def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[float], emit: EventFn,
-         result: TrialResult, trial_number: int | None, save_adapter: bool, cleanup: ExitStack) -> None:
+         result: TrialResult, trial_number: int | None, save_adapter: bool, cleanup: ExitStack,
+         base_eval_loss: float | None = None) -> None:
     info = result.info
     info.update(versions=_versions(), trial_number=trial_number, output_dir=str(out))
     threads = os.environ.get("LLMTUNE_THREADS")
@@ -282,12 +286,13 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
     eval_after = {plan.step_at(f): f for f in sorted(fractions) if f > 0}
     eval_s = 0.0
 
-    def run_eval(fraction: float, step: int, measured: dict[str, float] | None = None) -> bool:
-        """Evaluate; ``measured``: the other objectives as known so far, which the pruner may rank on."""
+    def run_eval(fraction: float, step: int, measured: dict[str, float] | None = None, known: float | None = None) -> bool:
+        """Evaluate; ``measured``: the other objectives as known so far, which the pruner may rank on;
+        ``known``: the loss, already measured by another trial (the untrained adapter's)."""
         nonlocal eval_s
         emit({"event": "phase", "phase": "eval"})
         t = time.perf_counter()
-        loss = evaluate(model, eval_set, device)
+        loss = evaluate(model, eval_set, device) if known is None else known
         eval_s += time.perf_counter() - t
         result.curve.append([fraction, loss])
         trackers.log({"eval/loss": loss}, step)
@@ -297,7 +302,10 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
         return bool(stop)
 
     if 0.0 in fractions:
-        run_eval(0.0, 0)
+        # LoRA starts as the identity (B = 0), so at 0 every trial that shares the base model, its
+        # quantization and the eval set has the same loss: the search passes it on once it is known.
+        run_eval(0.0, 0, known=base_eval_loss)
+        info["base_eval_loss_reused"] = base_eval_loss is not None
     eval_before_loop = eval_s
     model.train()
     train_s = cpu_s = 0.0

@@ -42,7 +42,8 @@ def serve(spec_path: str, events: TextIO, answers: TextIO, parent: int) -> int:
 
     recipe = recipe_from_dict(spec["recipe"])
     result = run_trial(recipe, spec["values"], spec["out_dir"], fractions=spec["fractions"],
-                       on_event=on_event, trial_number=spec.get("trial_number"))
+                       on_event=on_event, trial_number=spec.get("trial_number"),
+                       base_eval_loss=spec.get("base_eval_loss"))
     print(f"trial finished: {result.status} {result.reason}", file=sys.stderr)
     return 0
 
