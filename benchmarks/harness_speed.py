@@ -172,13 +172,13 @@ def _linear_params(model: Any) -> dict[str, int]:
 
 
 def run_overhead(args: argparse.Namespace, model_path: str, work: Path, launch: str,
-                 base_eval_loss: float | None = None) -> dict[str, Any]:
+                 base_eval: dict[str, Any] | None = None) -> dict[str, Any]:
     """One real child-process trial of the shipped tiny-cpu recipe: where its wall time goes.
 
     ``launch``: "fresh" (a new interpreter: `llmtune.train`, or a search with LLMTUNE_FORK_SERVER=0) or
     "fork-server" (forked from the search's warm fork server: every trial of a search).
-    ``base_eval_loss``: the untrained adapter's loss, which a search's first trial measures and its later
-    trials reuse (`llmtune.study.base_eval_key`).
+    ``base_eval``: the untrained adapter's loss and context, which a search's first trial measures and its
+    later trials reuse (`llmtune.study.base_eval_key`).
     """
     from llmtune import zygote
     from llmtune.harness.train import eval_fractions
@@ -201,15 +201,15 @@ def run_overhead(args: argparse.Namespace, model_path: str, work: Path, launch: 
     # as a search runs a trial (llmtune.train runs it the same way, always as a fresh process)
     res = run_trial_process(TrialJob(recipe=recipe.to_dict(), values=values, out_dir=work / f"overhead-{time.time_ns()}",
                                      fractions=eval_fractions(recipe), timeout=600, fork_server=server,
-                                     base_eval_loss=base_eval_loss))
-    if res.status != "complete" or res.info["launch"] != launch:
+                                     base_eval=base_eval))
+    if res.status != "complete" or res.info["launch"] != launch or res.info["base_eval_loss_reused"] != bool(base_eval):
         raise RuntimeError(f"overhead trial ({res.info.get('launch')}, wanted {launch}) {res.status}: {res.reason}")
     i, total = res.info, res.info["process_wall_s"]
     parts = {"process_start": total - i["wall_time_s"], "load": i["load_s"], "eval": i["eval_s"],
              "latency": i.get("latency_s", 0.0), "train_steps": res.metrics["train_time_s"]}
     parts["other"] = total - sum(parts.values())
     return {"wall_s": total, "seconds": parts, "share": {k: v / total for k, v in parts.items()},
-            "base_eval_loss": res.base_eval_loss,
+            "base_eval": {"loss": res.base_eval_loss, "context": res.info.get("base_eval_context")},
             "overhead_share": 1 - parts["train_steps"] / total,
             "overhead_share_without_evals": 1 - (parts["train_steps"] + parts["eval"]) / total}
 
@@ -273,7 +273,7 @@ def main() -> int:
             # untrained adapter's loss from this round's first trial, as a search's later trials do
             order = [("fresh", "overhead_fresh"), ("fork-server", "overhead_forked")][::1 if rnd % 2 else -1]
             for launch, key in [*order, ("fork-server", "overhead_forked_reused")]:
-                known = rows[order[0][1]][-1]["base_eval_loss"] if key.endswith("reused") else None
+                known = rows[order[0][1]][-1]["base_eval"] if key.endswith("reused") else None
                 rows[key].append(run_overhead(args, model_path, work, launch, known))
                 print(f"round {rnd + 1} {launch} trial: overhead share {rows[key][-1]['overhead_share']:.1%} "
                       f"of {rows[key][-1]['wall_s']:.1f} s", flush=True)

@@ -24,6 +24,7 @@ from typing import IO, Any
 from llmtune import hardware, zygote
 from llmtune.result import COMPLETE, CRASHED, INTERRUPTED, OOM, STATUSES, TIMEOUT, TrialResult
 
+EXIT_GRACE_S = 5.0
 OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "torch.OutOfMemoryError", "MemoryError", "CUBLAS_STATUS_ALLOC_FAILED")
 
 
@@ -37,7 +38,7 @@ class TrialJob:
     timeout: float = 3600.0
     env: dict[str, str] = field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES, LLMTUNE_THREADS
     fork_server: zygote.ForkServer | None = None  # the search's: fork the trial from it (else a fresh process)
-    base_eval_loss: float | None = None  # the untrained adapter's loss, if another trial measured it
+    base_eval: dict[str, Any] | None = None  # the untrained adapter's loss and context, if another trial measured it
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -79,14 +80,14 @@ class TrialProcess:
         self.result_path.unlink(missing_ok=True)  # a retried trial must not read an old result
         self.spec_path.write_text(json.dumps({
             "recipe": job.recipe, "values": job.values, "out_dir": str(job.out_dir),
-            "fractions": job.fractions, "trial_number": job.trial_number, "base_eval_loss": job.base_eval_loss},
+            "fractions": job.fractions, "trial_number": job.trial_number, "base_eval": job.base_eval},
             default=str))
         env = {**os.environ, **job.env, "PYTHONUNBUFFERED": "1", "LLMTUNE_PARENT_PID": str(os.getpid())}
         # set before the process exists, so no import order can start the allocator without it
         hardware.set_allocator_default(env)
         self._log = open(self.log_path, "ab")
-        self.started = time.time()
         started = self._forked(env) or self._fresh(env)
+        self.started = time.time()  # the timeout counts from here: not the wait for a fork server to start
         self.proc: subprocess.Popen[bytes] | zygote.ForkedProcess = started[0]
         self._events, self._answers, self.launch = started[1:]
         self._messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
@@ -130,19 +131,20 @@ class TrialProcess:
             pass  # the child is gone; its exit is handled below
 
     def kill(self) -> None:
-        if self.proc.returncode is not None:
-            return
+        # The group outlives its leader while helpers live, and its id is not reused meanwhile.
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # a forked trial killed before its setsid: no group yet
-            try:
-                os.kill(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        except ProcessLookupError:
+            if self.proc.poll() is None:  # a forked trial killed before its setsid: no group yet
+                try:
+                    os.kill(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def wait(self, on_event: Callable[[dict[str, Any]], Any] | None = None,
              heartbeat: Callable[[], None] | None = None, stop: threading.Event | None = None) -> TrialResult:
         timed_out = interrupted = False
+        exited = 0.0
         deadline = self.started + self.job.timeout
         try:
             while True:
@@ -159,6 +161,13 @@ class TrialProcess:
                 except queue.Empty:
                     if heartbeat:
                         heartbeat()
+                    if self.proc.poll() is not None:
+                        # Ended, but something it started still holds the channel open: give that a moment
+                        # to finish what it says, then stop waiting for it (and kill its group).
+                        exited = exited or time.time()
+                        if time.time() - exited > EXIT_GRACE_S:
+                            self.kill()
+                            break
                     continue
                 if msg is None:
                     break

@@ -139,7 +139,8 @@ def base_eval_key(recipe: dict[str, Any], values: dict[str, Any], data_fingerpri
     LoRA starts as the identity (its B matrices are zero), so before training every trial computes the
     base model's loss: the same for every trial with the same model, precision, quantization, device
     and eval set, whatever its rank, targets, learning rate, context length or packing. One trial
-    measures it; the later ones (on any worker: it lives in the study) skip that evaluation.
+    measures it; the later ones (on any worker: it lives in the study) skip that evaluation when they run
+    on the same context (device, GPU, dtype, attention implementation, library versions: the trial checks).
     """
     what = {"model": recipe.get("model"), "data": recipe.get("data"), "fingerprint": data_fingerprint,
             "device": recipe.get("train", {}).get("device"), "eval_batch_size": recipe.get("train", {}).get("eval_batch_size"),
@@ -365,7 +366,7 @@ class Search:
             rung_metrics: list[list[Any]] = []
             recipe = _recipe_dict(self.recipe)
             base_key = base_eval_key(recipe, values, self.data_fingerprint)
-            base_loss = self.study.user_attrs.get(base_key)
+            base_eval = self.study.user_attrs.get(base_key)
 
             def on_event(event: dict[str, Any]) -> bool:
                 if self.progress:
@@ -373,8 +374,9 @@ class Search:
                 if event.get("event") != "eval":
                     return False
                 curve.append([event["fraction"], event["eval_loss"]])
-                if event["fraction"] == 0.0 and base_loss is None and finite(event["eval_loss"]):
-                    self.study.set_user_attr(base_key, event["eval_loss"])  # the next trials reuse it
+                if event["fraction"] == 0.0 and base_eval is None and finite(event["eval_loss"]):
+                    # the next trials reuse it where they run on the same context
+                    self.study.set_user_attr(base_key, {"loss": event["eval_loss"], "context": event.get("context")})
                 # what the trial has measured so far of its other objectives: the pruner ranks on these too
                 measured = {k: float(v) for k, v in (event.get("metrics") or {}).items() if finite(v)}
                 rung_metrics.append([event["fraction"], measured])
@@ -388,7 +390,7 @@ class Search:
 
             job = TrialJob(recipe=recipe, values=values, out_dir=trial_dir, fractions=self._fractions(),
                            trial_number=trial.number, timeout=self.recipe.study.trial_timeout, env=env,
-                           fork_server=self.fork_server, base_eval_loss=base_loss if finite(base_loss) else None)
+                           fork_server=self.fork_server, base_eval=base_eval if isinstance(base_eval, dict) else None)
             result = run_trial_process(job, on_event=on_event, stop=self.stop)
         if predicted is not None:
             result.metrics["predicted_memory_gb"] = predicted

@@ -34,17 +34,22 @@ import json
 import os
 import queue
 import select
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from typing import IO, Any
 
 PRELOAD = ("torch", "transformers", "peft", "llmtune.harness.train")
 START_TIMEOUT_S = 180.0
+LAUNCH_TIMEOUT_S = 60.0
 MAX_MESSAGE = 1 << 20
+# A server with no trial for this long exits (a notebook gets its ~1 GB back); the next search starts another.
+IDLE_EXIT_S = float(os.environ.get("LLMTUNE_FORK_SERVER_IDLE", "300"))
 
 
 def enabled() -> bool:
@@ -72,12 +77,18 @@ class ForkedProcess:
         self._done.wait()
         return self.returncode
 
+    def poll(self) -> int | None:
+        return self.returncode
+
 
 class ForkServer:
     def __init__(self, env_key: frozenset[tuple[str, str]]):
         self.env_key = env_key
         env = {k: v for k, v in os.environ.items() if k.startswith("LLMTUNE_")} | dict(env_key)
         env.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # no CUDA context from import-time checks
+        from llmtune import hardware
+
+        hardware.set_allocator_default(env)  # torch may read its allocator settings at import
         env["PYTHONUNBUFFERED"] = "1"
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._stderr = tempfile.TemporaryFile()
@@ -87,7 +98,9 @@ class ForkServer:
                                          stdout=self._stderr, stderr=self._stderr, start_new_session=True)
         self.sock = ours
         self._ids = itertools.count()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the tables below
+        self._send_lock = threading.Lock()  # one sendmsg at a time: workers share the server
+        self._closed = False  # the server is gone: launches are refused, waiting children released
         self._launches: dict[int, queue.Queue[int | None]] = {}
         self._children: dict[int, ForkedProcess] = {}
         self._early_exits: dict[int, int] = {}
@@ -97,8 +110,11 @@ class ForkServer:
         threading.Thread(target=self._read, daemon=True, name="llmtune-fork-server").start()
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> bool:
-        """Block until the server can fork trials (True) or has failed (False); for benchmarks and tests."""
-        self._settled.wait(timeout)
+        """Block until the server can fork trials (True) or has failed (False). A server that does not
+        start in time is stopped, so trials wait for it once, not each in turn."""
+        if not self._settled.wait(timeout):
+            self._settle(False, f"it did not start within {timeout:g}s")
+            self.close()
         return self.ready
 
     def _log_tail(self) -> str:
@@ -120,6 +136,8 @@ class ForkServer:
             msg = json.loads(data)
             if "ready" in msg:
                 self._settle(bool(msg["ready"]), msg.get("why", ""))
+            elif "idle" in msg:
+                self._closed = True
             elif "exited" in msg:
                 with self._lock:
                     child = self._children.pop(msg["exited"], None)
@@ -131,8 +149,11 @@ class ForkServer:
                 launch = self._launches.pop(msg["id"], None)
                 if launch is not None:
                     launch.put(msg.get("pid"))
+                elif msg.get("pid"):  # its launcher gave up waiting and started a fresh process instead
+                    _kill_group(msg["pid"])
         self._settle(False, self._log_tail())
         with self._lock:
+            self._closed = True
             orphans, self._children = list(self._children.values()), {}
             waiting, self._launches = list(self._launches.values()), {}
         for child in orphans:
@@ -143,9 +164,9 @@ class ForkServer:
     def _settle(self, ready: bool, why: str) -> None:
         if not ready and not self.failed:
             self.why = why or "it stopped"
-            if not self.ready:  # failed to start: say so once; trials start as fresh processes
-                print(f"llmtune: trials start as fresh processes (the fork server is unavailable: {self.why})",
-                      file=sys.stderr)
+            if not self._closed:  # not a planned stop: say so once; the next trials start as fresh processes
+                print(f"llmtune: the next trials start as fresh processes (the fork server is unavailable: "
+                      f"{self.why})", file=sys.stderr)
         self.ready, self.failed = ready, not ready
         self._settled.set()
 
@@ -163,24 +184,25 @@ class ForkServer:
         self._launches[rid] = answer
         request = json.dumps({"id": rid, "spec": spec_path, "env": env, "cwd": os.getcwd()}).encode()
         try:
-            with self._lock:  # one sendmsg at a time: workers share the server
+            with self._send_lock:
                 socket.send_fds(self.sock, [request], [channel.fileno(), log.fileno()])
-            pid = answer.get(timeout=60)
+            pid = answer.get(timeout=LAUNCH_TIMEOUT_S)
         except (OSError, queue.Empty):
-            self._launches.pop(rid, None)
+            self._launches.pop(rid, None)  # a late answer's child is killed by the reader
             return None
         if pid is None:
             return None
         child = ForkedProcess(pid, self)
         with self._lock:
             early = self._early_exits.pop(pid, None)
-            if early is None:
+            if early is None and not self._closed:
                 self._children[pid] = child
-        if early is not None:
+        if early is not None or self._closed:  # it ended already, or the server went before it was filed
             child._exited(early)
         return child
 
     def close(self) -> None:
+        self._closed = True
         self.ready, self.failed = False, True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -191,6 +213,16 @@ class ForkServer:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:  # not yet its own group (killed before its setsid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 _server: ForkServer | None = None
@@ -246,10 +278,11 @@ def _cuda_usable_after_fork() -> bool:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
 
-def _child(request: dict[str, Any], fds: list[int]) -> None:
+def _child(request: dict[str, Any], fds: list[int], server: int) -> None:
     """In the forked child: become the trial process, run it, and end."""
     os.setsid()  # its own process group, as a fresh process gets: a kill reaches its helpers too
     channel_fd, log_fd = fds
+    os.set_inheritable(channel_fd, False)  # received fds are inheritable: helpers must not hold the channel
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
@@ -263,17 +296,21 @@ def _child(request: dict[str, Any], fds: list[int]) -> None:
 
     channel = socket.socket(fileno=channel_fd)
     events, answers = channel.makefile("w", buffering=1), channel.makefile("r")
-    end(serve(request["spec"], events, answers, parent=os.getppid()))
+    search = int(request["env"].get("LLMTUNE_PARENT_PID", 0)) or None
+    end(serve(request["spec"], events, answers, parent=server, search=search))
 
 
-def _reap(sock: socket.socket) -> None:
+def _reap(sock: socket.socket) -> set[int]:
+    """Report the children that ended; returns their pids."""
+    ended: set[int] = set()
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return ended
         if pid == 0:
-            return
+            return ended
+        ended.add(pid)
         sock.send(json.dumps({"exited": pid, "returncode": os.waitstatus_to_exitcode(status)}).encode())
 
 
@@ -290,10 +327,18 @@ def main(fd: int) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
+    me = os.getpid()
+    sock.send(json.dumps({"ready": True, "pid": me}).encode())
+    children: set[int] = set()
+    idle_since = time.monotonic()
     while True:
         readable, _, _ = select.select([sock], [], [], 0.05)
-        _reap(sock)
+        children -= _reap(sock)
+        if children:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > IDLE_EXIT_S:
+            sock.send(json.dumps({"idle": True}).encode())  # a planned exit: the next search starts a new server
+            return
         if not readable:
             continue
         try:
@@ -306,7 +351,8 @@ def main(fd: int) -> None:
         pid = os.fork()
         if pid == 0:
             sock.close()
-            _child(request, fds)  # never returns
+            _child(request, fds, server=me)  # never returns
+        children.add(pid)
         for f in fds:
             os.close(f)
         sock.send(json.dumps({"id": request["id"], "pid": pid}).encode())

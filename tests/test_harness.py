@@ -161,10 +161,16 @@ def test_untrained_adapter_loss_does_not_depend_on_lora_settings_so_a_search_reu
         assert res.status == "complete" and res.info["base_eval_loss_reused"] is False
         losses.append(res.base_eval_loss)
     assert losses[0] == losses[1]
+    context = res.info["base_eval_context"]
+    assert context["device"] == "cpu" and context["versions"]["torch"]
     reused = run_trial(recipe, recipe.space.complete({}), tmp_path / "reused", fractions=[0.0, 1.0],
-                       save_adapter=False, base_eval_loss=losses[0])
+                       save_adapter=False, base_eval={"loss": losses[0], "context": context})
     assert reused.status == "complete" and reused.info["base_eval_loss_reused"] is True
     assert reused.curve[0] == [0.0, losses[0]] and reused.curve[1][1] < losses[0]  # trained from there
+    # measured elsewhere (another GPU, other library versions): this trial measures it itself
+    elsewhere = run_trial(recipe, recipe.space.complete({}), tmp_path / "elsewhere", fractions=[0.0], save_adapter=False,
+                          base_eval={"loss": 99.0, "context": {**context, "gpu": "NVIDIA H100 80GB HBM3"}})
+    assert elsewhere.info["base_eval_loss_reused"] is False and elsewhere.curve == [[0.0, losses[0]]]
 
 
 def test_training_lowers_eval_loss_and_writes_result(tmp_path, tiny_model_path, tiny_data_path):

@@ -249,4 +249,5 @@ def test_a_search_measures_the_untrained_adapter_loss_once_per_base(tmp_path):
     base = [t.user_attrs["llmtune.curve"][0] for t in trials]
     assert reused == [False, True, True]
     assert base[0][0] == 0.0 and base == [base[0]] * 3
-    assert [v for k, v in result.study.user_attrs.items() if k.startswith("llmtune.base_eval_loss.")] == [base[0][1]]
+    stored = [v for k, v in result.study.user_attrs.items() if k.startswith("llmtune.base_eval_loss.")]
+    assert len(stored) == 1 and stored[0]["loss"] == base[0][1] and stored[0]["context"]["device"] == "cpu"

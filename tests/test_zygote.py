@@ -127,3 +127,18 @@ def test_every_trial_of_a_search_is_forked_from_one_server(tmp_path, tiny_model_
     result = llmtune.search(data)
     launches = [t.user_attrs[INFO]["launch"] for t in result.study.trials]
     assert launches == ["fork-server", "fork-server"]  # so their CPU peak memory (resident set) compares
+
+
+def test_an_idle_server_exits_quietly_and_the_next_search_starts_another(monkeypatch, capfd, tiny_model_path):
+    zygote._stop_server()
+    monkeypatch.setenv("LLMTUNE_FORK_SERVER_IDLE", "1")
+    idle = zygote.prewarm()
+    assert idle is not None and idle.wait_ready()
+    deadline = time.time() + 20
+    while not idle.failed and time.time() < deadline:
+        time.sleep(0.2)
+    assert idle.failed and idle.proc.wait(timeout=10) == 0
+    assert "fresh processes" not in capfd.readouterr().err  # a planned exit is not reported as a failure
+    monkeypatch.delenv("LLMTUNE_FORK_SERVER_IDLE")
+    following = zygote.prewarm()
+    assert following is not None and following is not idle and following.wait_ready()

@@ -21,7 +21,14 @@ import torch
 from llmtune import hardware
 from llmtune.harness import data as D
 from llmtune.harness import model as M
-from llmtune.harness.measure import GiB, measure_latency, peak_so_far_bytes, sync, track_peak_memory
+from llmtune.harness.measure import (
+    GiB,
+    measure_latency,
+    peak_so_far_bytes,
+    release_memory,
+    sync,
+    track_peak_memory,
+)
 from llmtune.recipe import Recipe
 from llmtune.result import COMPLETE, CRASHED, OOM, PRUNED, TrialResult
 from llmtune.space import trial_settings
@@ -201,11 +208,12 @@ def _inject_fault(trial_number: int | None) -> None:
 
 def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fractions: list[float] | None = None,
               on_event: EventFn | None = None, trial_number: int | None = None, save_adapter: bool = True,
-              base_eval_loss: float | None = None) -> TrialResult:
+              base_eval: dict[str, Any] | None = None) -> TrialResult:
     """Run one trial and return its result (also written to out_dir/result.json).
 
-    ``base_eval_loss``: the eval loss of the untrained adapter, when an earlier trial on the same base
-    model, quantization and eval set measured it (see `llmtune.study.base_eval_key`): not evaluated again.
+    ``base_eval``: ``{"loss", "context"}``, the untrained adapter's eval loss as an earlier trial on the
+    same base model, quantization and eval set measured it (`llmtune.study.base_eval_key`): not evaluated
+    again if this trial's context (device, GPU, dtype, attention, versions) is the same.
     Out-of-memory becomes status "oom"; any other error "crashed" with the traceback tail.
     """
     out = Path(out_dir)
@@ -217,7 +225,7 @@ def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fr
     try:
         with ExitStack() as cleanup:
             _run(recipe, settings, out, fractions or eval_fractions(recipe), emit, result, trial_number, save_adapter,
-                 cleanup, base_eval_loss)
+                 cleanup, base_eval)
     except torch.OutOfMemoryError as e:
         result.status, result.reason = OOM, f"out of memory: {str(e).splitlines()[0][:300]}"
     except MemoryError:
@@ -233,7 +241,7 @@ def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fr
 
 def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[float], emit: EventFn,
          result: TrialResult, trial_number: int | None, save_adapter: bool, cleanup: ExitStack,
-         base_eval_loss: float | None = None) -> None:
+         base_eval: dict[str, Any] | None = None) -> None:
     info = result.info
     info.update(versions=_versions(), trial_number=trial_number, output_dir=str(out))
     threads = os.environ.get("LLMTUNE_THREADS")
@@ -286,9 +294,11 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
     eval_after = {plan.step_at(f): f for f in sorted(fractions) if f > 0}
     eval_s = 0.0
 
-    def run_eval(fraction: float, step: int, measured: dict[str, float] | None = None, known: float | None = None) -> bool:
+    def run_eval(fraction: float, step: int, measured: dict[str, float] | None = None, known: float | None = None,
+                 context: dict[str, Any] | None = None) -> bool:
         """Evaluate; ``measured``: the other objectives as known so far, which the pruner may rank on;
-        ``known``: the loss, already measured by another trial (the untrained adapter's)."""
+        ``known``: the loss, already measured by another trial (the untrained adapter's); ``context``:
+        what the loss was measured on, sent with it."""
         nonlocal eval_s
         emit({"event": "phase", "phase": "eval"})
         t = time.perf_counter()
@@ -297,15 +307,20 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
         result.curve.append([fraction, loss])
         trackers.log({"eval/loss": loss}, step)
         stop = emit({"event": "eval", "fraction": fraction, "eval_loss": loss, "step": step,
-                     "metrics": measured or {}})
+                     "metrics": measured or {}, **({"context": context} if context else {})})
         emit({"event": "phase", "phase": "train"})
         return bool(stop)
 
     if 0.0 in fractions:
         # LoRA starts as the identity (B = 0), so at 0 every trial that shares the base model, its
-        # quantization and the eval set has the same loss: the search passes it on once it is known.
-        run_eval(0.0, 0, known=base_eval_loss)
-        info["base_eval_loss_reused"] = base_eval_loss is not None
+        # quantization and the eval set has the same loss: the search passes it on once it is known,
+        # with what it was measured on; other hardware or library versions measure it again.
+        context = {"device": device, "gpu": info.get("gpu"), "dtype": info["dtype"], "versions": info["versions"],
+                   "attn": getattr(getattr(model, "config", None), "_attn_implementation", None)}
+        known = base_eval.get("loss") if base_eval and base_eval.get("context") == context else None
+        run_eval(0.0, 0, known=known, context=context)
+        info.update(base_eval_loss_reused=known is not None, base_eval_context=context)
+    release_memory(device)  # what the evaluation left cached must not count towards training's peak
     eval_before_loop = eval_s
     model.train()
     train_s = cpu_s = 0.0

@@ -16,18 +16,31 @@ import time
 from typing import Any, TextIO
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A trial whose search process died must not run on unseen, holding a GPU (it is retried)."""
+def _exit_with_parent(parent: int, search: int | None = None) -> None:
+    """A trial whose search process died must not run on unseen, holding a GPU (it is retried).
+
+    ``parent``: the process that started this one (the search, or its fork server, which exits with
+    the search); ``search``: the search process itself, when it is not the parent."""
     while True:
-        if os.getppid() != parent:
+        if os.getppid() != parent or (search is not None and not _alive(search)):
             os._exit(3)
         time.sleep(2)
 
 
-def serve(spec_path: str, events: TextIO, answers: TextIO, parent: int) -> int:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's (cannot be ours, but do not kill the trial over it)
+        return True
+    return True
+
+
+def serve(spec_path: str, events: TextIO, answers: TextIO, parent: int, search: int | None = None) -> int:
     """Run the trial in ``spec_path``: events go out on ``events``, the pruner's answers come in on ``answers``."""
     spec = json.loads(open(spec_path).read())
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(parent, search), daemon=True).start()
 
     def on_event(event: dict[str, Any]) -> bool:
         events.write(json.dumps(event) + "\n")
@@ -43,7 +56,7 @@ def serve(spec_path: str, events: TextIO, answers: TextIO, parent: int) -> int:
     recipe = recipe_from_dict(spec["recipe"])
     result = run_trial(recipe, spec["values"], spec["out_dir"], fractions=spec["fractions"],
                        on_event=on_event, trial_number=spec.get("trial_number"),
-                       base_eval_loss=spec.get("base_eval_loss"))
+                       base_eval=spec.get("base_eval"))
     print(f"trial finished: {result.status} {result.reason}", file=sys.stderr)
     return 0
 
@@ -62,6 +75,12 @@ def end(code: int) -> None:
     frees nothing the kernel does not free anyway; the trial closed its trackers and wrote its result."""
     sys.stdout.flush()
     sys.stderr.flush()
+    try:  # what C libraries printed through stdio
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
     os._exit(code)
 
 
