@@ -29,6 +29,7 @@ their parent, see `llmtune.harness.worker`).
 from __future__ import annotations
 
 import atexit
+import gc
 import itertools
 import json
 import os
@@ -327,6 +328,7 @@ def main(fd: int) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
+    gc.freeze()  # the imported objects: a collection in a trial then neither walks nor copies their pages
     me = os.getpid()
     sock.send(json.dumps({"ready": True, "pid": me}).encode())
     children: set[int] = set()

@@ -79,10 +79,8 @@ class MemoryPeak:
 
 def release_memory(device: str) -> None:
     """Give back what earlier work (an evaluation) left cached, so a peak measured next starts clean:
-    garbage, torch's cached CUDA blocks, and on Linux the C heap's free pages (the resident set)."""
-    import gc
-
-    gc.collect()
+    torch's cached CUDA blocks, and on Linux the C heap's free pages (the resident set). No gc.collect:
+    tensors are freed by reference counting, and a full collection costs ~0.2 s with torch loaded."""
     if device == "cuda":
         torch.cuda.empty_cache()
     try:
