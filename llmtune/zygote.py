@@ -49,8 +49,16 @@ PRELOAD = ("torch", "transformers", "peft", "llmtune.harness.train")
 START_TIMEOUT_S = 180.0
 LAUNCH_TIMEOUT_S = 60.0
 MAX_MESSAGE = 1 << 20
-# A server with no trial for this long exits (a notebook gets its ~1 GB back); the next search starts another.
-IDLE_EXIT_S = float(os.environ.get("LLMTUNE_FORK_SERVER_IDLE", "300"))
+IDLE_EXIT_S = 300.0
+
+
+def _idle_exit_s() -> float:
+    """A server with no trial for this long exits (a notebook gets its ~1 GB back); the next search
+    starts another. ``LLMTUNE_FORK_SERVER_IDLE`` seconds; a value that is not a number is ignored."""
+    try:
+        return float(os.environ.get("LLMTUNE_FORK_SERVER_IDLE", IDLE_EXIT_S))
+    except ValueError:
+        return IDLE_EXIT_S
 
 
 def enabled() -> bool:
@@ -332,13 +340,14 @@ def main(fd: int) -> None:
     me = os.getpid()
     sock.send(json.dumps({"ready": True, "pid": me}).encode())
     children: set[int] = set()
+    idle_exit = _idle_exit_s()
     idle_since = time.monotonic()
     while True:
         readable, _, _ = select.select([sock], [], [], 0.05)
         children -= _reap(sock)
         if children:
             idle_since = time.monotonic()
-        elif time.monotonic() - idle_since > IDLE_EXIT_S:
+        elif time.monotonic() - idle_since > idle_exit:
             sock.send(json.dumps({"idle": True}).encode())  # a planned exit: the next search starts a new server
             return
         if not readable:
