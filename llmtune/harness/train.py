@@ -29,6 +29,7 @@ from llmtune.harness.measure import (
     sync,
     track_peak_memory,
 )
+from llmtune.harness.token_cache import encode_cached
 from llmtune.recipe import Recipe
 from llmtune.result import COMPLETE, CRASHED, OOM, PRUNED, TrialResult
 from llmtune.space import trial_settings
@@ -260,8 +261,11 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
     splits = D.load_splits(recipe.data)
     info["data_fingerprint"] = splits.fingerprint
     seq_len = int(settings["sequence_len"])
-    train_examples, dropped = D.encode_all(splits.train, recipe.data, tokenizer, seq_len)
-    eval_examples, _ = D.encode_all(splits.eval, recipe.data, tokenizer, recipe.data.eval_max_length)
+    cache = Path(recipe.output_dir) / ".cache" / "tokens"  # shared by the search's trials (token_cache.py)
+    train_examples, dropped = encode_cached(splits.train, recipe.data, tokenizer, seq_len, cache_dir=cache,
+                                            data_fingerprint=splits.fingerprint, split="train")
+    eval_examples, _ = encode_cached(splits.eval, recipe.data, tokenizer, recipe.data.eval_max_length, cache_dir=cache,
+                                     data_fingerprint=splits.fingerprint, split="eval")
     t_plan = time.perf_counter()
     plan = D.plan_batches(train_examples, budget=recipe.train.budget, micro_batch_size=int(settings["micro_batch_size"]),
                           grad_accum=recipe.train.gradient_accumulation_steps, sequence_len=seq_len,
