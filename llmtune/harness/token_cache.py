@@ -72,8 +72,9 @@ def _write(path: Path, examples: list[Example], dropped: int) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            np.savez(f, ids=np.array([t for e in examples for t in e.input_ids], dtype=np.int64),
-                     labels=np.array([t for e in examples for t in e.labels], dtype=np.int64),
+            # int32: token ids (and the -100 label mask) fit, at half the disk of int64
+            np.savez(f, ids=np.array([t for e in examples for t in e.input_ids], dtype=np.int32),
+                     labels=np.array([t for e in examples for t in e.labels], dtype=np.int32),
                      lengths=np.array([len(e.input_ids) for e in examples], dtype=np.int64),
                      truncated=np.array([e.truncated for e in examples], dtype=bool), dropped=np.array(dropped))
         os.replace(tmp, path)  # atomic: a parallel trial reads the whole file or none
