@@ -23,7 +23,8 @@ Protocol: the search process and the server share a SOCK_SEQPACKET socket pair. 
 ``{"id", "spec", "env", "cwd"}`` with two file descriptors (the trial's event channel and its log); the
 server forks and answers ``{"id", "pid"}``, and ``{"exited": pid, "returncode": rc}`` when it ends. The
 server exits when the search process closes its end (or dies), and its children follow (they watch
-their parent, see `llmtune.harness.worker`).
+their parent and the search, see `llmtune.harness.worker`); it also exits after
+``LLMTUNE_FORK_SERVER_IDLE`` seconds (default 300) without a trial, saying ``{"idle": true}`` first.
 """
 
 from __future__ import annotations
