@@ -131,15 +131,7 @@ class TrialProcess:
             pass  # the child is gone; its exit is handled below
 
     def kill(self) -> None:
-        # The group outlives its leader while helpers live, and its id is not reused meanwhile.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            if self.proc.poll() is None:  # a forked trial killed before its setsid: no group yet
-                try:
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        zygote.kill_group(self.proc.pid, lambda: self.proc.poll() is None)
 
     def wait(self, on_event: Callable[[dict[str, Any]], Any] | None = None,
              heartbeat: Callable[[], None] | None = None, stop: threading.Event | None = None) -> TrialResult:

@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 PRELOAD = ("torch", "transformers", "peft", "llmtune.harness.train")
@@ -74,8 +74,8 @@ def enabled() -> bool:
 class ForkedProcess:
     """A trial forked by the server: the part of `subprocess.Popen` the runner uses."""
 
-    def __init__(self, pid: int, server: ForkServer):
-        self.pid, self._server = pid, server
+    def __init__(self, pid: int):
+        self.pid = pid
         self.returncode: int | None = None
         self._done = threading.Event()
 
@@ -160,7 +160,7 @@ class ForkServer:
                 if launch is not None:
                     launch.put(msg.get("pid"))
                 elif msg.get("pid"):  # its launcher gave up waiting and started a fresh process instead
-                    _kill_group(msg["pid"])
+                    kill_group(msg["pid"])
         self._settle(False, self._log_tail())
         with self._lock:
             self._closed = True
@@ -202,7 +202,7 @@ class ForkServer:
             return None
         if pid is None:
             return None
-        child = ForkedProcess(pid, self)
+        child = ForkedProcess(pid)
         with self._lock:
             early = self._early_exits.pop(pid, None)
             if early is None and not self._closed:
@@ -225,14 +225,18 @@ class ForkServer:
             self.proc.kill()
 
 
-def _kill_group(pid: int) -> None:
+def kill_group(pid: int, unreaped: Callable[[], bool] = lambda: True) -> None:
+    """SIGKILL a trial's process group: it outlives its leader while helpers live, and its id is not
+    reused meanwhile. A forked trial killed before its setsid has no group yet: then the pid itself,
+    unless ``unreaped()`` says the leader is gone (its pid may be someone else's by now)."""
     try:
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:  # not yet its own group (killed before its setsid)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    except ProcessLookupError:
+        if unreaped():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 _server: ForkServer | None = None
