@@ -45,7 +45,7 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
 
 def build_model(name: str, device: str) -> str:
     """Path of the base model: the tiny model, a local path, or 'llama-1b' built with random weights."""
-    from llmtune.tiny import ensure_tiny_model
+    from llmtune.builtin.tiny import ensure_tiny_model
 
     tiny = ensure_tiny_model(log=None)
     if name == "tiny":
@@ -103,9 +103,9 @@ def run_trainer(recipe: Any, device: str, work: Path) -> dict[str, Any]:
     """transformers.Trainer + peft on exactly the examples llmtune's unpacked plan trains on, in its order."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
+    from llmtune.config.space import trial_settings
     from llmtune.harness import data as D
     from llmtune.harness import model as M
-    from llmtune.space import trial_settings
 
     s = trial_settings(recipe.space.complete({"sample_packing": False}))
     tok = M.load_tokenizer(recipe.model)
@@ -178,16 +178,16 @@ def run_overhead(args: argparse.Namespace, model_path: str, work: Path, launch: 
     ``launch``: "fresh" (a new interpreter: `llmtune.train`, or a search with LLMTUNE_FORK_SERVER=0) or
     "fork-server" (forked from the search's warm fork server: every trial of a search).
     ``base_eval``: the untrained adapter's loss and context, which a search's first trial measures and its
-    later trials reuse (`llmtune.study.base_eval_key`).
+    later trials reuse (`llmtune.study.loop.base_eval_key`).
     """
-    from llmtune import zygote
+    from llmtune.config.recipe import recipe_from_dict
     from llmtune.harness.train import eval_fractions
-    from llmtune.recipe import recipe_from_dict
-    from llmtune.runner import TrialJob, run_trial_process
+    from llmtune.trial import fork_server
+    from llmtune.trial.runner import TrialJob, run_trial_process
 
     server = None
     if launch == "fork-server":
-        server = zygote.prewarm()  # what a search does when it starts
+        server = fork_server.prewarm()  # what a search does when it starts
         if server is None or not server.wait_ready():
             raise RuntimeError(f"the fork server is unavailable: {server.why if server else 'off'}")
     r = yaml.safe_load((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
@@ -241,7 +241,7 @@ def main() -> int:
     os.environ["LLMTUNE_THREADS"] = str(args.threads)  # run_trial and the overhead child apply it
     torch.set_num_threads(args.threads)
 
-    from llmtune.recipe import recipe_from_dict
+    from llmtune.config.recipe import recipe_from_dict
 
     work = Path(tempfile.mkdtemp(prefix="llmtune-harness-speed-"))
     model_path = build_model(args.model, args.device)
@@ -367,7 +367,7 @@ def write(summary: dict[str, Any], out: Path) -> None:
         where = "recipes/tiny-cpu.yaml" + ("" if summary["model"] == "tiny" else f" with model {summary['model']}")
         lines += ["", f"Per-trial overhead of a real child-process trial ({where}; target <= 10% of trial time). "
                   "`llmtune train` starts a fresh interpreter; a search forks every trial from its warm fork server "
-                  "(`llmtune.zygote`), and its later trials reuse the untrained adapter's eval loss (at 0) that the "
+                  "(`llmtune.trial.fork_server`), and its later trials reuse the untrained adapter's eval loss (at 0) that the "
                   "first one measured:", "",
                   "| trial process | wall s (median) | not training steps | not training steps or evals | fixed s | "
                   "shares |", "| --- | --- | --- | --- | --- | --- |"]

@@ -4,7 +4,7 @@ For real-sized architectures (a Llama-3.2-1B and a Qwen2.5-0.5B shape, random we
 depend on weight values) it runs real llmtune trials — the same child process, harness and measurement a
 search uses — over configs that differ in quantization, gradient checkpointing, sequence length, batch size,
 packing and LoRA targets, and puts the measured peak (`peak_memory_gb`: the larger of torch's reserved peak
-and NVML's view, which includes the CUDA context) beside the prediction of `llmtune.gate.estimate_for`, which
+and NVML's view, which includes the CUDA context) beside the prediction of `llmtune.study.gate.estimate_for`, which
 reads only config.json. It prints the relative error per config, the median and the worst.
 
     python benchmarks/memory_accuracy.py --device cuda          # measure + compare (GPU; ~8 min on an H100)
@@ -121,8 +121,8 @@ def recipe_for(model_dir: Path, data: Path, cfg: dict[str, Any], out: Path) -> d
 
 
 def predict(recipe: dict[str, Any], cfg: dict[str, Any]) -> dict[str, float]:
-    from llmtune.gate import estimate_for
-    from llmtune.recipe import recipe_from_dict
+    from llmtune.config.recipe import recipe_from_dict
+    from llmtune.study.gate import estimate_for
 
     r = recipe_from_dict(recipe)
     return estimate_for(r, r.space.complete({k: cfg[k] for k in KEYS if k != "arch"}), device="cuda").breakdown()
@@ -132,7 +132,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
     import llmtune
-    from llmtune.tiny import ensure_tiny_model
+    from llmtune.builtin.tiny import ensure_tiny_model
 
     if not torch.cuda.is_available():
         sys.exit("memory_accuracy: measuring needs a CUDA GPU (use --from FILE to re-predict stored measurements)")

@@ -24,7 +24,7 @@ import numpy as np
 from optuna._hypervolume import compute_hypervolume
 
 import llmtune
-from llmtune.results import pareto_front
+from llmtune.deliver.front import pareto_front
 
 SEARCH = {
     "learning_rate": {"low": 1.0e-5, "high": 1.0e-2, "log": True},

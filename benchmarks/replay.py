@@ -31,8 +31,8 @@ import optuna
 from optuna._hypervolume import compute_hypervolume
 from optuna.trial import TrialState
 
-from llmtune.pruning import CURVE_ATTR, PARTIAL_METRICS, RUNG_METRICS_ATTR, STATUS_ATTR, make_pruner
-from llmtune.space import SearchSpace
+from llmtune.config.space import SearchSpace
+from llmtune.study.pruners import CURVE, PARTIAL_METRICS, RUNG_METRICS, STATUS, make_pruner
 
 REF = 1.1  # reference point in scaled objective space: the table's worst value is 1.0
 SAMPLERS = ("llmtune", "llmtune-new", "random", "grid", "nsga2", "tpe")
@@ -177,24 +177,19 @@ def at_rung(row: dict[str, Any], what: str, fraction: float) -> float | None:
 def make_sampler(name: str, table: Table, space: SearchSpace, seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
     """The samplers compared: llmtune's choice for this recipe, and Optuna's defaults."""
     if name == "llmtune":
-        from llmtune.recipe import recipe_from_dict
-        from llmtune.study import make_sampler as llmtune_sampler
+        from llmtune.study.samplers import make_sampler as llmtune_sampler
 
-        recipe = recipe_from_dict({
-            "name": "replay", "model": {"name": "llmtune/tiny"}, "data": {"source": "llmtune/tiny-tasks"},
-            "search": table.grid, "objectives": dict(table.objectives),
-            "study": {"sampler": "auto", "n_trials": n_trials, "seed": seed}})
-        return llmtune_sampler(recipe, space, parallel=False)[0]
+        return llmtune_sampler("auto", space, len(table.objectives), n_trials, seed, parallel=False)[0]
     if name == "llmtune-new":
-        from llmtune.sampling import default_sampler
+        from llmtune.study.samplers import default_sampler
 
         return default_sampler(space, n_objectives=len(table.objectives), n_trials=n_trials, seed=seed)[0]
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":  # llmtune's `sampler: grid` (Optuna's grid sampler): every grid point once, seeded order
-        from llmtune.study import _GridSampler
+        from llmtune.study.samplers import SAMPLERS
 
-        return _GridSampler(table.grid, seed=seed)
+        return SAMPLERS["grid"].build(space, len(table.objectives), n_trials, seed, False)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "tpe":  # Optuna's default sampler, with its default settings
@@ -274,7 +269,7 @@ def replay_trial(study: optuna.Study, trial: optuna.Trial, row: dict[str, Any], 
     charge = charge or Table(grid={}, objectives=[], rungs=[]).charge
     storage, tid = study._storage, trial._trial_id
     if row["status"] != "complete":
-        storage.set_trial_user_attr(tid, STATUS_ATTR, row["status"])
+        storage.set_trial_user_attr(tid, STATUS, row["status"])
         study.tell(trial, state=TrialState.FAIL)
         return charge(row), None
     curve: list[list[float]] = []
@@ -291,15 +286,15 @@ def replay_trial(study: optuna.Study, trial: optuna.Trial, row: dict[str, Any], 
         metrics = partial_metrics(row, rung, [m for m, _ in objectives])
         partial.append([rung, metrics])
         # A copy each time: the in-memory storage keeps the object, and llmtune writes a new list too.
-        storage.set_trial_user_attr(tid, CURVE_ATTR, list(curve))
-        storage.set_trial_user_attr(tid, RUNG_METRICS_ATTR, list(partial))
+        storage.set_trial_user_attr(tid, CURVE, list(curve))
+        storage.set_trial_user_attr(tid, RUNG_METRICS, list(partial))
         if pruner.should_prune(study, trial.number, rung, loss, metrics):
-            storage.set_trial_user_attr(tid, STATUS_ATTR, "pruned")
+            storage.set_trial_user_attr(tid, STATUS, "pruned")
             study.tell(trial, state=TrialState.PRUNED)
             return charge(row, rung), rung
     curve.append([1.0, float(row["eval_loss"])])
-    storage.set_trial_user_attr(tid, CURVE_ATTR, curve)
-    storage.set_trial_user_attr(tid, STATUS_ATTR, "complete")
+    storage.set_trial_user_attr(tid, CURVE, curve)
+    storage.set_trial_user_attr(tid, STATUS, "complete")
     study.tell(trial, [float(row[m]) for m, _ in objectives])
     return charge(row), None
 

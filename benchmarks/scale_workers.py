@@ -40,8 +40,8 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the tiny task is a CPU benc
 
 from optuna.trial import TrialState  # noqa: E402
 
-from llmtune.recipe import recipe_from_dict  # noqa: E402
-from llmtune.study import INFO, Search, mask_url  # noqa: E402
+from llmtune.config.recipe import recipe_from_dict  # noqa: E402
+from llmtune.study.loop import INFO, Search, mask_url  # noqa: E402
 
 
 def recipe(out: Path, name: str, trials: int) -> dict:
@@ -63,7 +63,7 @@ def recipe(out: Path, name: str, trials: int) -> dict:
 
 def warm_up(out: Path) -> float:
     """Pay the one-off imports of the memory estimator now; returns their seconds."""
-    from llmtune.gate import predicted_peak_gb
+    from llmtune.study.gate import predicted_peak_gb
 
     r = recipe_from_dict(recipe(out, "warm-up", 1))
     t0 = time.time()

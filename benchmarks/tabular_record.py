@@ -101,8 +101,8 @@ def _init_worker(threads: int) -> None:
 
 def run_one(job: tuple[int, dict[str, Any], dict[str, Any], str]) -> dict[str, Any]:
     """One configuration through the harness; returns its table row."""
+    from llmtune.config.recipe import recipe_from_dict
     from llmtune.harness.train import eval_fractions, run_trial
-    from llmtune.recipe import recipe_from_dict
 
     index, params, recipe_dict, work = job
     recipe = recipe_from_dict(recipe_dict)
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         indexed = indexed[: args.limit]
 
-    from llmtune.tiny import resolve_data_source, resolve_model_name
+    from llmtune.builtin.tiny import resolve_data_source, resolve_model_name
 
     # Build the offline tiny model/data once here, not in every worker at the same time.
     resolve_model_name(args.model, log=print)

@@ -1,14 +1,27 @@
-"""llmtune: find good LoRA / QLoRA hyperparameters, trading eval loss against memory, speed and latency."""
+"""llmtune: find good LoRA / QLoRA hyperparameters, trading eval loss against memory, speed and latency.
 
-__version__ = "0.1.0"
+The public API is what ``__all__`` lists; `llmtune.api` holds the functions (the CLI calls them too).
+"""
 
-from llmtune.api import estimate_memory, load_results, search, train  # noqa: E402
-from llmtune.hub import HubError, export_adapter, push_to_hub  # noqa: E402
-from llmtune.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict  # noqa: E402
-from llmtune.result import TrialResult  # noqa: E402
-from llmtune.results import SearchResult  # noqa: E402
+from llmtune._version import __version__
+from llmtune.api import (
+    estimate_memory,
+    estimate_space,
+    export_adapter,
+    load_results,
+    push_to_hub,
+    report,
+    search,
+    train,
+    validate,
+)
+from llmtune.config.recipe import Recipe, load_recipe, recipe_from_dict
+from llmtune.deliver.results import SearchResult
+from llmtune.errors import DataError, HubError, LlmtuneError, MissingDependency, RecipeError, SearchError
+from llmtune.trial.result import TrialResult
 
 __all__ = [
-    "__version__", "search", "train", "estimate_memory", "load_results", "load_recipe", "recipe_from_dict",
-    "Recipe", "RecipeError", "SearchResult", "TrialResult", "export_adapter", "push_to_hub", "HubError",
+    "__version__", "search", "train", "validate", "report", "estimate_memory", "estimate_space", "load_results",
+    "export_adapter", "push_to_hub", "load_recipe", "recipe_from_dict", "Recipe", "SearchResult", "TrialResult",
+    "LlmtuneError", "RecipeError", "DataError", "SearchError", "HubError", "MissingDependency",
 ]

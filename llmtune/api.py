@@ -1,81 +1,197 @@
-"""The Python API: what notebooks and scripts call."""
+"""The Python API, and the only door to the work: every CLI command calls one of these functions, which
+do every check (values, ``gpus``, masking), so a notebook and the command line behave the same.
+
+Names: ``recipe`` is a YAML path, a mapping or a `Recipe`; ``run`` is what a search left (its output_dir,
+a storage URL, or a `SearchResult`); ``output_dir`` is where this call writes; ``storage`` and
+``study_name`` say which study to open; ``overrides`` are ``key=value`` strings as ``--set`` takes them.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from llmtune.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
-from llmtune.result import TrialResult
-from llmtune.results import SearchResult
+from llmtune.config.recipe import (
+    Recipe,
+    apply_overrides,
+    read_recipe_file,
+    recipe_from_dict,
+    set_search_values,
+)
+from llmtune.deliver.results import SearchResult
+from llmtune.errors import Problem, RecipeError
+from llmtune.study.memory import MemoryEstimate, estimate_memory
+from llmtune.trial.result import TrialResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from llmtune.deliver.hub import Export, Push
+
+RecipeLike = str | os.PathLike | Recipe | dict[str, Any]
+RunLike = str | os.PathLike | SearchResult
 
 
-def _as_recipe(recipe: str | os.PathLike | Recipe | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+def _silent(message: str) -> None:
+    return None
+
+
+def load(recipe: RecipeLike, overrides: list[str] | None = None, values: dict[str, Any] | None = None) -> Recipe:
+    """The validated recipe (a new one), with ``overrides`` and fixed ``values`` of searchable settings applied.
+
+    Raises `RecipeError` listing every problem (unknown keys with a "did you mean", bad values)."""
     if isinstance(recipe, Recipe):
-        if overrides:
-            return recipe_from_dict(apply_overrides(recipe.to_dict(), overrides))
-        return recipe
-    if isinstance(recipe, dict):
-        return recipe_from_dict(apply_overrides(recipe, overrides) if overrides else recipe)
-    return load_recipe(recipe, overrides)
+        data, source = recipe.to_dict(), None
+    elif isinstance(recipe, dict):
+        data, source = recipe, None
+    else:
+        data, source = read_recipe_file(recipe), os.fspath(recipe)
+    if overrides:
+        data = apply_overrides(data, overrides, source=source)
+    if values:
+        data = set_search_values(data, values)
+    return recipe_from_dict(data, source=source)
 
 
-def search(recipe: str | os.PathLike | Recipe | dict[str, Any], *, n_trials: int | None = None,
-           storage: str | None = None, study_name: str | None = None, workers: int = 1,
-           gpus: list[str] | None = None, output_dir: str | None = None, quiet: bool = True,
-           overrides: list[str] | None = None) -> SearchResult:
+def validate(recipe: RecipeLike, *, overrides: list[str] | None = None) -> Recipe:
+    """Check a recipe; returns it validated, or raises `RecipeError` with every problem."""
+    return load(recipe, overrides)
+
+
+def search(recipe: RecipeLike, *, n_trials: int | None = None, storage: str | None = None,
+           study_name: str | None = None, workers: int = 1, gpus: str | list[str] | None = None,
+           output_dir: str | os.PathLike | None = None, quiet: bool = True, overrides: list[str] | None = None,
+           log: Callable[[str], None] | None = None) -> SearchResult:
     """Run (or resume) the recipe's search; returns the results (Pareto front, chosen trial, table).
 
+    ``gpus``: "all", "0,1", groups "0+1,2+3", or a list of entries: one trial at a time per entry.
     Re-running with the same recipe and output_dir continues the same study.
     """
-    from llmtune.progress import make_progress
-    from llmtune.study import Search, finalize
+    from llmtune.deliver.finalize import finalize
+    from llmtune.study.loop import Search, parse_gpus
+    from llmtune.study.progress import make_progress
 
-    r = _as_recipe(recipe, overrides)
-    if output_dir:
-        r.output_dir = output_dir
-    run = Search(r, storage=storage, n_trials=n_trials, workers=workers, gpus=gpus, study_name=study_name,
-                 progress=make_progress(quiet), log=(lambda m: None) if quiet else print)
+    bad = []
+    if n_trials is not None and n_trials < 1:
+        bad.append(Problem("n_trials (--n-trials)", f"{n_trials} must be at least 1; leave it out for study.n_trials"))
+    if workers < 1:
+        bad.append(Problem("workers (--workers)", f"{workers} must be at least 1"))
+    if bad:
+        raise RecipeError(bad)
+    r = load(recipe, overrides)
+    if output_dir is not None:
+        r.output_dir = os.fspath(output_dir)
+    say = log or (_silent if quiet else print)
+    run = Search(r, storage=storage, n_trials=n_trials, workers=workers, gpus=parse_gpus(gpus),
+                 study_name=study_name, progress=make_progress(quiet), log=say)
     study = run.run()
     return finalize(study, r)
 
 
-def train(recipe: str | os.PathLike | Recipe | dict[str, Any], values: dict[str, Any] | None = None, *,
-          out_dir: str | os.PathLike | None = None, overrides: list[str] | None = None,
-          in_process: bool = False) -> TrialResult:
-    """One trial with the given settings (others: midpoints / first choices of the space).
+def train(recipe: RecipeLike, values: dict[str, Any] | None = None, *, output_dir: str | os.PathLike | None = None,
+          overrides: list[str] | None = None, in_process: bool = False) -> TrialResult:
+    """One trial with the given settings; the other searched settings take their midpoints / first choices.
 
-    Runs in a child process like a search trial unless ``in_process``.
+    ``values`` are checked like recipe values (unknown names and bad values raise `RecipeError`). Runs in
+    a child process like a search trial unless ``in_process``. Writes to ``output_dir`` (default
+    <the recipe's output_dir>/train).
     """
     from llmtune.harness.train import eval_fractions
-    from llmtune.runner import TrialJob, run_trial_process
+    from llmtune.study.storage import masked_recipe
+    from llmtune.trial.runner import TrialJob, run_trial_process
 
-    r = _as_recipe(recipe, overrides)
-    settings = r.space.complete(values or {})
-    out = Path(out_dir or Path(r.output_dir) / "train")
+    r = load(recipe, overrides, values)
+    settings = r.space.complete({})
+    out = Path(output_dir or Path(r.output_dir) / "train")
     if in_process:
         from llmtune.harness.train import run_trial
 
         return run_trial(r, settings, out)
-    from llmtune.tiny import resolve_data_source, resolve_model_name
+    from llmtune.builtin.tiny import resolve_data_source, resolve_model_name
 
     resolve_model_name(r.model.name)
     resolve_data_source(r.data.source)
-    job = TrialJob(recipe=r.to_dict(), values=settings, out_dir=out.resolve(), fractions=eval_fractions(r),
+    job = TrialJob(recipe=masked_recipe(r), values=settings, out_dir=out.resolve(), fractions=eval_fractions(r),
                    timeout=r.study.trial_timeout)
     return run_trial_process(job)
 
 
-def estimate_memory(*args: Any, **kwargs: Any):
-    """Predicted peak GPU memory of a LoRA trial (see `llmtune.memory.estimate_memory`)."""
-    from llmtune.memory import estimate_memory as _estimate
+def trial_settings_for(recipe: RecipeLike, values: dict[str, Any] | None = None, *,
+                       overrides: list[str] | None = None) -> dict[str, Any]:
+    """Every setting a `train` call with these arguments would use."""
+    return load(recipe, overrides, values).space.complete({})
 
-    return _estimate(*args, **kwargs)
+
+def estimate_space(recipe: RecipeLike, *, overrides: list[str] | None = None, gpu_memory_gb: float | None = None,
+                   limit: int = 64) -> list[dict[str, Any]]:
+    """Predicted peak GPU memory of the space's memory-relevant corners (config only, no weights), one row
+    each, smallest first: the searched memory settings, weights, activations+logits, predicted_gb, and
+    whether it fits ``gpu_memory_gb`` (default: this machine's GPU 0, if any) and the recipe's budget."""
+    from llmtune.hardware import gpu_memory_bytes
+    from llmtune.study.gate import MEMORY_SETTINGS, estimate_for, representative_points
+
+    r = load(recipe, overrides)
+    if gpu_memory_gb is None and (total := gpu_memory_bytes(0)):
+        gpu_memory_gb = total / 2**30
+    limit_gb = r.constraints.get("peak_memory_gb", {}).get("max")
+    rows = []
+    for values in representative_points(r, limit=limit):
+        est = estimate_for(r, values)
+        row: dict[str, Any] = {k: values[k] for k in MEMORY_SETTINGS if k in r.space.searched}
+        row.update({"weights": est.weights / 2**30, "activations+logits": (est.activations + est.logits) / 2**30,
+                    "predicted_gb": est.total_gb})
+        if gpu_memory_gb is not None:
+            row["fits"] = "yes" if est.total_gb <= gpu_memory_gb else "no"
+        if limit_gb is not None:
+            row["within_budget"] = "yes" if est.total_gb <= limit_gb else "no"
+        rows.append(row)
+    rows.sort(key=lambda row: row["predicted_gb"])
+    return rows
 
 
-def load_results(target: str | os.PathLike, study_name: str | None = None, storage: str | None = None) -> SearchResult:
+def load_results(run: RunLike, *, study_name: str | None = None, storage: str | None = None) -> SearchResult:
     """Open a finished or running search by its output_dir or storage URL."""
-    from llmtune.results import load_results as _load
+    from llmtune.deliver.results import load_results as _load
 
-    return _load(os.fspath(target), study_name=study_name, storage=storage)
+    if isinstance(run, SearchResult):
+        return run
+    return _load(os.fspath(run), study_name=study_name, storage=storage)
+
+
+def report(run: RunLike, *, study_name: str | None = None, storage: str | None = None,
+           output_dir: str | os.PathLike | None = None) -> SearchResult:
+    """Write trials.csv/json, best/ and report.html of a finished or running search (default: into its
+    output_dir); returns the results."""
+    from llmtune.deliver.finalize import finalize
+
+    result = load_results(run, study_name=study_name, storage=storage)
+    if output_dir is not None:
+        result.recipe.output_dir = os.fspath(output_dir)
+    return finalize(result.study, result.recipe)
+
+
+def export_adapter(run: RunLike, output_dir: str | os.PathLike, *, trial: int | None = None, merge: bool = False,
+                   tokenizer: bool | None = None, study_name: str | None = None, storage: str | None = None) -> Export:
+    """Write a trial's adapter (default: the chosen one) as a PEFT folder with a model card into ``output_dir``
+    (new, empty, or an earlier export). ``merge`` adds the merged full model (16/32-bit bases only)."""
+    from llmtune.deliver.hub import export_adapter as _export
+
+    result = load_results(run, study_name=study_name, storage=storage)
+    return _export(result, os.fspath(output_dir), trial=trial, merge=merge, tokenizer=tokenizer)
+
+
+def push_to_hub(run: RunLike, repo_id: str | None = None, *, private: bool | None = None, trial: int | None = None,
+                revision: str | None = None, dry_run: bool = False, token: str | None = None,
+                output_dir: str | os.PathLike | None = None, study_name: str | None = None,
+                storage: str | None = None) -> Push:
+    """Export a trial's adapter (into ``output_dir``, default <run>/export/trial-NNNN) and upload it to the Hub
+    in one commit; private by default; ``dry_run`` uploads nothing. Token from HF_TOKEN / `hf auth login`."""
+    from llmtune.deliver.hub import push_to_hub as _push
+
+    result = load_results(run, study_name=study_name, storage=storage)
+    return _push(result, repo_id, private=private, trial=trial, revision=revision, dry_run=dry_run, token=token,
+                 output_dir=None if output_dir is None else os.fspath(output_dir))
+
+
+__all__ = ["load", "validate", "search", "train", "trial_settings_for", "estimate_memory", "estimate_space",
+           "MemoryEstimate", "load_results", "report", "export_adapter", "push_to_hub"]

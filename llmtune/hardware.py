@@ -11,9 +11,7 @@ import importlib.util
 import os
 from collections.abc import MutableMapping
 
-
-class MissingDependency(RuntimeError):
-    """An optional library a setting needs is not installed or not usable here."""
+from llmtune.errors import MissingDependency
 
 
 @functools.lru_cache(maxsize=1)
@@ -100,10 +98,10 @@ def bitsandbytes_ready(device: str) -> None:
     import bitsandbytes  # noqa: F401  (fails early with its own message when its CUDA library is broken)
 
 
-def tracker_ready(name: str) -> None:
-    module = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}[name]
+def module_ready(module: str, why: str, pip_name: str | None = None) -> None:
+    """Raise a clear error when an optional library a setting needs (``why``) is not installed."""
     if importlib.util.find_spec(module) is None:
-        raise MissingDependency(f"train.report_to names {name}, which is not installed: pip install {module}")
+        raise MissingDependency(f"{why}, which needs {module}: pip install {pip_name or module}")
 
 
 def process_gpu_memory_bytes(device_index: int = 0) -> int | None:

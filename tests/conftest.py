@@ -25,14 +25,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model_path():
-    from llmtune.tiny import ensure_tiny_model
+    from llmtune.builtin.tiny import ensure_tiny_model
 
     return ensure_tiny_model(log=None)
 
 
 @pytest.fixture(scope="session")
 def tiny_data_path():
-    from llmtune.tiny import ensure_tiny_data
+    from llmtune.builtin.tiny import ensure_tiny_data
 
     return ensure_tiny_data(log=None)
 

@@ -14,7 +14,7 @@ def test_train_prints_metrics_and_beats_the_base_model(tmp_path, tiny_model_path
     out = subprocess.run(
         [sys.executable, "-m", "llmtune.cli", "train", str(ROOT / "recipes" / "tiny-cpu.yaml"),
          "--set", "learning_rate=3e-3", "--set", "lora_r=8", "--set", "train.budget.examples=160",
-         "--set", "data.max_eval_examples=32", "--out", str(tmp_path / "t")],
+         "--set", "data.max_eval_examples=32", "--output-dir", str(tmp_path / "t")],
         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
@@ -27,7 +27,7 @@ def test_train_prints_metrics_and_beats_the_base_model(tmp_path, tiny_model_path
 
 def test_train_rejects_a_bad_setting_without_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "llmtune.cli", "train", str(ROOT / "recipes" / "tiny-cpu.yaml"),
-                          "--set", "quantization=nf4", "--out", str(tmp_path / "t")], capture_output=True, text=True)
+                          "--set", "quantization=nf4", "--output-dir", str(tmp_path / "t")], capture_output=True, text=True)
     assert out.returncode == 2
     assert "search.quantization: 'nf4' is not one of none, 8bit, 4bit" in out.stderr
     assert "Traceback" not in out.stderr

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from llmtune.config.recipe import recipe_from_dict
 from llmtune.harness.data import DataError, load_splits
-from llmtune.recipe import recipe_from_dict
 
 
 def write_jsonl(path, rows):

@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import tiny_recipe_dict
 
+from llmtune.config.recipe import recipe_from_dict
+from llmtune.config.space import trial_settings
 from llmtune.harness import data as D
 from llmtune.harness import model as M
 from llmtune.harness.train import _loss_sum, evaluate, run_trial
-from llmtune.recipe import recipe_from_dict
-from llmtune.space import trial_settings
 
 
 def make_recipe(tmp_path, **sections):

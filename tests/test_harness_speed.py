@@ -21,7 +21,7 @@ def bench():
 def test_trainer_baseline_trains_on_the_same_real_tokens_as_llmtune(bench, tmp_path, tiny_model_path, tiny_data_path):
     import argparse
 
-    from llmtune.recipe import recipe_from_dict
+    from llmtune.config.recipe import recipe_from_dict
 
     args = argparse.Namespace(device="cpu", examples=16, lora_r=4, sequence_len=256, micro_batch=4)
     recipe = recipe_from_dict(bench.bench_recipe(args, str(tiny_model_path), tmp_path))

@@ -18,9 +18,10 @@ import pytest
 from conftest import tiny_recipe_dict
 
 import llmtune
+from llmtune import HubError
 from llmtune.cli import main
-from llmtune.hub import HubError, export_adapter, push_to_hub
-from llmtune.modelcard import read_card
+from llmtune.deliver.hub import export_adapter, push_to_hub
+from llmtune.deliver.modelcard import read_card
 
 TOKEN = "hf_FakeTokenForTests1234567890abcdef"
 FAST = {
@@ -201,7 +202,7 @@ def test_model_card_front_matter_and_body(searched, tmp_path):
 def test_push_sends_the_export_in_one_commit_and_never_leaks_the_token(searched, hub, tmp_path, capfd):
     out = Path(searched.recipe.output_dir)
     code = main(["push", str(out), "--repo-id", "alice/tiny-lora", "--revision", "experiments",
-                 "--export-dir", str(tmp_path / "push")])
+                 "--output-dir", str(tmp_path / "push")])
     captured = capfd.readouterr()
     assert code == 0, captured.err
     assert hub["unknown"] == [] and len(hub["commits"]) == 1
@@ -220,15 +221,15 @@ def test_push_sends_the_export_in_one_commit_and_never_leaks_the_token(searched,
 
 
 def test_push_api_public_to_main_and_dry_run(searched, hub, tmp_path, capfd):
-    dry = searched.push_to_hub("alice/dry", dry_run=True, export_dir=tmp_path / "dry")
+    dry = searched.push_to_hub("alice/dry", dry_run=True, output_dir=tmp_path / "dry")
     assert sorted(dry.export.files) == sorted(p.name for p in (tmp_path / "dry").iterdir())
     assert main(["push", searched.recipe.output_dir, "--repo-id", "alice/dry", "--public", "--dry-run",
-                 "--export-dir", str(tmp_path / "dry")]) == 0
+                 "--output-dir", str(tmp_path / "dry")]) == 0
     listed = capfd.readouterr().out
     assert f"would upload {len(dry.export.files)} file(s)" in listed and "as public" in listed
     assert all(f"  {f}  (" in listed for f in dry.export.files)
     assert hub["requests"] == [] and dry.commit_oid is None
-    done = push_to_hub(searched, "org/name.v2", private=False, export_dir=tmp_path / "real")
+    done = push_to_hub(searched, "org/name.v2", private=False, output_dir=tmp_path / "real")
     assert done.commit_oid == f"{1:040x}" and hub["commits"][0]["revision"] == "main" and hub["branches"] == []
     assert hub["created"][0]["visibility"] == "public"
 
@@ -239,7 +240,7 @@ def test_push_failures_are_clear_and_keep_the_export(searched, hub, tmp_path, mo
     out = Path(searched.recipe.output_dir)
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    assert main(["push", str(out), "--repo-id", "alice/x", "--export-dir", str(tmp_path / "a")]) == 2
+    assert main(["push", str(out), "--repo-id", "alice/x", "--output-dir", str(tmp_path / "a")]) == 2
     err = capfd.readouterr().err
     assert "no Hugging Face token" in err and "HF_TOKEN" in err and str(tmp_path / "a") in err
     assert (tmp_path / "a" / "adapter_model.safetensors").exists() and hub["requests"] == []
@@ -250,24 +251,24 @@ def test_push_failures_are_clear_and_keep_the_export(searched, hub, tmp_path, mo
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     with pytest.raises(HubError) as e:
-        push_to_hub(out, "alice/x", token=TOKEN, endpoint=dead, export_dir=tmp_path / "b")
+        push_to_hub(out, "alice/x", token=TOKEN, endpoint=dead, output_dir=tmp_path / "b")
     msg = str(e.value)
     assert "push to alice/x failed" in msg and "Connect" in msg and str(tmp_path / "b") in msg and TOKEN not in msg
     assert e.value.code == 1 and (tmp_path / "b" / "README.md").exists()
     # A token the Hub refuses: the HTTP error is reported, the token is not.
     with pytest.raises(HubError) as e:
-        push_to_hub(out, "alice/x", token=TOKEN + "x", export_dir=tmp_path / "c")
+        push_to_hub(out, "alice/x", token=TOKEN + "x", output_dir=tmp_path / "c")
     assert "401" in str(e.value) and TOKEN not in str(e.value)
     # Offline mode is named as the cause.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(HubError, match="HF_HUB_OFFLINE"):
-        push_to_hub(out, "alice/x", token=TOKEN, export_dir=tmp_path / "d")
+        push_to_hub(out, "alice/x", token=TOKEN, output_dir=tmp_path / "d")
 
 
 def test_private_push_onto_an_existing_public_repo_is_refused_and_uploads_nothing(searched, hub, tmp_path, capfd):
     hub["repos"].update({"alice/shared": False, "alice/secret": True})  # both exist: one public, one private
     with pytest.raises(HubError) as e:
-        push_to_hub(searched, "alice/shared", private=True, revision="exp", export_dir=tmp_path / "a")
+        push_to_hub(searched, "alice/shared", private=True, revision="exp", output_dir=tmp_path / "a")
     msg = str(e.value)
     assert "alice/shared already exists on the Hub and is public" in msg and "nothing was uploaded" in msg
     assert "HfApi().update_repo_settings('alice/shared', private=True)" in msg and "--public" in msg
@@ -275,26 +276,26 @@ def test_private_push_onto_an_existing_public_repo_is_refused_and_uploads_nothin
     assert (tmp_path / "a" / "adapter_model.safetensors").exists()  # the export is kept for the next try
     # The CLI default is private (hub.private: true): the same refusal, one line, no traceback.
     out = str(searched.recipe.output_dir)
-    assert main(["push", out, "--repo-id", "alice/shared", "--export-dir", str(tmp_path / "b")]) == 2
+    assert main(["push", out, "--repo-id", "alice/shared", "--output-dir", str(tmp_path / "b")]) == 2
     err = capfd.readouterr().err
     assert err.startswith("error: alice/shared already exists on the Hub and is public") and "Traceback" not in err
     assert hub["commits"] == [] and hub["branches"] == [] and hub["created"] == []
     assert hub["repos"]["alice/shared"] is False  # left as it was
     assert ("GET", "/api/models/alice/shared", f"Bearer {TOKEN}") in hub["requests"]
     # A private push onto an existing private repository goes ahead; so does a public push onto the public one.
-    done = push_to_hub(searched, "alice/secret", private=True, export_dir=tmp_path / "c")
+    done = push_to_hub(searched, "alice/secret", private=True, output_dir=tmp_path / "c")
     assert done.commit_oid == f"{1:040x}" and hub["commits"][0]["repo"] == "alice/secret"
-    assert main(["push", out, "--repo-id", "alice/shared", "--public", "--export-dir", str(tmp_path / "d")]) == 0
+    assert main(["push", out, "--repo-id", "alice/shared", "--public", "--output-dir", str(tmp_path / "d")]) == 0
     assert [c["repo"] for c in hub["commits"]] == ["alice/secret", "alice/shared"]
     assert hub["created"] == [] and hub["unknown"] == []
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["export", "{missing}", "--to", "{tmp}/x"], "does not exist"),
-    (["export", "{out}", "--to", "{tmp}/x", "--trial", "99"], "--trial 99: no such trial (the study has trials 0-1)"),
+    (["export", "{missing}", "--output-dir", "{tmp}/x"], "does not exist"),
+    (["export", "{out}", "--output-dir", "{tmp}/x", "--trial", "99"], "--trial 99: no such trial (the study has trials 0-1)"),
     (["push", "{out}", "--repo-id", "not a repo", "--dry-run"], "--repo-id 'not a repo' is not a Hub repository id"),
     (["push", "{out}", "--dry-run"], "--repo-id is missing"),
-    (["export", "{out}", "--to", "{out}"], "is not empty and not an llmtune export"),
+    (["export", "{out}", "--output-dir", "{out}"], "is not empty and not an llmtune export"),
 ], ids=["missing-dir", "unknown-trial", "bad-repo-id", "no-repo-id", "non-empty-target"])
 def test_cli_errors(searched, tmp_path, capfd, argv, expected):
     fill = {"missing": str(tmp_path / "nope"), "tmp": str(tmp_path), "out": str(searched.recipe.output_dir)}
@@ -305,7 +306,7 @@ def test_cli_errors(searched, tmp_path, capfd, argv, expected):
 
 def test_cli_export_lists_files_and_refuses_unfinished_trials_and_quantized_merge(searched, tmp_path, capfd, monkeypatch):
     out = str(searched.recipe.output_dir)
-    assert main(["export", out, "--to", str(tmp_path / "e"), "--tokenizer", "no"]) == 0
+    assert main(["export", out, "--output-dir", str(tmp_path / "e"), "--tokenizer", "no"]) == 0
     listed = capfd.readouterr().out
     assert "adapter_model.safetensors" in listed and "tokenizer.json" not in listed
     assert main(["export", out, "--to", str(tmp_path / "e")]) == 0  # an earlier export is replaced in place
@@ -351,8 +352,8 @@ def test_model_card_recipe_does_not_publish_local_paths(tmp_path):
 
     from conftest import tiny_recipe_dict
 
-    from llmtune.modelcard import public_recipe
-    from llmtune.recipe import recipe_from_dict
+    from llmtune.config.recipe import recipe_from_dict
+    from llmtune.deliver.modelcard import public_recipe
 
     data_file = tmp_path / "private-folder" / "train.jsonl"
     data_file.parent.mkdir()

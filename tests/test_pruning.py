@@ -1,4 +1,4 @@
-"""Tests for llmtune.pruning against real multi-objective Optuna studies."""
+"""Tests for llmtune.study.pruners against real multi-objective Optuna studies."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from llmtune.pruning import (
-    CURVE_ATTR,
-    RUNG_METRICS_ATTR,
-    STATUS_ATTR,
+from llmtune.study.pruners import (
+    CURVE,
+    RUNG_METRICS,
+    STATUS,
     ASHAPruner,
     HyperbandPruner,
     NopPruner,
@@ -38,7 +38,7 @@ def add(
     """Add a trial carrying ``curve``; returns its number."""
     # Final objective values are irrelevant to pruning (only the curve is read).
     values = [1.0, 10.0, 100.0] if state == TrialState.COMPLETE else None
-    study.add_trial(create_trial(state=state, values=values, user_attrs={CURVE_ATTR: curve, **attrs}))
+    study.add_trial(create_trial(state=state, values=values, user_attrs={CURVE: curve, **attrs}))
     return study.get_trials(deepcopy=False)[-1].number
 
 
@@ -113,7 +113,7 @@ def add_mo(study: optuna.Study, loss: float, throughput: float | None, memory: f
     metrics = {"peak_memory_gb": memory}
     if throughput is not None:
         metrics["train_throughput"] = throughput
-    return add(study, [[R1, loss]], **{RUNG_METRICS_ATTR: [[R1, metrics]]})
+    return add(study, [[R1, loss]], **{RUNG_METRICS: [[R1, metrics]]})
 
 
 def test_multi_objective_keeps_fast_trials_that_loss_alone_would_prune() -> None:
@@ -234,13 +234,13 @@ def test_failed_and_dishonest_trials_are_ignored() -> None:
     # Excellent looking losses that must not count: a FAIL and statuses that stopped early.
     add(study, [[R1, 0.1]], state=TrialState.FAIL)
     for status in ("oom", "over_budget", "crashed", "timeout"):
-        add(study, [[R1, 0.1]], state=TrialState.PRUNED, **{STATUS_ATTR: status})
+        add(study, [[R1, 0.1]], state=TrialState.PRUNED, **{STATUS: status})
     me = running(study)
     # Only 5.0, 6.0 and itself remain: 3 at the rung, keep 1 -> 4.0 is best and continues.
     assert not ASHAPruner().should_prune(study, me, R1, 4.0)
     assert ASHAPruner().should_prune(study, me, R1, 5.5)
     # Other statuses (and pruned / running trials) do count.
-    add(study, [[R1, 0.1]], state=TrialState.PRUNED, **{STATUS_ATTR: "pruned"})
+    add(study, [[R1, 0.1]], state=TrialState.PRUNED, **{STATUS: "pruned"})
     running(study, [[R1, 0.2]])
     assert ASHAPruner().should_prune(study, me, R1, 4.0)
 
@@ -297,7 +297,7 @@ def test_two_workers_share_sqlite_storage(tmp_path: Path) -> None:
     worker2 = optuna.load_study(study_name="s", storage=optuna.storages.RDBStorage(url))
     pruner = make_pruner("asha")
     for loss in (1.0, 1.1):
-        worker1.add_trial(create_trial(values=[loss, 1.0, 1.0], user_attrs={CURVE_ATTR: [[R1, loss]]}))
+        worker1.add_trial(create_trial(values=[loss, 1.0, 1.0], user_attrs={CURVE: [[R1, loss]]}))
     mine = worker2.ask()
     # 3 at the rung, keep 1: only a new best continues.  (This also warms worker 2's cache.)
     assert pruner.should_prune(worker2, mine.number, R1, 5.0)
@@ -305,11 +305,11 @@ def test_two_workers_share_sqlite_storage(tmp_path: Path) -> None:
 
     # Worker 1 runs a trial and stores its first curve point through its own handle.
     theirs = worker1.ask()
-    worker1._storage.set_trial_user_attr(theirs._trial_id, CURVE_ATTR, [[R1, 0.8]])
+    worker1._storage.set_trial_user_attr(theirs._trial_id, CURVE, [[R1, 0.8]])
     assert pruner.should_prune(worker2, mine.number, R1, 0.9)  # 0.8 now beats it
 
     # A later rewrite of the running trial's curve is seen too (not a stale cached copy).
-    worker1._storage.set_trial_user_attr(theirs._trial_id, CURVE_ATTR, [[R1, 2.0], [R2, 1.5]])
+    worker1._storage.set_trial_user_attr(theirs._trial_id, CURVE, [[R1, 2.0], [R2, 1.5]])
     assert not pruner.should_prune(worker2, mine.number, R1, 0.9)
 
 
@@ -350,7 +350,7 @@ def test_make_pruner_errors(name: str, settings: dict[str, object], needles: lis
 
 
 def test_a_diverged_peer_ranks_last_with_and_without_a_tolerance() -> None:
-    from llmtune.pruning import _pareto_ranks
+    from llmtune.study.pruners import _pareto_ranks
 
     points = np.array([[1.0, -100.0], [np.inf, -100.0], [2.0, -100.0]])  # loss, -throughput
     for tolerance in (0.0, 0.1):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmtune.recipe import RecipeError, load_recipe, recipe_from_dict
-from llmtune.space import Choice, Fixed, Range, SearchSpace
+from llmtune.config.recipe import RecipeError, load_recipe, recipe_from_dict
+from llmtune.config.space import Choice, Fixed, Range, SearchSpace
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {"model": {"name": "llmtune/tiny"}, "data": {"source": "llmtune/tiny-tasks"}}

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import replay as R  # noqa: E402
 
-from llmtune.pruning import CURVE_ATTR, make_pruner  # noqa: E402
+from llmtune.study.pruners import CURVE, make_pruner  # noqa: E402
 
 GRID = {"learning_rate": [1e-3, 3e-3, 1e-2], "lora_r": [4, 16], "sample_packing": [False, True]}
 OBJECTIVES = [("eval_loss", "minimize"), ("train_throughput", "maximize")]
@@ -54,7 +54,7 @@ def test_pruned_trial_is_charged_its_seconds_up_to_the_rung():
     assert rung == pytest.approx(1 / 9) and cost == 1.25
     frozen = study.trials[-1]
     assert frozen.state == optuna.trial.TrialState.PRUNED
-    assert frozen.user_attrs[CURVE_ATTR] == [[pytest.approx(1 / 9), bad["loss@0.111111"]]]
+    assert frozen.user_attrs[CURVE] == [[pytest.approx(1 / 9), bad["loss@0.111111"]]]
 
 
 def test_replay_costs_add_up_with_pruning():
@@ -94,8 +94,8 @@ def test_quantiles_keep_never_as_never():
 
 
 def test_default_sampler_never_repeats_a_configuration_of_a_discrete_space():
-    from llmtune.sampling import UniqueSampler, default_sampler
-    from llmtune.space import SearchSpace
+    from llmtune.config.space import SearchSpace
+    from llmtune.study.samplers import UniqueSampler, default_sampler
 
     space = SearchSpace.from_dict(GRID)
     sampler, why = default_sampler(space, n_objectives=2, n_trials=12, seed=0)

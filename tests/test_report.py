@@ -11,9 +11,9 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 
-from llmtune.recipe import recipe_from_dict
-from llmtune.report import pareto_figure, write_report
-from llmtune.results import SearchResult
+from llmtune.config.recipe import recipe_from_dict
+from llmtune.deliver.report import pareto_figure, write_report
+from llmtune.deliver.results import SearchResult
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DISTS = {"learning_rate": FloatDistribution(1e-4, 1e-2, log=True), "lora_r": CategoricalDistribution([4, 8, 16])}
@@ -161,7 +161,7 @@ def test_memory_plot_stars_the_chosen_trial_and_names_cpu_measurements(tmp_path)
     result = make_result(tmp_path, trials, select={"by": "peak_memory_gb"})
     text = write_report(result, tmp_path / "r.html").read_text()
     assert 'id="plot-memory"' in text and "process RSS" in text
-    from llmtune.report import _memory
+    from llmtune.deliver.report import _memory
 
     fig = _memory(result)
     chosen = next(t for t in fig.data if t.name.startswith("chosen"))
@@ -172,7 +172,7 @@ def test_memory_plot_stars_the_chosen_trial_and_names_cpu_measurements(tmp_path)
 def test_pareto_png_and_curves_figure(tmp_path):
     from PIL import Image
 
-    from llmtune.report import curves_figure, pareto_png
+    from llmtune.deliver.report import curves_figure, pareto_png
 
     result = make_result(tmp_path, TWO_OBJ)
     path = pareto_png(result, tmp_path / "img" / "pareto.png", dpi=100)

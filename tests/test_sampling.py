@@ -7,8 +7,8 @@ from typing import Any
 import optuna
 import pytest
 
-from llmtune.sampling import UniqueSampler, default_sampler
-from llmtune.space import SearchSpace
+from llmtune.config.space import SearchSpace
+from llmtune.study.samplers import UniqueSampler, default_sampler
 
 # bnb_4bit_* exist only with quantization 4bit: 2 ranks x (none, 8bit, 4 kinds of 4bit) = 12 configurations,
 # though the product of all choices is 24.

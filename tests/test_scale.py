@@ -21,8 +21,8 @@ import yaml
 from conftest import tiny_recipe_dict
 from optuna.trial import TrialState
 
-from llmtune.recipe import recipe_from_dict
-from llmtune.study import (
+from llmtune.config.recipe import recipe_from_dict
+from llmtune.study.loop import (
     METRICS_KEY,
     OWNER,
     REASON,
@@ -277,7 +277,7 @@ def test_gpus_pins_one_trial_per_gpu_entry(tmp_path, tiny_assets):
 def test_a_lost_trial_is_retried_once_when_several_processes_restart_together(tmp_path):
     """Two search processes restarting on the host where a trial's worker died both find it: the FAIL
     transition succeeds for one, which alone queues the retry; the other neither retries nor crashes."""
-    from llmtune.storage import recover_lost_trials
+    from llmtune.study.storage import recover_lost_trials
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(storage=open_storage(url), study_name="s", directions=["minimize"])

@@ -16,8 +16,8 @@ import yaml
 from conftest import tiny_recipe_dict
 
 import llmtune
-from llmtune.recipe import recipe_from_dict
-from llmtune.results import dominates
+from llmtune.config.recipe import recipe_from_dict
+from llmtune.deliver.results import dominates
 
 FAST = {
     "data": {"source": "llmtune/tiny-tasks", "eval_max_length": 128, "max_eval_examples": 16, "max_train_examples": 200},
@@ -67,7 +67,7 @@ def test_multi_objective_search_records_oom_as_infeasible_and_finds_the_front(tm
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmtune.tiny import ensure_tiny_model
+    from llmtune.builtin.tiny import ensure_tiny_model
 
     base = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(log=None))
     tok = AutoTokenizer.from_pretrained(ensure_tiny_model(log=None))
@@ -159,7 +159,7 @@ def test_recipe_round_trips_through_the_study(tmp_path):
 
 
 def test_memory_gate_skips_configs_predicted_over_budget_without_running_them(tmp_path):
-    from llmtune.gate import predicted_peak_gb
+    from llmtune.study.gate import predicted_peak_gb
 
     search = {**tiny_recipe_dict(tmp_path)["search"], "sequence_len": [64, 1024], "micro_batch_size": [1, 32]}
     r = recipe_from_dict(fast_recipe(tmp_path, search=search))

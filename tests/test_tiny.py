@@ -1,4 +1,4 @@
-"""Tests for llmtune.tiny: the self-built tiny model, tokenizer and instruction data.
+"""Tests for llmtune.builtin.tiny: the self-built tiny model, tokenizer and instruction data.
 
 The model is built once per session (by two concurrent processes, which doubles as the
 locking test); everything else reuses it.
@@ -31,7 +31,7 @@ MARKER = "llmtune-build.json"
 BUILD_AND_LOAD = textwrap.dedent(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from llmtune.tiny import ensure_tiny_model
+    from llmtune.builtin.tiny import ensure_tiny_model
     path = ensure_tiny_model()
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import tiny_recipe_dict
 
+from llmtune.config.recipe import recipe_from_dict
 from llmtune.harness import data as D
 from llmtune.harness import model as M
 from llmtune.harness import token_cache as T
-from llmtune.recipe import recipe_from_dict
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmtune.recipe import Budget, DataConfig
+from llmtune.config.recipe import Budget, DataConfig
+from llmtune.errors import DataError
 
 IGNORE = -100
 INSTRUCTION_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 INSTRUCTION_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 EVAL_SPLIT_NAMES = ("eval", "validation", "valid", "dev", "test")
-
-
-class DataError(ValueError):
-    """The data cannot be used as the recipe describes (names the field and the fix)."""
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -81,7 +78,7 @@ def _split_files(folder: Path) -> dict[str, Path]:
 def load_source(source: str, split: str | None) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Rows of ``split`` from a file, a folder of split files, or a Hub dataset, plus the other splits
     a folder offers (so an eval split can be found). Hub loading honours HF_HUB_OFFLINE."""
-    from llmtune.tiny import resolve_data_source
+    from llmtune.builtin.tiny import resolve_data_source
 
     resolved = resolve_data_source(source, log=None)
     path = Path(resolved).expanduser()

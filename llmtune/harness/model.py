@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from llmtune import hardware
-from llmtune.recipe import ModelConfig
-from llmtune.space import resolve_target_modules
+from llmtune.config.recipe import ModelConfig
+from llmtune.config.space import resolve_target_modules
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -40,7 +40,7 @@ def quantization_config(settings: dict[str, Any], dtype: torch.dtype):
 
 
 def resolved_model_path(cfg: ModelConfig) -> str:
-    from llmtune.tiny import resolve_model_name
+    from llmtune.builtin.tiny import resolve_model_name
 
     return resolve_model_name(cfg.name, log=None)
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from llmtune.config.recipe import DataConfig
 from llmtune.harness.data import Example, encode_all
-from llmtune.recipe import DataConfig
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str | None:

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from llmtune import hardware
+from llmtune.config.recipe import Recipe
+from llmtune.config.space import trial_settings
 from llmtune.harness import data as D
 from llmtune.harness import model as M
 from llmtune.harness.measure import (
@@ -29,10 +31,11 @@ from llmtune.harness.measure import (
     sync,
     track_peak_memory,
 )
+from llmtune.harness.optimizers import make_optimizer
 from llmtune.harness.token_cache import encode_cached
-from llmtune.recipe import Recipe
-from llmtune.result import COMPLETE, CRASHED, OOM, PRUNED, TrialResult
-from llmtune.space import trial_settings
+from llmtune.harness.trackers import Trackers
+from llmtune.trial.endings import COMPLETE, CRASHED, OOM, PRUNED
+from llmtune.trial.result import TrialResult
 
 EventFn = Callable[[dict[str, Any]], Any]
 
@@ -134,63 +137,6 @@ def evaluate(model: Any, batches: list[D.Batch], device: str) -> float:
     return total / max(1, count)
 
 
-def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    if name in ("adamw_8bit", "paged_adamw_8bit"):
-        import bitsandbytes as bnb
-
-        cls = bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit
-        return cls(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=params[0].is_cuda)
-
-
-class _Trackers:
-    """Training logs to tensorboard / mlflow / wandb when the recipe's train.report_to asks."""
-
-    def __init__(self, names: list[str], out_dir: Path, run_name: str, config: dict[str, Any]):
-        self.sinks: list[Callable[[dict[str, float], int], None]] = []
-        # Closed by the trial itself, not left to exit handlers: a trial process ends with os._exit.
-        self.closers: list[Callable[[], Any]] = []
-        for name in names:
-            hardware.tracker_ready(name)
-            if name == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
-
-                writer = SummaryWriter(str(out_dir / "tensorboard"))
-                def to_tensorboard(metrics: dict[str, float], step: int, w: Any = writer) -> None:
-                    for k, v in metrics.items():
-                        w.add_scalar(k, v, step)
-                    w.flush()
-
-                self.sinks.append(to_tensorboard)
-                self.closers.append(writer.close)
-            elif name == "mlflow":
-                import mlflow
-
-                mlflow.start_run(run_name=run_name)
-                mlflow.log_params({k: str(v) for k, v in config.items()})
-                self.sinks.append(lambda m, s: mlflow.log_metrics(m, step=s))
-                self.closers.append(mlflow.end_run)
-            elif name == "wandb":
-                import wandb
-
-                wandb.init(project=os.environ.get("WANDB_PROJECT", "llmtune"), name=run_name, config=config)
-                self.sinks.append(lambda m, s: wandb.log(m, step=s))
-                self.closers.append(wandb.finish)
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        for sink in self.sinks:
-            sink(metrics, step)
-
-    def __enter__(self) -> _Trackers:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for close in self.closers:
-            close()
-
-
 def _inject_fault(trial_number: int | None) -> None:
     """Test hook: LLMTUNE_FAULT='oom', 'crash' or 'hang', optionally '@1,3' for given trial numbers."""
     fault = os.environ.get("LLMTUNE_FAULT", "")
@@ -213,7 +159,7 @@ def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fr
     """Run one trial and return its result (also written to out_dir/result.json).
 
     ``base_eval``: ``{"loss", "context"}``, the untrained adapter's eval loss as an earlier trial on the
-    same base model, quantization and eval set measured it (`llmtune.study.base_eval_key`): not evaluated
+    same base model, quantization and eval set measured it (`llmtune.study.loop.base_eval_key`): not evaluated
     again if this trial's context (device, GPU, dtype, attention, versions) is the same.
     Out-of-memory becomes status "oom"; any other error "crashed" with the traceback tail.
     """
@@ -293,7 +239,7 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
     from transformers import get_scheduler
 
     scheduler = get_scheduler(recipe.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=n_steps)
-    trackers = cleanup.enter_context(_Trackers(recipe.train.report_to, out, f"trial-{trial_number}", settings))
+    trackers = cleanup.enter_context(Trackers(recipe.train.report_to, out, f"trial-{trial_number}", settings))
 
     eval_after = {plan.step_at(f): f for f in sorted(fractions) if f > 0}
     eval_s = 0.0

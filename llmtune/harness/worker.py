@@ -3,7 +3,7 @@
 Protocol: one JSON object per line on the original stdout (events); for each ``eval`` event the
 parent answers one line on stdin, ``{"stop": bool}``. Everything else the process prints (libraries,
 warnings, tracebacks) goes to stderr, which the parent sends to ``trial.log``. A trial forked by the
-fork server (`llmtune.zygote`) runs `serve` with a socket for events and answers instead.
+fork server (`llmtune.trial.fork_server`) runs `serve` with a socket for events and answers instead.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def serve(spec_path: str, events: TextIO, answers: TextIO, parent: int, search: 
         answer = answers.readline()
         return bool(answer and json.loads(answer).get("stop"))
 
+    from llmtune.config.recipe import recipe_from_dict
     from llmtune.harness.train import run_trial
-    from llmtune.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(spec["recipe"])
     result = run_trial(recipe, spec["values"], spec["out_dir"], fractions=spec["fractions"],

@@ -103,7 +103,7 @@ class ForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._stderr = tempfile.TemporaryFile()
         with theirs:
-            self.proc = subprocess.Popen([sys.executable, "-m", "llmtune.zygote", str(theirs.fileno())],
+            self.proc = subprocess.Popen([sys.executable, "-m", "llmtune.trial.fork_server", str(theirs.fileno())],
                                          pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
                                          stdout=self._stderr, stderr=self._stderr, start_new_session=True)
         self.sock = ours
@@ -279,7 +279,7 @@ def prewarm(parent_env: dict[str, str] | None = None) -> ForkServer | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The server's side: `python -m llmtune.zygote FD`
+# The server's side: `python -m llmtune.trial.fork_server FD`
 
 
 def _cuda_usable_after_fork() -> bool:

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from optuna.trial import FrozenTrial
 
-from llmtune.recipe import METRICS
-from llmtune.storage import CURVE, METRICS_KEY, SETTINGS, mask_url
+from llmtune.config.recipe import METRICS
+from llmtune.study.attrs import CURVE, METRICS_KEY, SETTINGS
+from llmtune.study.storage import mask_url
 
 if TYPE_CHECKING:
-    from llmtune.results import SearchResult
+    from llmtune.deliver.results import SearchResult
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TINY_NAMES = ("llmtune/tiny", "llmtune/tiny-tasks")

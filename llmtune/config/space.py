@@ -17,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llmtune.recipe import Problem, _fmt, _one_of, did_you_mean
+from llmtune.config.problems import did_you_mean, fmt, one_of
+from llmtune.errors import Problem, RecipeError
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
 
-    from llmtune.recipe import Recipe
+    from llmtune.config.recipe import Recipe
 
 # LoRA target presets by the names Llama-family models use; a comma list names modules directly.
 TARGET_PRESETS: dict[str, list[str] | str] = {
@@ -98,7 +99,7 @@ class Fixed:
     value: Any
 
     def describe(self) -> str:
-        return _fmt(self.value)
+        return fmt(self.value)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class Choice:
     options: tuple[Any, ...]
 
     def describe(self) -> str:
-        return "{" + ", ".join(_fmt(o) for o in self.options) + "}"
+        return "{" + ", ".join(fmt(o) for o in self.options) + "}"
 
 
 @dataclass(frozen=True)
@@ -131,25 +132,25 @@ def _coerce(param: Param, value: Any) -> tuple[Any, str | None]:
     if value is None:
         return None, (None if param.default is None else "must not be empty")
     if param.type is bool:
-        return (value, None) if isinstance(value, bool) else (value, f"{_fmt(value)} is not true or false")
+        return (value, None) if isinstance(value, bool) else (value, f"{fmt(value)} is not true or false")
     if param.type is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value, None
         if isinstance(value, float) and value.is_integer():
             return int(value), None
-        return value, f"{_fmt(value)} is not a whole number"
+        return value, f"{fmt(value)} is not a whole number"
     if param.type is float:
         if isinstance(value, str):
             try:
                 value = float(value)  # YAML reads '1e-4' (no dot) as text
             except ValueError:
-                return value, f"{_fmt(value)} is not a number"
+                return value, f"{fmt(value)} is not a number"
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value), None
-        return value, f"{_fmt(value)} is not a number"
+        return value, f"{fmt(value)} is not a number"
     if isinstance(value, list) and param.name == "lora_target_modules":
         return ",".join(str(v) for v in value), None  # a list of module names inside {choices: [...]}
-    return (value, None) if isinstance(value, str) else (value, f"{_fmt(value)} is not text")
+    return (value, None) if isinstance(value, str) else (value, f"{fmt(value)} is not text")
 
 
 def _check_value(param: Param, value: Any) -> str | None:
@@ -157,9 +158,9 @@ def _check_value(param: Param, value: Any) -> str | None:
     if why or value is None:
         return why
     if param.choices is not None and value not in param.choices:
-        return _one_of(value, [str(c) for c in param.choices])
+        return one_of(value, [str(c) for c in param.choices])
     problem = param.check(value)
-    return f"{_fmt(value)} {problem}" if problem else None
+    return f"{fmt(value)} {problem}" if problem else None
 
 
 def parse_spec(param: Param, raw: Any, path: str) -> tuple[Spec | None, list[Problem]]:
@@ -182,7 +183,7 @@ def parse_spec(param: Param, raw: Any, path: str) -> tuple[Spec | None, list[Pro
                 problems.append(Problem(f"{path}[{i}]", why))
             options.append(_coerce(param, v)[0])
         if len(set(map(str, options))) != len(options):
-            problems.append(Problem(path, f"repeats a choice: {_fmt(raw)}"))
+            problems.append(Problem(path, f"repeats a choice: {fmt(raw)}"))
         return (Choice(tuple(options)) if len(options) > 1 else Fixed(options[0])), problems
     if isinstance(raw, dict):
         keys = set(raw)
@@ -204,14 +205,14 @@ def parse_spec(param: Param, raw: Any, path: str) -> tuple[Spec | None, list[Pro
                 problems.append(Problem(f"{path}.{end}", why))
         log = raw.get("log", param.log and raw.get("step") is None)  # a step implies a linear grid
         if not isinstance(log, bool):
-            problems.append(Problem(f"{path}.log", f"{_fmt(log)} is not true or false"))
+            problems.append(Problem(f"{path}.log", f"{fmt(log)} is not true or false"))
         if low >= high:
             problems.append(Problem(path, f"low {low} must be below high {high}"))
         if log and low <= 0:
             problems.append(Problem(path, f"a log range needs low > 0 (got {low}); set log: false"))
         step = raw.get("step")
         if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0):
-            problems.append(Problem(f"{path}.step", f"{_fmt(step)} must be a positive number"))
+            problems.append(Problem(f"{path}.step", f"{fmt(step)} must be a positive number"))
             step = None
         if step is not None and log:
             problems.append(Problem(path, "step and log cannot be used together (Optuna samples one or the other)"))
@@ -227,7 +228,7 @@ def check_search(search: Any, recipe: Recipe | None = None) -> list[Problem]:
     if search is None:
         return []
     if not isinstance(search, dict):
-        return [Problem("search", f"{_fmt(search)} must be a mapping of setting -> value, choices or range")]
+        return [Problem("search", f"{fmt(search)} must be a mapping of setting -> value, choices or range")]
     problems: list[Problem] = []
     for key, raw in search.items():
         path = f"search.{key}"
@@ -254,8 +255,6 @@ class SearchSpace:
     def from_dict(cls, search: dict[str, Any] | None) -> SearchSpace:
         problems = check_search(search or {})
         if problems:
-            from llmtune.recipe import RecipeError
-
             raise RecipeError(problems)
         specs: dict[str, Spec] = {name: Fixed(p.default) for name, p in PARAMS.items()}
         for key, raw in (search or {}).items():

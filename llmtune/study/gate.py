@@ -1,6 +1,7 @@
-"""The memory feasibility gate: predict a trial's peak GPU memory from its settings, before it runs.
+"""The memory feasibility gate: predict a trial's peak GPU memory from its settings, before it runs,
+and decide whether it may run (`MemoryGate`).
 
-Built on `llmtune.memory` (config only, no weights). Predictions are corrected by a calibration
+Built on `llmtune.study.memory` (config only, no weights). Predictions are corrected by a calibration
 fitted to the study's own measured GPU peaks once a few trials have run.
 """
 
@@ -8,11 +9,18 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
-from llmtune.memory import GIB, MemoryCalibration, MemoryEstimate, estimate_memory
-from llmtune.recipe import Recipe
-from llmtune.space import Choice, Fixed, Range, resolve_target_modules, trial_settings
+import optuna
+from optuna.trial import TrialState
+
+from llmtune import hardware
+from llmtune.config.recipe import Recipe
+from llmtune.config.space import Choice, Fixed, Range, resolve_target_modules, trial_settings
+from llmtune.study.attrs import INFO, METRICS_KEY, STATUS
+from llmtune.study.memory import GIB, MemoryCalibration, MemoryEstimate, estimate_memory
+from llmtune.trial.endings import COMPLETE
 
 # Settings that change memory; the others (learning rate, dropout, warmup...) do not.
 MEMORY_SETTINGS = ("quantization", "bnb_4bit_use_double_quant", "lora_r", "lora_target_modules", "micro_batch_size",
@@ -20,7 +28,7 @@ MEMORY_SETTINGS = ("quantization", "bnb_4bit_use_double_quant", "lora_r", "lora_
 
 
 def _config_source(recipe: Recipe) -> str:
-    from llmtune.tiny import resolve_model_name
+    from llmtune.builtin.tiny import resolve_model_name
 
     return resolve_model_name(recipe.model.name, log=None)
 
@@ -69,3 +77,29 @@ def representative_points(recipe: Recipe, limit: int = 64) -> list[dict[str, Any
         step = len(combos) / limit
         combos = [combos[math.floor(i * step)] for i in range(limit)]
     return [space.complete(dict(zip(names, combo, strict=True))) for combo in combos]
+
+
+class MemoryGate:
+    """Decides, before a trial runs, whether its predicted peak GPU memory is over the recipe's budget
+    (``constraints.peak_memory_gb.max``). Active on GPUs (``study.memory_gate: auto``), or always with ``on``."""
+
+    def __init__(self, recipe: Recipe, log: Callable[[str], None]):
+        self.recipe, self.log = recipe, log
+        mode = recipe.study.memory_gate
+        self.active = mode == "on" or (mode == "auto" and recipe.train.device != "cpu" and hardware.gpu_count() > 0)
+        self.limit = recipe.constraints.get("peak_memory_gb", {}).get("max")
+
+    def check(self, study: optuna.Study, values: dict[str, Any]) -> tuple[str | None, float | None]:
+        """(why the config must not run, or None; its predicted peak GPU GB, or None when unknown)."""
+        pairs = [(t.user_attrs[METRICS_KEY]["predicted_memory_gb"], t.user_attrs[METRICS_KEY]["peak_memory_gb"])
+                 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if t.user_attrs.get(STATUS) == COMPLETE and t.user_attrs.get(INFO, {}).get("device") == "cuda"
+                 and {"predicted_memory_gb", "peak_memory_gb"} <= set(t.user_attrs.get(METRICS_KEY, {}))]
+        try:
+            predicted = predicted_peak_gb(self.recipe, values, calibration_from_trials(pairs) if pairs else None)
+        except Exception as e:  # an architecture the estimator cannot read must never block a search
+            self.log(f"memory estimate unavailable: {type(e).__name__}: {e}")
+            return None, None
+        if self.limit is not None and self.active and predicted > self.limit:
+            return f"predicted peak memory {predicted:.2f} GB is over the budget of {self.limit:g} GB; not run", predicted
+        return None, predicted

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,16 +28,13 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-CURVE_ATTR = "llmtune.curve"
-RUNG_METRICS_ATTR = "llmtune.rung_metrics"
-STATUS_ATTR = "llmtune.status"
+from llmtune.study.attrs import CURVE, RUNG_METRICS, STATUS
+from llmtune.trial.endings import pruner_ignores
+
 # Objectives whose value partway through training is a fair estimate of the final one (measured over
 # the steps so far; train_time_s is extrapolated to the whole budget by the search loop).  Latency
 # and generation memory are only measured after training, so they never take part in pruning.
 PARTIAL_METRICS = frozenset({"train_throughput", "peak_memory_gb", "trainable_params", "train_time_s"})
-# These trials stopped for reasons unrelated to their loss; their curve says nothing honest
-# about how good the configuration is, so they must not raise or lower anyone's cutoff.
-IGNORED_STATUSES = frozenset({"oom", "over_budget", "crashed", "timeout"})
 # Measured objectives are noisy (throughput varied ~12% between identical runs of the tabular benchmark),
 # so a pruner setting `metric_tolerance` makes values within that relative difference tie: a trial that
 # barely trains then cannot survive on a 1% throughput fluke. Default 0: in the replay benchmark a 5-10%
@@ -88,12 +86,12 @@ def _match_rung(rungs: list[float], fraction: float) -> float | None:
 
 
 def _is_ignored(trial: FrozenTrial) -> bool:
-    return trial.state == TrialState.FAIL or trial.user_attrs.get(STATUS_ATTR) in IGNORED_STATUSES
+    return trial.state == TrialState.FAIL or pruner_ignores(trial.user_attrs.get(STATUS))
 
 
 def _loss_at(trial: FrozenTrial, rung: float) -> float | None:
     """The trial's eval loss at ``rung`` (non-finite -> inf), or None if it has no such point."""
-    curve = trial.user_attrs.get(CURVE_ATTR)
+    curve = trial.user_attrs.get(CURVE)
     if not isinstance(curve, list):
         return None
     for point in curve:
@@ -109,7 +107,7 @@ def _loss_at(trial: FrozenTrial, rung: float) -> float | None:
 
 def _metrics_at(trial: FrozenTrial, rung: float) -> dict[str, float]:
     """What the trial had measured of its other objectives when it reached ``rung`` ({} if unknown)."""
-    points = trial.user_attrs.get(RUNG_METRICS_ATTR)
+    points = trial.user_attrs.get(RUNG_METRICS)
     if not isinstance(points, list):
         return {}
     for point in points:
@@ -396,11 +394,23 @@ class HyperbandPruner:
         )
 
 
-_SETTINGS: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "asha": ("eta", "min_fraction", "min_trials_per_rung", "metric_tolerance"),
-    "hyperband": ("eta", "min_fraction", "min_trials_per_rung", "metric_tolerance"),
-}
+@dataclass(frozen=True)
+class PrunerKind:
+    """One entry of `study.pruner`: its class and the settings `study.pruner_settings` may give it."""
+
+    name: str
+    cls: type
+    settings: tuple[str, ...]
+    help: str
+
+
+_RUNG_SETTINGS = ("eta", "min_fraction", "min_trials_per_rung", "metric_tolerance")
+# study.pruner's choices are this registry's names.
+PRUNERS: dict[str, PrunerKind] = {k.name: k for k in [
+    PrunerKind("none", NopPruner, (), "every trial runs its whole budget"),
+    PrunerKind("asha", ASHAPruner, _RUNG_SETTINGS, "asynchronous successive halving, multi-objective ranks at each rung"),
+    PrunerKind("hyperband", HyperbandPruner, _RUNG_SETTINGS, "several ASHA brackets, from aggressive to none"),
+]}
 
 
 def _coerce(value: Any) -> Any:
@@ -416,25 +426,23 @@ def _coerce(value: Any) -> Any:
 
 def make_pruner(
     name: str, *, objectives: dict[str, str] | None = None, **settings: Any
-) -> NopPruner | ASHAPruner | HyperbandPruner:
+) -> Pruner:
     """Build a pruner from a config name ("none" | "asha" | "hyperband") and its settings.
 
     ``objectives`` (metric -> minimize/maximize, the study's) lets the pruner rank trials on the
     partial measurements of their other objectives as well as their loss (see the module doc)."""
     key = name.strip().lower() if isinstance(name, str) else name
-    if key not in _SETTINGS:
-        raise ValueError(f"unknown pruner {name!r}: use one of 'none', 'asha', 'hyperband'")
-    allowed = _SETTINGS[key]
+    kind = PRUNERS.get(key)
+    if kind is None:
+        raise ValueError(f"unknown pruner {name!r}: use one of {', '.join(repr(k) for k in PRUNERS)}")
     for setting, value in settings.items():
-        if setting not in allowed:
-            fix = f"allowed settings: {', '.join(allowed)}" if allowed else "it takes no settings"
+        if setting not in kind.settings:
+            fix = f"allowed settings: {', '.join(kind.settings)}" if kind.settings else "it takes no settings"
             raise ValueError(f"pruner {key!r} has no setting {setting!r} (given {value!r}); {fix}")
+    if not kind.settings:
+        return kind.cls()
     kwargs = {k: _coerce(v) for k, v in settings.items()}
     try:
-        if key == "asha":
-            return ASHAPruner(**kwargs, objectives=objectives)
-        if key == "hyperband":
-            return HyperbandPruner(**kwargs, objectives=objectives)
+        return kind.cls(**kwargs, objectives=objectives)
     except ValueError as err:
         raise ValueError(f"pruner {key!r}: {err}") from None
-    return NopPruner()

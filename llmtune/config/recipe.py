@@ -5,13 +5,12 @@ A recipe is YAML with the sections ``model``, ``data``, ``train``, ``measure``, 
 here, and every problem is reported together (field path, bad value, fix) in one `RecipeError`.
 
 Every setting that *can* be searched lives in ``search``; each is either a fixed value, a list of
-choices, or a range ``{low, high, log?, step?}`` (see `llmtune.space`).
+choices, or a range ``{low, high, log?, step?}`` (see `llmtune.config.space`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -22,42 +21,13 @@ from typing import Any
 
 import yaml
 
-# --------------------------------------------------------------------------------------------- errors
-
-
-@dataclass(frozen=True)
-class Problem:
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
-
-
-class RecipeError(ValueError):
-    """Every problem found in a recipe, reported at once."""
-
-    def __init__(self, problems: list[Problem], source: str | None = None):
-        self.problems = problems
-        self.source = source
-        where = f" in {source}" if source else ""
-        lines = [f"{len(problems)} problem{'s' if len(problems) != 1 else ''}{where}:"]
-        lines += [f"  - {p}" for p in problems]
-        super().__init__("\n".join(lines))
-
-
-def did_you_mean(value: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def _fmt(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else json.dumps(value, default=str)
-
-
-def _one_of(value: Any, options: list[str]) -> str:
-    return f"{_fmt(value)} is not one of {', '.join(options)}{did_you_mean(str(value), options)}"
-
+from llmtune.config.problems import did_you_mean, fmt, one_of
+from llmtune.config.space import PARAMS, SearchSpace, check_search
+from llmtune.errors import Problem, RecipeError
+from llmtune.harness.optimizers import OPTIMIZERS
+from llmtune.harness.trackers import TRACKERS
+from llmtune.study.pruners import PRUNERS, make_pruner
+from llmtune.study.samplers import SAMPLER_CHOICES, SAMPLERS
 
 # ------------------------------------------------------------------------------------------- sections
 
@@ -189,9 +159,7 @@ class Recipe:
 
     # -- derived -------------------------------------------------------------------------------
     @property
-    def space(self):  # -> llmtune.space.SearchSpace (imported lazily: space imports this module)
-        from llmtune.space import SearchSpace
-
+    def space(self) -> SearchSpace:
         return SearchSpace.from_recipe(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -206,6 +174,7 @@ class Recipe:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe))
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "measure": MeasureConfig,
     "study": StudyConfig, "select": SelectConfig, "hub": HubConfig,
@@ -217,13 +186,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("text", "instruction", "chat"),
     "data.train_on": ("completions", "all"),
     "train.lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
-    "train.optimizer": ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "sgd"),
+    "train.optimizer": tuple(OPTIMIZERS),
     "train.device": ("auto", "cuda", "cpu"),
-    "study.sampler": ("auto", "tpe", "nsga2", "gp", "random", "grid", "cmaes"),
-    "study.pruner": ("none", "asha", "hyperband"),
+    "study.sampler": SAMPLER_CHOICES,
+    "study.pruner": tuple(PRUNERS),
     "study.memory_gate": ("auto", "on", "off"),
 }
-TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 # ----------------------------------------------------------------------------------------- building
 
@@ -242,7 +210,7 @@ class _Checker:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            self.add(path, f"expected a mapping of settings, got {_fmt(data)}")
+            self.add(path, f"expected a mapping of settings, got {fmt(data)}")
             data = {}
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
@@ -275,13 +243,13 @@ class _Checker:
         if t.startswith("bool"):
             if isinstance(value, bool):
                 return value
-            self.add(path, f"{_fmt(value)} is not true or false")
+            self.add(path, f"{fmt(value)} is not true or false")
         elif t.startswith("int"):
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            self.add(path, f"{_fmt(value)} is not a whole number")
+            self.add(path, f"{fmt(value)} is not a whole number")
         elif t.startswith("float"):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
@@ -290,23 +258,23 @@ class _Checker:
                     return float(value)  # YAML reads '1e-4' without a dot as a string
                 except ValueError:
                     pass
-            self.add(path, f"{_fmt(value)} is not a number")
+            self.add(path, f"{fmt(value)} is not a number")
         elif t.startswith("str"):
             if isinstance(value, str):
                 return value
             if isinstance(value, (int, float)) and not isinstance(value, bool) and "name" in path:
                 return str(value)
-            self.add(path, f"{_fmt(value)} is not text")
+            self.add(path, f"{fmt(value)} is not text")
         elif t.startswith("list"):
             if isinstance(value, str):
                 return [value]
             if isinstance(value, list):
                 return value
-            self.add(path, f"{_fmt(value)} is not a list")
+            self.add(path, f"{fmt(value)} is not a list")
         elif t.startswith("dict"):
             if isinstance(value, dict):
                 return value
-            self.add(path, f"{_fmt(value)} is not a mapping")
+            self.add(path, f"{fmt(value)} is not a mapping")
         else:  # pragma: no cover - a field type this builder does not know is a programming error
             raise TypeError(f"recipe field {path} has unsupported type {t}")
         return f.default if f.default is not dataclasses.MISSING else None
@@ -318,7 +286,7 @@ def _check_values(recipe: Recipe, ck: _Checker) -> None:
         section, name = dotted.split(".")
         value = getattr(getattr(recipe, section), name)
         if value is not None and value not in options:
-            ck.add(dotted, _one_of(value, list(options)))
+            ck.add(dotted, one_of(value, list(options)))
 
     m, d, t, s = recipe.model, recipe.data, recipe.train, recipe.study
     if isinstance(m.name, str) and not m.name.strip():
@@ -352,7 +320,7 @@ def _check_values(recipe: Recipe, ck: _Checker) -> None:
         ck.add("train.max_grad_norm", f"{t.max_grad_norm} must be >= 0 (0 disables clipping)")
     for i, tracker in enumerate(t.report_to or []):
         if tracker not in TRACKERS:
-            ck.add(f"train.report_to[{i}]", _one_of(tracker, list(TRACKERS)))
+            ck.add(f"train.report_to[{i}]", one_of(tracker, list(TRACKERS)))
 
     if recipe.measure.latency_prompts is not None and recipe.measure.latency_prompts < 1:
         ck.add("measure.latency_prompts", f"{recipe.measure.latency_prompts} must be at least 1")
@@ -369,8 +337,6 @@ def _check_values(recipe: Recipe, ck: _Checker) -> None:
             ck.add(f"study.{name}", f"{v} must be a positive number of seconds")
 
     if s.pruner in CHOICES["study.pruner"] and isinstance(s.pruner_settings, dict):
-        from llmtune.pruning import make_pruner
-
         try:
             make_pruner(s.pruner, **s.pruner_settings)
         except (ValueError, TypeError) as e:
@@ -378,10 +344,13 @@ def _check_values(recipe: Recipe, ck: _Checker) -> None:
 
     _check_objectives(recipe, ck)
 
-    from llmtune.space import check_search  # late import: space builds on this module
-
-    for p in check_search(recipe.search, recipe):
-        ck.problems.append(p)
+    search_problems = check_search(recipe.search, recipe)
+    ck.problems += search_problems
+    kind = SAMPLERS.get(s.sampler)
+    if kind is not None and not search_problems and isinstance(recipe.objectives, dict):
+        why = kind.problem(SearchSpace.from_dict(recipe.search), len(recipe.objectives))
+        if why:
+            ck.add("study.sampler", why)
 
 
 def _canonical_metric(name: str) -> str:
@@ -394,7 +363,7 @@ def _check_objectives(recipe: Recipe, ck: _Checker) -> None:
     if isinstance(raw, list):  # a list of names takes each metric's natural direction
         raw = {str(n): None for n in raw}
     if not isinstance(raw, dict) or not raw:
-        ck.add("objectives", f"{_fmt(raw)} must name at least one metric, e.g. {{eval_loss: minimize}}")
+        ck.add("objectives", f"{fmt(raw)} must name at least one metric, e.g. {{eval_loss: minimize}}")
         raw = {}
     for name, direction in raw.items():
         canon = _canonical_metric(str(name))
@@ -404,7 +373,7 @@ def _check_objectives(recipe: Recipe, ck: _Checker) -> None:
         natural = METRICS[canon][0]
         direction = natural if direction is None else direction
         if direction not in DIRECTIONS:
-            ck.add(f"objectives.{name}", _one_of(direction, list(DIRECTIONS)))
+            ck.add(f"objectives.{name}", one_of(direction, list(DIRECTIONS)))
             continue
         if canon in objectives:
             ck.add(f"objectives.{name}", f"names {canon} twice")
@@ -413,7 +382,7 @@ def _check_objectives(recipe: Recipe, ck: _Checker) -> None:
 
     constraints: dict[str, dict[str, float]] = {}
     if not isinstance(recipe.constraints, dict):
-        ck.add("constraints", f"{_fmt(recipe.constraints)} must be a mapping like {{peak_memory_gb: {{max: 22}}}}")
+        ck.add("constraints", f"{fmt(recipe.constraints)} must be a mapping like {{peak_memory_gb: {{max: 22}}}}")
     else:
         for name, bound in recipe.constraints.items():
             canon = _canonical_metric(str(name))
@@ -424,12 +393,12 @@ def _check_objectives(recipe: Recipe, ck: _Checker) -> None:
             if isinstance(bound, (int, float)) and not isinstance(bound, bool):
                 bound = {"max": bound}  # a bare number reads as an upper limit, the common case
             if not isinstance(bound, dict) or not bound or set(bound) - {"min", "max"}:
-                ck.add(path, f"{_fmt(bound)} must be {{max: x}} and/or {{min: y}}")
+                ck.add(path, f"{fmt(bound)} must be {{max: x}} and/or {{min: y}}")
                 continue
             clean: dict[str, float] = {}
             for k, v in bound.items():
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    ck.add(f"{path}.{k}", f"{_fmt(v)} is not a number")
+                    ck.add(f"{path}.{k}", f"{fmt(v)} is not a number")
                 else:
                     clean[k] = float(v)
             if "min" in clean and "max" in clean and clean["min"] > clean["max"]:
@@ -441,7 +410,7 @@ def _check_objectives(recipe: Recipe, ck: _Checker) -> None:
     if by and by != "knee":
         by = _canonical_metric(by)
         if by not in objectives:
-            ck.add("select.by", f"{_fmt(recipe.select.by)} is not an objective of this recipe; use one of {', '.join(objectives)} or knee")
+            ck.add("select.by", f"{fmt(recipe.select.by)} is not an objective of this recipe; use one of {', '.join(objectives)} or knee")
     recipe.select.by = by
     for name in recipe.select.weights:
         if _canonical_metric(name) not in objectives:
@@ -463,7 +432,7 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     """Build and validate a recipe from plain data; raises `RecipeError` listing every problem."""
     ck = _Checker()
     if not isinstance(data, dict):
-        raise RecipeError([Problem("", f"a recipe is a YAML mapping with sections model, data, search, ...; got {_fmt(data)[:80]}")], source)
+        raise RecipeError([Problem("", f"a recipe is a YAML mapping with sections model, data, search, ...; got {fmt(data)[:80]}")], source)
     data = dict(data)
     if isinstance(data.get("study"), dict) and isinstance(data["study"].get("storage"), str):
         data["study"] = {**data["study"], "storage": _expand_env(data["study"]["storage"])}
@@ -478,8 +447,8 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe, apply ``key.path=value`` overrides, validate it all at once."""
+def read_recipe_file(path: str | os.PathLike) -> Any:
+    """A recipe file's YAML as plain data (its ``name`` defaults to the file's stem); not validated yet."""
     p = Path(path)
     if not p.is_file():
         raise RecipeError([Problem("", f"recipe file {str(p)!r} not found")], str(p))
@@ -489,26 +458,64 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise RecipeError([Problem("", f"not valid YAML: {e}")], str(p)) from None
     if isinstance(data, dict) and "name" not in data:
         data["name"] = p.stem
-    if overrides:
-        data = apply_overrides(data, overrides, source=str(p))
-    return recipe_from_dict(data, source=str(p))
+    return data
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply ``key.path=value`` overrides, validate it all at once."""
+    data = read_recipe_file(path)
+    if overrides and isinstance(data, dict):
+        data = apply_overrides(data, overrides, source=str(path))
+    return recipe_from_dict(data, source=str(path))
+
+
+# Settings that give the same thing two ways: fixing one drops the other from the space.
+RIVALS = {"lora_alpha": "lora_alpha_ratio", "lora_alpha_ratio": "lora_alpha",
+          "warmup_steps": "warmup_ratio", "warmup_ratio": "warmup_steps"}
+
+
+def set_search_values(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """Fix searchable settings (``{"lora_r": 8}``) in a recipe mapping: each replaces what the recipe's
+    ``search`` section says of it (and of its rival, e.g. lora_alpha_ratio for lora_alpha). The values
+    are checked when the recipe is built, like any recipe value."""
+    data = json.loads(json.dumps(data, default=str))  # deep copy
+    search: dict[str, Any] = data["search"] if isinstance(data.get("search"), dict) else {}
+    for key, value in values.items():
+        if RIVALS.get(key) in search and key in PARAMS:
+            search.pop(RIVALS[key])
+        search[key] = value
+    data["search"] = search
+    return data
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], source: str | None = None) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a recipe mapping."""
+    """Apply ``key.path=value`` strings (value parsed as YAML) to a recipe mapping.
+
+    A bare searchable setting (``lora_r=8``) means ``search.lora_r=8``: it fixes that setting, on every
+    command alike."""
     problems = []
     data = json.loads(json.dumps(data, default=str))  # deep copy
     for item in overrides:
         if "=" not in item:
-            problems.append(Problem(item, "an override is key=value, e.g. search.lora_r=16"))
+            problems.append(Problem(item, "an override is key=value, e.g. lora_r=16 or train.budget.examples=500"))
             continue
         key, _, raw = item.partition("=")
+        key = key.strip()
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
+        bare = key.removeprefix("search.")
+        if "." not in bare and (bare in PARAMS or key.startswith("search.")):
+            data = set_search_values(data, {bare: value})
+            continue
+        if "." not in key and key not in RECIPE_KEYS:
+            known = list(PARAMS) + list(RECIPE_KEYS)
+            problems.append(Problem(key, f"is neither a searchable setting nor a recipe section{did_you_mean(key, known)}; "
+                                         "give a setting (lora_r=8) or a dotted recipe path (train.budget.examples=500)"))
+            continue
         node = data
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
                 node[part] = {}

@@ -1,6 +1,7 @@
 """What one trial produced: its status, metrics, learning curve and provenance (``result.json``).
 
 Shared by the trial process that writes it and the search process that reads it; no torch here.
+How a trial can end (its ``status``) is one table: `llmtune.trial.endings`.
 """
 
 from __future__ import annotations
@@ -10,18 +11,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-# Every way a trial can end, decided in one place (runner.classify) and stored on the trial.
-COMPLETE = "complete"        # trained, evaluated, measured
-PRUNED = "pruned"            # stopped early by the pruner; partial metrics kept
-OOM = "oom"                  # ran out of memory (infeasible: teaches the sampler)
-OVER_BUDGET = "over_budget"  # predicted or measured over a constraint (infeasible)
-CRASHED = "crashed"          # any other error; the log tail is kept
-TIMEOUT = "timeout"          # killed at study.trial_timeout
-INTERRUPTED = "interrupted"  # the search was stopped (Ctrl-C) or died; the config is retried
-SURPLUS = "surplus"          # asked for but never run: another worker took the last of n_trials first
-STATUSES = (COMPLETE, PRUNED, OOM, OVER_BUDGET, CRASHED, TIMEOUT, INTERRUPTED, SURPLUS)
-INFEASIBLE = (OOM, OVER_BUDGET)
 
 
 @dataclass

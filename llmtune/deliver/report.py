@@ -17,12 +17,12 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from optuna.trial import FrozenTrial, TrialState
 
-from llmtune.recipe import METRICS
-from llmtune.results import feasible
-from llmtune.storage import INFO, METRICS_KEY, REASON, SETTINGS, STATUS
+from llmtune.config.recipe import METRICS
+from llmtune.deliver.front import feasible
+from llmtune.study.attrs import INFO, METRICS_KEY, REASON, SETTINGS, STATUS
 
 if TYPE_CHECKING:
-    from llmtune.results import SearchResult
+    from llmtune.deliver.results import SearchResult
 
 GREY, BLUE, RED, GOLD = "#b8bec8", "#4a78c2", "#d1495b", "#f2a900"
 TEMPLATE = "plotly_white"

@@ -38,6 +38,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from llmtune.config.problems import one_of
+from llmtune.harness.optimizers import OPTIMIZERS
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
@@ -59,14 +62,6 @@ BNB_OPTIM_MIN_8BIT_SIZE = 4096  # smaller tensors keep 32-bit optimizer state (b
 LOSS_FP32_BUFFERS = 2
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-# bytes of optimizer state per trainable fp32 param (8-bit ones are handled per tensor in _optimizer_bytes)
-_OPTIMIZER_STATE_BYTES = {
-    "adamw_torch": 8, "adamw_torch_fused": 8, "adamw_hf": 8, "adamw": 8, "paged_adamw_32bit": 8,
-    "sgd": 0, "sgd_momentum": 4,
-}
-_OPTIMIZERS_8BIT = {"adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"}
-
-
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Predicted peak memory of one training step, split by what holds it (bytes).
@@ -231,15 +226,15 @@ def _weight_bytes(shape: _Shape, quantization: str, double_quant: bool, dtype_by
 
 def _optimizer_bytes(optimizer: str, lora_tensors: list[int]) -> int:
     """Optimizer state for the LoRA tensors (fp32 params)."""
-    if optimizer in _OPTIMIZERS_8BIT:
+    kind = OPTIMIZERS.get(optimizer)
+    if kind is None:
+        raise ValueError(f"optimizer: {one_of(optimizer, list(OPTIMIZERS))}")
+    if kind.eight_bit:
         total = 0
         for n in lora_tensors:  # bnb: exp_avg + exp_avg_sq as uint8 with fp32 absmax per 256; small ones fp32
             total += 2 * (n + 4 * math.ceil(n / BNB_OPTIM_BLOCKSIZE)) if n >= BNB_OPTIM_MIN_8BIT_SIZE else 8 * n
         return total
-    if optimizer not in _OPTIMIZER_STATE_BYTES:
-        known = sorted([*_OPTIMIZER_STATE_BYTES, *_OPTIMIZERS_8BIT])
-        raise ValueError(f"unknown optimizer {optimizer!r}; known: {known}")
-    return _OPTIMIZER_STATE_BYTES[optimizer] * sum(lora_tensors)
+    return kind.state_bytes * sum(lora_tensors)
 
 
 _OUTPUT_PROJ = ("o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "wo", "w2", "dense_4h_to_h")

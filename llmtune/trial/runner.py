@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
 import socket
 import subprocess
 import sys
@@ -21,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from llmtune import hardware, zygote
-from llmtune.result import COMPLETE, CRASHED, INTERRUPTED, OOM, STATUSES, TIMEOUT, TrialResult
+from llmtune import hardware
+from llmtune.trial.endings import COMPLETE, classify
+from llmtune.trial.fork_server import ForkedProcess, ForkServer, kill_group
+from llmtune.trial.result import TrialResult
 
 EXIT_GRACE_S = 5.0
-OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "torch.OutOfMemoryError", "MemoryError", "CUBLAS_STATUS_ALLOC_FAILED")
 
 
 @dataclass
@@ -37,7 +37,7 @@ class TrialJob:
     trial_number: int | None = None
     timeout: float = 3600.0
     env: dict[str, str] = field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES, LLMTUNE_THREADS
-    fork_server: zygote.ForkServer | None = None  # the search's: fork the trial from it (else a fresh process)
+    fork_server: ForkServer | None = None  # the search's: fork the trial from it (else a fresh process)
     base_eval: dict[str, Any] | None = None  # the untrained adapter's loss and context, if another trial measured it
 
 
@@ -47,25 +47,6 @@ def log_tail(path: Path, lines: int = 30) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
-
-
-def classify(returncode: int | None, result: TrialResult | None, tail: str, *, timed_out: bool,
-             interrupted: bool, timeout: float) -> tuple[str, str]:
-    """The one place that decides how a trial ended: (status, reason)."""
-    if interrupted:
-        return INTERRUPTED, "the search was interrupted while this trial ran"
-    if timed_out:
-        return TIMEOUT, f"killed after study.trial_timeout of {timeout:g}s"
-    if result is not None and result.status in STATUSES:
-        return result.status, result.reason
-    if any(m in tail for m in OOM_MARKERS):
-        return OOM, "out of memory (from the trial log)"
-    if returncode is not None and returncode < 0 and -returncode == signal.SIGKILL:
-        return OOM, "killed by SIGKILL with no result: most likely the kernel's out-of-memory killer"
-    if returncode is None:
-        return CRASHED, "the trial process was lost: the fork server that started it stopped"
-    last = tail.strip().splitlines()[-1] if tail.strip() else "no output"
-    return CRASHED, f"trial process exited with code {returncode}: {last[:300]}"
 
 
 class TrialProcess:
@@ -88,12 +69,12 @@ class TrialProcess:
         self._log = open(self.log_path, "ab")
         started = self._forked(env) or self._fresh(env)
         self.started = time.time()  # the timeout counts from here: not the wait for a fork server to start
-        self.proc: subprocess.Popen[bytes] | zygote.ForkedProcess = started[0]
+        self.proc: subprocess.Popen[bytes] | ForkedProcess = started[0]
         self._events, self._answers, self.launch = started[1:]
         self._messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
-    def _forked(self, env: dict[str, str]) -> tuple[zygote.ForkedProcess, IO[bytes], IO[bytes], str] | None:
+    def _forked(self, env: dict[str, str]) -> tuple[ForkedProcess, IO[bytes], IO[bytes], str] | None:
         """Fork the trial from the search's warm fork server, if it has a working one."""
         server = self.job.fork_server
         if server is None or not server.wait_ready():
@@ -131,7 +112,7 @@ class TrialProcess:
             pass  # the child is gone; its exit is handled below
 
     def kill(self) -> None:
-        zygote.kill_group(self.proc.pid, lambda: self.proc.poll() is None)
+        kill_group(self.proc.pid, lambda: self.proc.poll() is None)
 
     def wait(self, on_event: Callable[[dict[str, Any]], Any] | None = None,
              heartbeat: Callable[[], None] | None = None, stop: threading.Event | None = None) -> TrialResult:

@@ -8,12 +8,12 @@ import time
 import pytest
 from conftest import tiny_recipe_dict
 
-from llmtune import zygote
+from llmtune.config.recipe import recipe_from_dict
 from llmtune.harness.train import eval_fractions
-from llmtune.recipe import recipe_from_dict
-from llmtune.runner import TrialJob, TrialProcess, run_trial_process
+from llmtune.trial import fork_server
+from llmtune.trial.runner import TrialJob, TrialProcess, run_trial_process
 
-pytestmark = pytest.mark.skipif(not zygote.enabled(), reason="the fork server runs on Linux only")
+pytestmark = pytest.mark.skipif(not fork_server.enabled(), reason="the fork server runs on Linux only")
 
 FAST = {"data": {"source": "llmtune/tiny-tasks", "eval_max_length": 128, "max_eval_examples": 16, "max_train_examples": 200},
         "train": {"budget": {"examples": 32}, "eval_points": 2},
@@ -22,12 +22,12 @@ FAST = {"data": {"source": "llmtune/tiny-tasks", "eval_max_length": 128, "max_ev
 
 @pytest.fixture
 def server(tiny_model_path, tiny_data_path):
-    started = zygote.prewarm()
+    started = fork_server.prewarm()
     assert started is not None and started.wait_ready(), started.why if started else "fork server off"
     return started
 
 
-def job(tmp_path, name: str, timeout: float = 300, fork_server: zygote.ForkServer | None = None) -> TrialJob:
+def job(tmp_path, name: str, timeout: float = 300, fork_server: fork_server.ForkServer | None = None) -> TrialJob:
     recipe = recipe_from_dict(tiny_recipe_dict(tmp_path, **FAST))
     return TrialJob(recipe=recipe.to_dict(), values=recipe.space.complete({}), out_dir=tmp_path / name,
                     fractions=eval_fractions(recipe), timeout=timeout, fork_server=fork_server)
@@ -103,25 +103,25 @@ def test_a_forked_trial_ends_when_the_fork_server_dies(tmp_path, server, monkeyp
     monkeypatch.delenv("LLMTUNE_FAULT")
     after = run_trial_process(job(tmp_path, "after", fork_server=server))  # a dead server: a fresh process
     assert after.status == "complete" and after.info["launch"] == "fresh"
-    replacement = zygote.prewarm()  # the next search gets a new one
+    replacement = fork_server.prewarm()  # the next search gets a new one
     assert replacement is not None and replacement is not server and replacement.wait_ready()
 
 
 def test_a_search_in_another_environment_gets_its_own_server(tmp_path, server, monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "changed")  # libraries may read their variables at import
-    other = zygote.prewarm()
+    other = fork_server.prewarm()
     assert other is not None and other is not server and other.wait_ready()
     assert server.failed  # the idle old one was stopped
     assert run_trial_process(job(tmp_path, "env", fork_server=other)).info["launch"] == "fork-server"
     monkeypatch.setenv("LLMTUNE_FAULT", "hang")  # llmtune's own variables are read at run time: no new server
-    assert zygote.prewarm() is other
+    assert fork_server.prewarm() is other
 
 
 def test_every_trial_of_a_search_is_forked_from_one_server(tmp_path, tiny_model_path, tiny_data_path):
     import llmtune
-    from llmtune.storage import INFO
+    from llmtune.study.attrs import INFO
 
-    zygote._stop_server()  # the search starts its own; its first trial waits for it instead of starting fresh
+    fork_server._stop_server()  # the search starts its own; its first trial waits for it instead of starting fresh
     data = tiny_recipe_dict(tmp_path, **FAST, study={"n_trials": 2, "sampler": "random", "trial_timeout": 300})
     data["search"] = {**data["search"], "lora_r": [4, 8]}
     result = llmtune.search(data)
@@ -130,9 +130,9 @@ def test_every_trial_of_a_search_is_forked_from_one_server(tmp_path, tiny_model_
 
 
 def test_an_idle_server_exits_quietly_and_the_next_search_starts_another(monkeypatch, capfd, tiny_model_path):
-    zygote._stop_server()
+    fork_server._stop_server()
     monkeypatch.setenv("LLMTUNE_FORK_SERVER_IDLE", "1")
-    idle = zygote.prewarm()
+    idle = fork_server.prewarm()
     assert idle is not None and idle.wait_ready()
     deadline = time.time() + 20
     while not idle.failed and time.time() < deadline:
@@ -140,5 +140,5 @@ def test_an_idle_server_exits_quietly_and_the_next_search_starts_another(monkeyp
     assert idle.failed and idle.proc.wait(timeout=10) == 0
     assert "fresh processes" not in capfd.readouterr().err  # a planned exit is not reported as a failure
     monkeypatch.delenv("LLMTUNE_FORK_SERVER_IDLE")
-    following = zygote.prewarm()
+    following = fork_server.prewarm()
     assert following is not None and following is not idle and following.wait_ready()

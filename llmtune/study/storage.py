@@ -8,42 +8,33 @@ do not pull in the search loop and its trial runner.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy.exc
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
-from llmtune.recipe import Recipe
-from llmtune.result import CRASHED, INTERRUPTED, TIMEOUT
+from llmtune.config.recipe import Recipe
+from llmtune.errors import SearchError
+from llmtune.study.attrs import OWNER, REASON, RETRY_OF, STATUS
+from llmtune.trial.endings import INTERRUPTED, counts
 
 # llmtune drives heartbeats itself around ask/tell (the trial runs in a child process), which is
 # what these warnings are about; they would only confuse users.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-# Trial user attributes written by llmtune (visible in optuna-dashboard).
-STATUS, REASON, METRICS_KEY, CURVE, SETTINGS, DIR, INFO = (
-    "llmtune.status", "llmtune.reason", "llmtune.metrics", "llmtune.curve", "llmtune.settings", "llmtune.dir",
-    "llmtune.info")
-RUNG_METRICS = "llmtune.rung_metrics"  # [[fraction, {objective: value so far}], ...], read by the pruner
-OWNER = "llmtune.owner"  # system attr: host:pid of the search process running the trial
-RETRY_OF = "llmtune.retry_of"
-# Trials in these ends count towards n_trials; interrupted ones are retried instead.
-FINAL_FAILURES = (CRASHED, TIMEOUT)
 # Defaults; LLMTUNE_HEARTBEAT_INTERVAL / LLMTUNE_HEARTBEAT_GRACE (seconds) override them, e.g. for tests.
 # A grace of several intervals keeps a busy database or a slow network from failing live trials.
 HEARTBEAT_INTERVAL, GRACE_PERIOD = 20, 90
-
-
-class SearchError(RuntimeError):
-    """The search cannot start or resume as asked (says how to fix it)."""
 
 
 def mask_url(url: str) -> str:
@@ -54,6 +45,15 @@ def mask_url(url: str) -> str:
     creds, host = rest.rsplit("@", 1)
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+def masked_recipe(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as JSON for the study and the trial processes, with the storage password masked
+    (the URL was expanded from ${ENV} at load; it must not land in spec.json or the dashboard)."""
+    d = json.loads(json.dumps(recipe.to_dict(), default=str))
+    if d.get("study", {}).get("storage"):
+        d["study"]["storage"] = mask_url(d["study"]["storage"])
+    return d
 
 
 def heartbeat_settings() -> tuple[int, int]:
@@ -116,7 +116,7 @@ def storage_url(recipe: Recipe, override: str | None = None) -> str:
     return f"sqlite:///{out / 'study.db'}"
 
 
-def _retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str | None) -> None:
+def retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str | None) -> None:
     """Queue a lost trial's exact settings again (it does not count towards n_trials). With a reason,
     also mark it interrupted: only possible while it is unfinished, as Optuna freezes finished trials.
     Queued trials are the only WAITING ones (a surplus trial is ended, not given back: `Search._claim`),
@@ -131,7 +131,7 @@ def _retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str |
 def _retry_failed(study: optuna.Study, trial: FrozenTrial) -> None:
     """Heartbeat callback, for when Optuna's own `fail_stale_trials` (e.g. in `study.optimize`) found the
     trial first: it is retried. Optuna calls it after failing the trial, so it can no longer be annotated."""
-    _retry(study, trial, None)
+    retry(study, trial, None)
 
 
 def fail_stale(study: optuna.Study) -> list[int]:
@@ -155,7 +155,7 @@ def fail_stale(study: optuna.Study) -> list[int]:
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker failed it first and queued the retry
         trial = storage.get_trial(tid)
-        _retry(study, trial, None)
+        retry(study, trial, None)
         lost.append(trial.number)
     return lost
 
@@ -212,7 +212,7 @@ def recover_lost_trials(study: optuna.Study) -> list[int]:
                     continue
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
-            _retry(study, t, None)
+            retry(study, t, None)
             lost.append(t.number)
     return lost + fail_stale(study)
 
@@ -223,14 +223,14 @@ def counted(study: optuna.Study) -> tuple[int, int]:
     for t in study.get_trials(deepcopy=False):
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
             done += 1
-        elif t.state == TrialState.FAIL and t.user_attrs.get(STATUS) in FINAL_FAILURES:
+        elif t.state == TrialState.FAIL and counts(t.user_attrs.get(STATUS)):
             done += 1
         elif t.state == TrialState.RUNNING:
             running += 1
     return done, running
 
 
-class _Heartbeat:
+class Heartbeat:
     """Records a running trial's heartbeat every interval from a thread of its own, so that no slow
     step of the search process (memory estimate, telling) makes a live worker look dead."""
 
@@ -239,7 +239,7 @@ class _Heartbeat:
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True)
 
-    def __enter__(self) -> _Heartbeat:
+    def __enter__(self) -> Heartbeat:
         self.thread.start()
         return self
 

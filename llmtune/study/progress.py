@@ -7,10 +7,10 @@ import threading
 import time
 from typing import Any
 
-from llmtune.result import TrialResult
+from llmtune.trial.result import TrialResult
 
 
-def _fmt_metric(name: str, value: Any) -> str:
+def fmt_metric(name: str, value: Any) -> str:
     if value is None:
         return "—"
     if name == "trainable_params":
@@ -43,13 +43,13 @@ class PlainProgress:
 
     def trial_started(self, number: int, values: dict[str, Any]) -> None:
         searched = self.search.space.searched if self.search else []
-        self._print(f"trial {number} started: " + ", ".join(f"{k}={_fmt_metric(k, values.get(k))}" for k in searched))
+        self._print(f"trial {number} started: " + ", ".join(f"{k}={fmt_metric(k, values.get(k))}" for k in searched))
 
     def trial_event(self, number: int, event: dict[str, Any]) -> None:
         pass
 
     def trial_finished(self, number: int, result: TrialResult) -> None:
-        metrics = ", ".join(f"{k}={_fmt_metric(k, result.metrics.get(k))}" for k in self.search.recipe.objectives)
+        metrics = ", ".join(f"{k}={fmt_metric(k, result.metrics.get(k))}" for k in self.search.recipe.objectives)
         reason = f" ({result.reason})" if result.reason else ""
         self._print(f"trial {number} {result.status}{reason}: {metrics} [{_fmt_duration(time.time() - self.t0)} elapsed]")
 
@@ -99,7 +99,7 @@ class LiveProgress(PlainProgress):
             self.finished.append((number, result, time.time() - state["t0"]))
         reason = f" — {result.reason}" if result.reason and result.status != "complete" else ""
         self.console.print(f"trial {number}: [bold]{result.status}[/bold]{reason}  " + "  ".join(
-            f"{k}={_fmt_metric(k, result.metrics.get(k))}" for k in self.search.recipe.objectives))
+            f"{k}={fmt_metric(k, result.metrics.get(k))}" for k in self.search.recipe.objectives))
 
     def _render(self):
         from rich.console import Group
@@ -130,7 +130,7 @@ class LiveProgress(PlainProgress):
     def _front_table(self, table_cls: Any):
         if not self.search or not getattr(self.search, "study", None):
             return None
-        from llmtune.results import SearchResult
+        from llmtune.deliver.results import SearchResult
 
         try:
             rows = SearchResult(self.search.study, self.search.recipe).summary_rows()
@@ -142,7 +142,7 @@ class LiveProgress(PlainProgress):
         for col in rows[0]:
             table.add_column(col, justify="right")
         for row in rows[:10]:
-            table.add_row(*(_fmt_metric(k, v) for k, v in row.items()))
+            table.add_row(*(fmt_metric(k, v) for k, v in row.items()))
         return table
 
     def stop(self) -> None:

@@ -222,7 +222,7 @@ def _build_data(out: Path, log: Callable[[str], None]) -> dict[str, object]:
     for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
         with open(out / name, "w", encoding="utf-8", newline="\n") as f:
             f.writelines(json.dumps(r, ensure_ascii=True) + "\n" for r in rows)
-    log(f"[llmtune.tiny] wrote {len(train)} train and {len(evals)} eval rows")
+    log(f"[llmtune.builtin.tiny] wrote {len(train)} train and {len(evals)} eval rows")
     return {"train_rows": len(train), "eval_rows": len(evals), "seed": _SEED}
 
 
@@ -284,7 +284,7 @@ def _pretrain(model: LlamaForCausalLM, ids: torch.Tensor, log: Callable[[str], N
         losses.append(loss.item())
         if step % 25 == 0 or step == _STEPS - 1:
             secs = time.time() - t0
-            log(f"[llmtune.tiny] pretrain step {step + 1}/{_STEPS} loss {losses[-1]:.3f} ({secs:.0f}s)")
+            log(f"[llmtune.builtin.tiny] pretrain step {step + 1}/{_STEPS} loss {losses[-1]:.3f} ({secs:.0f}s)")
     model.eval()
     return sum(losses[-20:]) / len(losses[-20:])
 
@@ -319,7 +319,7 @@ def _build_model(out: Path, log: Callable[[str], None]) -> dict[str, object]:
     # The tokenizer sees the task words too (the eval rows are never used here).
     tok_texts = docs + [" ".join(r.values()) for r in train]
     tokenizer = _build_tokenizer(tok_texts)
-    log(f"[llmtune.tiny] trained a {len(tokenizer)}-token byte-level BPE tokenizer ({time.time() - t0:.1f}s)")
+    log(f"[llmtune.builtin.tiny] trained a {len(tokenizer)}-token byte-level BPE tokenizer ({time.time() - t0:.1f}s)")
 
     enc = tokenizer(docs, add_special_tokens=True)["input_ids"]
     ids = torch.tensor([t for row in enc for t in row + [tokenizer.eos_token_id]], dtype=torch.long)
@@ -328,7 +328,7 @@ def _build_model(out: Path, log: Callable[[str], None]) -> dict[str, object]:
         torch.manual_seed(_SEED)
         model = LlamaForCausalLM(config).float()
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"[llmtune.tiny] pretraining a {n_params / 1e6:.2f}M-parameter Llama on {ids.numel()} tokens")
+    log(f"[llmtune.builtin.tiny] pretraining a {n_params / 1e6:.2f}M-parameter Llama on {ids.numel()} tokens")
     final_loss = _pretrain(model, ids, log)
 
     model.generation_config = GenerationConfig(
@@ -343,7 +343,7 @@ def _build_model(out: Path, log: Callable[[str], None]) -> dict[str, object]:
         if bars:
             hf_logging.enable_progress_bar()
     secs = time.time() - t0
-    log(f"[llmtune.tiny] built tiny model in {secs:.1f}s (final pretraining loss {final_loss:.3f})")
+    log(f"[llmtune.builtin.tiny] built tiny model in {secs:.1f}s (final pretraining loss {final_loss:.3f})")
     return {"params": n_params, "pretrain_loss": round(final_loss, 4), "build_seconds": round(secs, 1)}
 
 
@@ -393,7 +393,7 @@ def _torch_threads(log: Callable[[str], None]) -> Iterator[None]:
 
     before, threads = torch.get_num_threads(), _build_threads()
     torch.set_num_threads(threads)
-    log(f"[llmtune.tiny] using {threads} CPU thread(s)")
+    log(f"[llmtune.builtin.tiny] using {threads} CPU thread(s)")
     try:
         yield
     finally:
@@ -411,7 +411,7 @@ def _ensure_built(name: str, build: Callable[[Path, Callable[[str], None]], dict
     with _file_lock(home / f".{name}.lock"):
         if (final / _MARKER).is_file():  # another process built it while we waited
             return final
-        say(f"[llmtune.tiny] building {name} in {home} (one-time)")
+        say(f"[llmtune.builtin.tiny] building {name} in {home} (one-time)")
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=home))
         try:
             info = build(tmp, say)

@@ -20,25 +20,18 @@ from typing import TYPE_CHECKING
 
 from optuna.trial import FrozenTrial
 
-from llmtune.modelcard import hub_id, render_card
-from llmtune.result import COMPLETE
-from llmtune.storage import DIR, METRICS_KEY, REASON, SETTINGS, STATUS
+from llmtune.deliver.modelcard import hub_id, render_card
+from llmtune.errors import HubError
+from llmtune.study.attrs import DIR, METRICS_KEY, REASON, SETTINGS, STATUS
+from llmtune.trial.endings import COMPLETE
 
 if TYPE_CHECKING:
-    from llmtune.results import SearchResult
+    from llmtune.deliver.results import SearchResult
 
 MARKER = "llmtune.json"  # provenance of an export; also marks a folder export may overwrite
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class HubError(RuntimeError):
-    """Export or push cannot go on as asked; the message says why and what to do. code: CLI exit code."""
-
-    def __init__(self, message: str, code: int = 2):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -64,22 +57,6 @@ class Push:
     url: str | None = None
     commit_oid: str | None = None
     commit_url: str | None = None
-
-
-def _as_result(output_dir: str | Path | SearchResult) -> SearchResult:
-    from llmtune.results import SearchResult, load_results
-
-    if isinstance(output_dir, SearchResult):
-        return output_dir
-    if "://" in str(output_dir):  # a storage URL (PostgreSQL study); trial folders must still be reachable
-        return load_results(str(output_dir))
-    path = Path(output_dir)
-    if not path.is_dir():
-        raise HubError(f"output_dir {str(path)!r} does not exist; pass the output_dir of a search (it holds study.db)")
-    try:
-        return load_results(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise HubError(str(e)) from None
 
 
 def _with_adapter(result: SearchResult) -> list[int]:
@@ -158,7 +135,7 @@ def _versions(trial_dir: Path) -> dict[str, str]:
     """Library versions the trial ran with (its result.json), else the installed ones."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from llmtune.result import TrialResult
+    from llmtune.trial.result import TrialResult
 
     try:
         found = dict(TrialResult.load(trial_dir / "result.json").info.get("versions") or {})
@@ -174,7 +151,7 @@ def _versions(trial_dir: Path) -> dict[str, str]:
     return {k: str(v) for k, v in found.items()}
 
 
-def export_adapter(output_dir: str | Path | SearchResult, to: str | Path, trial: int | None = None,
+def export_adapter(result: SearchResult, output_dir: str | Path, trial: int | None = None,
                    merge: bool = False, tokenizer: bool | None = None, repo_id: str | None = None) -> Export:
     """Write a trial's adapter (default: the chosen one) as a PEFT folder with a model card.
 
@@ -182,9 +159,8 @@ def export_adapter(output_dir: str | Path | SearchResult, to: str | Path, trial:
     (provenance), the tokenizer when the base is not on the Hub (see the module doc), and with
     ``merge`` a full merged model under merged/ (16/32-bit bases only).
     """
-    result = _as_result(output_dir)
     t, adapter = pick_trial(result, trial)
-    to = Path(to)
+    to = Path(output_dir)
     _prepare_dir(to)
     for f in adapter.iterdir():
         if f.is_file() and f.name != "README.md":  # peft's generic card is replaced by ours
@@ -231,24 +207,24 @@ def _mask(text: str, token: str | None) -> str:
     return re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
 
 
-def push_to_hub(output_dir: str | Path | SearchResult, repo_id: str | None = None, *, private: bool | None = None,
+def push_to_hub(result: SearchResult, repo_id: str | None = None, *, private: bool | None = None,
                 trial: int | None = None, revision: str | None = None, dry_run: bool = False,
-                token: str | None = None, export_dir: str | Path | None = None, endpoint: str | None = None,
+                token: str | None = None, output_dir: str | Path | None = None, endpoint: str | None = None,
                 commit_message: str | None = None) -> Push:
     """Export a trial's adapter (default: the chosen one) and upload the folder to the Hub in one commit.
 
     repo_id / private / revision default to the recipe's ``hub:`` section. The repository is created if
     missing; a private push onto an existing public repository is refused (it would publish the adapter).
     ``revision`` names a branch (created from main if missing). ``dry_run`` exports and lists
-    the files without contacting the Hub. On failure the export stays on disk and the error says where.
+    the files without contacting the Hub. ``output_dir``: where to export first (default
+    <the search's output_dir>/export/trial-NNNN). On failure the export stays on disk and the error says where.
     """
-    result = _as_result(output_dir)
     hub = result.recipe.hub
     repo_id = check_repo_id(repo_id or hub.repo_id)
     private = hub.private if private is None else private
     revision = revision or hub.revision
     t, _ = pick_trial(result, trial)
-    to = Path(export_dir) if export_dir else Path(result.recipe.output_dir) / "export" / f"trial-{t.number:04d}"
+    to = Path(output_dir) if output_dir else Path(result.recipe.output_dir) / "export" / f"trial-{t.number:04d}"
     export = export_adapter(result, to, trial=t.number, repo_id=repo_id)
     push = Push(export=export, repo_id=repo_id, revision=revision, private=private, dry_run=dry_run)
     if dry_run:
@@ -285,4 +261,4 @@ def push_to_hub(output_dir: str | Path | SearchResult, repo_id: str | None = Non
     return push
 
 
-__all__ = ["export_adapter", "push_to_hub", "pick_trial", "check_repo_id", "Export", "Push", "HubError"]
+__all__ = ["export_adapter", "push_to_hub", "pick_trial", "check_repo_id", "Export", "Push"]

@@ -2,70 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
-from llmtune.recipe import Recipe, recipe_from_dict
-from llmtune.result import COMPLETE
-from llmtune.storage import CURVE, DIR, METRICS_KEY, REASON, SETTINGS, STATUS, open_storage
-
-
-def feasible(t: FrozenTrial) -> bool:
-    """A completed trial that met every constraint (and did not run out of memory)."""
-    return (t.state == TrialState.COMPLETE and t.user_attrs.get(STATUS) == COMPLETE
-            and all(c <= 0 for c in t.constraints.values()))
-
-
-def dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
-    """a is at least as good in every objective and better in one."""
-    better = False
-    for x, y, d in zip(a, b, directions, strict=True):
-        if d == "maximize":
-            x, y = -x, -y
-        if x > y:
-            return False
-        if x < y:
-            better = True
-    return better
-
-
-def pareto_front(trials: list[FrozenTrial], directions: list[str]) -> list[FrozenTrial]:
-    """Non-dominated feasible trials, ordered by the first objective."""
-    pool = [t for t in trials if feasible(t) and t.values and all(math.isfinite(v) for v in t.values)]
-    front = [t for t in pool if not any(dominates(o.values, t.values, directions) for o in pool if o is not t)]
-    sign = -1 if directions[0] == "maximize" else 1
-    return sorted(front, key=lambda t: (sign * t.values[0], t.number))
-
-
-def select(front: list[FrozenTrial], objectives: dict[str, str], by: str, weights: dict[str, float] | None = None) -> FrozenTrial | None:
-    """The chosen trial: best in one objective, or the knee (closest to the ideal point, each
-    objective scaled to [0, 1] over the front, optionally weighted)."""
-    if not front:
-        return None
-    names = list(objectives)
-    if by != "knee":
-        i = names.index(by)
-        sign = -1 if objectives[by] == "maximize" else 1
-        return min(front, key=lambda t: (sign * t.values[i], t.number))
-    weights = weights or {}
-    lo = [min(t.values[i] for t in front) for i in range(len(names))]
-    hi = [max(t.values[i] for t in front) for i in range(len(names))]
-
-    def distance(t: FrozenTrial) -> float:
-        total = 0.0
-        for i, name in enumerate(names):
-            span = hi[i] - lo[i] or 1.0
-            scaled = (t.values[i] - lo[i]) / span
-            if objectives[name] == "maximize":
-                scaled = 1 - scaled
-            total += weights.get(name, 1.0) * scaled**2
-        return math.sqrt(total)
-
-    return min(front, key=lambda t: (distance(t), t.number))
+from llmtune.config.recipe import Recipe, recipe_from_dict
+from llmtune.deliver.front import feasible, pareto_front, select
+from llmtune.errors import SearchError
+from llmtune.study.attrs import CURVE, DIR, METRICS_KEY, REASON, RECIPE, SETTINGS, STATUS
+from llmtune.study.storage import mask_url, open_storage
 
 
 class SearchResult:
@@ -135,27 +82,27 @@ class SearchResult:
 
     def plot_pareto(self, x: str | None = None, y: str | None = None):
         """Plotly figure of the trials in two objectives, the front and the chosen trial marked."""
-        from llmtune.report import pareto_figure
+        from llmtune.deliver.report import pareto_figure
 
         return pareto_figure(self, x, y)
 
     def plot_curves(self):
         """Plotly figure of every trial's eval loss over the training budget (None before any eval)."""
-        from llmtune.report import curves_figure
+        from llmtune.deliver.report import curves_figure
 
         return curves_figure(self)
 
-    def export(self, to: str | Path, trial: int | None = None, merge: bool = False, tokenizer: bool | None = None):
+    def export(self, output_dir: str | Path, trial: int | None = None, merge: bool = False, tokenizer: bool | None = None):
         """Write a trial's adapter (default: the chosen one) as a PEFT folder with a model card
-        (see `llmtune.hub.export_adapter`)."""
-        from llmtune.hub import export_adapter
+        (see `llmtune.deliver.hub.export_adapter`)."""
+        from llmtune.deliver.hub import export_adapter
 
-        return export_adapter(self, to, trial=trial, merge=merge, tokenizer=tokenizer)
+        return export_adapter(self, output_dir, trial=trial, merge=merge, tokenizer=tokenizer)
 
     def push_to_hub(self, repo_id: str | None = None, **kwargs: Any):
-        """Export a trial's adapter and upload it to the Hub in one commit (see `llmtune.hub.push_to_hub`:
-        private, trial, revision, dry_run, token, export_dir)."""
-        from llmtune.hub import push_to_hub
+        """Export a trial's adapter and upload it to the Hub in one commit (see `llmtune.deliver.hub.push_to_hub`:
+        private, trial, revision, dry_run, token, output_dir)."""
+        from llmtune.deliver.hub import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)
 
@@ -172,22 +119,25 @@ def load_results(target: str | Path, study_name: str | None = None, storage: str
         storage, out = target, None
     else:
         out = Path(target)
-        if not (out / "study.db").exists() and storage is None:
-            raise FileNotFoundError(f"{out} holds no study.db; pass the output_dir of a search or a storage URL")
+        if storage is None and not (out / "study.db").exists():
+            why = "does not exist" if not out.exists() else "holds no study.db"
+            raise SearchError(f"{target!r} {why}; pass the output_dir of a search, or a storage URL (--storage)")
     url = storage or f"sqlite:///{Path(target).resolve() / 'study.db'}"  # no storage: target is a folder
     names = optuna.get_all_study_names(storage=open_storage(url))
     if study_name is None:
         if len(names) != 1:
-            raise ValueError(f"the storage holds studies {names}; pass study_name")
+            raise SearchError(f"the storage {mask_url(url)} holds studies {names}; pass --study-name (study_name=)")
         study_name = names[0]
+    elif study_name not in names:
+        raise SearchError(f"--study-name {study_name!r}: no such study in {mask_url(url)}; it holds {names}")
     study = optuna.load_study(study_name=study_name, storage=open_storage(url))
-    recipe_data = study.user_attrs.get("llmtune.recipe")
+    recipe_data = study.user_attrs.get(RECIPE)
     if recipe_data is None:
-        raise ValueError(f"study {study_name!r} was not written by llmtune (no recipe stored)")
+        raise SearchError(f"study {study_name!r} was not written by llmtune (no recipe stored)")
     recipe = recipe_from_dict(recipe_data)
     if out is not None:
         recipe.output_dir = str(out)
     return SearchResult(study, recipe)
 
 
-__all__ = ["SearchResult", "load_results", "pareto_front", "select", "feasible"]
+__all__ = ["SearchResult", "load_results"]

@@ -1,0 +1,1 @@
+"""Stage 1: the recipe, its search space, and how problems with them are worded."""

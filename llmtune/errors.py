@@ -1,0 +1,68 @@
+"""Every error llmtune reports to a user, under one root.
+
+`LlmtuneError` carries the CLI's exit code; the CLI catches it alone and prints the message without a
+traceback, so a bug anywhere else keeps its traceback. Each subclass also derives from the builtin
+error a caller would expect (ValueError for bad input, RuntimeError for an environment that cannot do
+what was asked), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class LlmtuneError(Exception):
+    """Root of the errors llmtune reports to users: the message says what is wrong and the fix."""
+
+    exit_code = 2
+
+    def __init__(self, message: str = "", code: int | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.exit_code = code
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the input: where (a dotted field path, or empty) and what, with the fix."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class RecipeError(LlmtuneError, ValueError):
+    """Every problem found in a recipe (or in the values given for it), reported at once."""
+
+    def __init__(self, problems: list[Problem], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = [f"{len(problems)} problem{'s' if len(problems) != 1 else ''}{where}:"]
+        lines += [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+class DataError(LlmtuneError, ValueError):
+    """The data cannot be used as the recipe describes (names the field and the fix)."""
+
+
+class SearchError(LlmtuneError, RuntimeError):
+    """The search cannot start, resume or be read as asked (storage, study, workers)."""
+
+
+class HubError(LlmtuneError, RuntimeError):
+    """Export or push cannot go on as asked. A failed upload exits 1, bad input 2."""
+
+    @property
+    def code(self) -> int:
+        return self.exit_code
+
+
+class MissingDependency(LlmtuneError, RuntimeError):
+    """An optional library a setting needs is not installed or not usable here (says how to install it)."""
+
+
+__all__ = ["LlmtuneError", "Problem", "RecipeError", "DataError", "SearchError", "HubError", "MissingDependency"]

@@ -1,0 +1,27 @@
+"""The names under which llmtune writes its data into an Optuna study (visible in optuna-dashboard).
+
+Trial user attributes hold what a trial is and did; study user attributes what the search is. The
+search loop writes them; the pruner, the results, the report and the export read them.
+"""
+
+# Trial user attributes
+STATUS = "llmtune.status"              # a row of llmtune.trial.endings, or "running"
+REASON = "llmtune.reason"              # why it ended so, in words
+METRICS_KEY = "llmtune.metrics"        # {metric: value}: every objective and what else was measured
+CURVE = "llmtune.curve"                # [[fraction of the budget, eval loss], ...]
+RUNG_METRICS = "llmtune.rung_metrics"  # [[fraction, {objective: value so far}], ...], read by the pruner
+SETTINGS = "llmtune.settings"          # every setting of the trial, searched or fixed
+DIR = "llmtune.dir"                    # the trial's folder (result.json, trial.log, adapter/)
+INFO = "llmtune.info"                  # timings, token counts, device, versions
+RETRY_OF = "llmtune.retry_of"          # the number of the trial this one retries
+# Trial system attribute: host:pid of the search process running the trial
+OWNER = "llmtune.owner"
+
+# Study user attributes
+RECIPE = "llmtune.recipe"              # the recipe, storage password masked
+VERSION = "llmtune.version"
+OBJECTIVES = "llmtune.objectives"
+SPACE = "llmtune.space"
+DATA_FINGERPRINT = "llmtune.data_fingerprint"
+RECIPE_FINGERPRINT = "llmtune.recipe_fingerprint"
+BASE_EVAL_PREFIX = "llmtune.base_eval_loss."  # + a digest of what the untrained model's loss depends on
