@@ -183,14 +183,15 @@ def export_adapter(run: RunLike, output_dir: str | os.PathLike, *, trial: int | 
 def push_to_hub(run: RunLike, repo_id: str | None = None, *, private: bool | None = None, trial: int | None = None,
                 revision: str | None = None, dry_run: bool = False, token: str | None = None,
                 output_dir: str | os.PathLike | None = None, study_name: str | None = None,
-                storage: str | None = None) -> Push:
+                storage: str | None = None, endpoint: str | None = None) -> Push:
     """Export a trial's adapter (into ``output_dir``, default <run>/export/trial-NNNN) and upload it to the Hub
-    in one commit; private by default; ``dry_run`` uploads nothing. Token from HF_TOKEN / `hf auth login`."""
+    in one commit; private by default; ``dry_run`` uploads nothing. Token from HF_TOKEN / `hf auth login`;
+    ``endpoint``: another Hub server (default: HF_ENDPOINT or the Hugging Face Hub)."""
     from llmtune.deliver.hub import push_to_hub as _push
 
     result = load_results(run, study_name=study_name, storage=storage)
     return _push(result, repo_id, private=private, trial=trial, revision=revision, dry_run=dry_run, token=token,
-                 output_dir=None if output_dir is None else os.fspath(output_dir))
+                 output_dir=None if output_dir is None else os.fspath(output_dir), endpoint=endpoint)
 
 
 __all__ = ["load", "validate", "search", "train", "trial_settings_for", "estimate_memory", "estimate_space",

@@ -18,9 +18,8 @@ import pytest
 from conftest import tiny_recipe_dict
 
 import llmtune
-from llmtune import HubError
+from llmtune import HubError, export_adapter, push_to_hub
 from llmtune.cli import main
-from llmtune.deliver.hub import export_adapter, push_to_hub
 from llmtune.deliver.modelcard import read_card
 
 TOKEN = "hf_FakeTokenForTests1234567890abcdef"
@@ -363,3 +362,38 @@ def test_model_card_recipe_does_not_publish_local_paths(tmp_path):
     assert shipped["data"]["source"] == "train.jsonl"
     assert shipped["model"]["name"] == "llmtune/tiny"  # built-in names stay as they are
     assert "private-folder" not in str(shipped)
+
+
+def test_export_and_push_pick_a_study_of_a_shared_storage_by_name(searched, tmp_path, capfd):
+    """A storage holding two studies: export and push need --study-name, and read the one it names."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    name = searched.study.study_name
+    src = f"sqlite:///{Path(searched.recipe.output_dir).resolve() / 'study.db'}"
+    for copy in ("first", "second"):
+        optuna.copy_study(from_study_name=name, from_storage=src, to_storage=url, to_study_name=copy)
+    second = optuna.load_study(study_name="second", storage=url)
+    second.set_user_attr("llmtune.recipe", {**second.user_attrs["llmtune.recipe"], "name": "second-run"})
+
+    assert main(["export", url, "--output-dir", str(tmp_path / "x")]) == 2
+    err = capfd.readouterr().err
+    assert "holds studies ['first', 'second']; pass --study-name" in err and "Traceback" not in err
+    assert main(["export", url, "--study-name", "nope", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "--study-name 'nope': no such study" in capfd.readouterr().err
+
+    assert main(["export", url, "--study-name", "second", "--output-dir", str(tmp_path / "x")]) == 0
+    provenance = json.loads((tmp_path / "x" / "llmtune.json").read_text())
+    assert provenance["study"] == "second"
+    # a folder whose study lives in another storage: --storage names it
+    assert main(["push", str(tmp_path), "--storage", url, "--study-name", "first", "--repo-id", "alice/first",
+                 "--dry-run", "--output-dir", str(tmp_path / "p")]) == 0
+    assert "dry run: would upload" in capfd.readouterr().out
+    assert json.loads((tmp_path / "p" / "llmtune.json").read_text())["study"] == "first"
+
+
+def test_old_flag_spellings_still_work_with_a_warning(searched, tmp_path, capfd):
+    out = str(searched.recipe.output_dir)
+    assert main(["export", out, "--to", str(tmp_path / "old")]) == 0
+    assert "warning: --to is deprecated; use --output-dir" in capfd.readouterr().err
+    assert (tmp_path / "old" / "adapter_model.safetensors").exists()

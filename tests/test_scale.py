@@ -22,21 +22,10 @@ from conftest import tiny_recipe_dict
 from optuna.trial import TrialState
 
 from llmtune.config.recipe import recipe_from_dict
-from llmtune.study.loop import (
-    METRICS_KEY,
-    OWNER,
-    REASON,
-    RETRY_OF,
-    STATUS,
-    Search,
-    SearchError,
-    counted,
-    heartbeat_settings,
-    mask_url,
-    open_storage,
-    open_study,
-    worker_id,
-)
+from llmtune.errors import SearchError
+from llmtune.study.attrs import METRICS_KEY, OWNER, REASON, RETRY_OF, STATUS
+from llmtune.study.loop import Search
+from llmtune.study.storage import counted, heartbeat_settings, mask_url, open_storage, open_study, worker_id
 
 FAST = {
     "data": {"source": "llmtune/tiny-tasks", "eval_max_length": 128, "max_eval_examples": 16, "max_train_examples": 200},

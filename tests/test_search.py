@@ -17,7 +17,7 @@ from conftest import tiny_recipe_dict
 
 import llmtune
 from llmtune.config.recipe import recipe_from_dict
-from llmtune.deliver.results import dominates
+from llmtune.deliver.front import dominates
 
 FAST = {
     "data": {"source": "llmtune/tiny-tasks", "eval_max_length": 128, "max_eval_examples": 16, "max_train_examples": 200},

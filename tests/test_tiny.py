@@ -23,7 +23,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
-from llmtune import tiny  # noqa: E402
+from llmtune.builtin import tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "llmtune-build.json"
@@ -271,7 +271,7 @@ def test_lock_serialises_processes(tmp_path: Path) -> None:
         f"""
         import time
         from pathlib import Path
-        from llmtune import tiny
+        from llmtune.builtin import tiny
         def build(out, log):
             with open({str(tmp_path / "builds.txt")!r}, "a") as f:
                 f.write("built\\n")

@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
@@ -308,10 +309,15 @@ def _child(request: dict[str, Any], fds: list[int], server: int) -> None:
     os.chdir(request["cwd"])
     from llmtune.harness.worker import end, serve
 
-    channel = socket.socket(fileno=channel_fd)
-    events, answers = channel.makefile("w", buffering=1), channel.makefile("r")
-    search = int(request["env"].get("LLMTUNE_PARENT_PID", 0)) or None
-    end(serve(request["spec"], events, answers, parent=server, search=search))
+    try:
+        channel = socket.socket(fileno=channel_fd)
+        events, answers = channel.makefile("w", buffering=1), channel.makefile("r")
+        search = int(request["env"].get("LLMTUNE_PARENT_PID", 0)) or None
+        code = serve(request["spec"], events, answers, parent=server, search=search)
+    except BaseException:
+        traceback.print_exc()  # into trial.log: the runner reads its tail for the reason
+        code = 1
+    end(code)  # never returns: os._exit, never the server's teardown in a forked child
 
 
 def _reap(sock: socket.socket) -> set[int]:
