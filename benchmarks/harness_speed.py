@@ -106,10 +106,11 @@ def run_trainer(recipe: Any, device: str, work: Path) -> dict[str, Any]:
     from llmtune.config.space import trial_settings
     from llmtune.harness import data as D
     from llmtune.harness import model as M
+    from llmtune.harness.data_sources import load_splits
 
     s = trial_settings(recipe.space.complete({"sample_packing": False}))
     tok = M.load_tokenizer(recipe.model)
-    splits = D.load_splits(recipe.data)
+    splits = load_splits(recipe.data)
     examples, _ = D.encode_all(splits.train, recipe.data, tok, int(s["sequence_len"]))
     stream = D._example_stream(examples, recipe.train.seed)  # the order llmtune's plan draws them in
     chosen = [e for _, e in itertools.islice(stream, int(recipe.train.budget.amount))]

@@ -10,7 +10,7 @@ reads only config.json. It prints the relative error per config, the median and 
     python benchmarks/memory_accuracy.py --device cuda          # measure + compare (GPU; ~8 min on an H100)
     python benchmarks/memory_accuracy.py --from benchmarks/results/memory_accuracy.json   # re-predict only (CPU)
 
-The second form re-runs the estimator on the stored measurements, so a change to `llmtune/memory.py` can be
+The second form re-runs the estimator on the stored measurements, so a change to `llmtune/study/memory.py` can be
 checked without a GPU. Results: benchmarks/results/memory_accuracy.{json,md}.
 """
 

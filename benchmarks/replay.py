@@ -32,7 +32,9 @@ from optuna._hypervolume import compute_hypervolume
 from optuna.trial import TrialState
 
 from llmtune.config.space import SearchSpace
-from llmtune.study.pruners import CURVE, PARTIAL_METRICS, RUNG_METRICS, STATUS, make_pruner
+from llmtune.study.attrs import CURVE, RUNG_METRICS, STATUS
+from llmtune.study.pruners import make_pruner
+from llmtune.study.rungs import PARTIAL_METRICS
 
 REF = 1.1  # reference point in scaled objective space: the table's worst value is 1.0
 SAMPLERS = ("llmtune", "llmtune-new", "random", "grid", "nsga2", "tpe")

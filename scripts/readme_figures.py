@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import llmtune
-from llmtune.deliver.report import pareto_png
+from llmtune.deliver.figures import pareto_png
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from llmtune.config.recipe import recipe_from_dict
-from llmtune.harness.data import DataError, load_splits
+from llmtune.errors import DataError
+from llmtune.harness.data_sources import load_splits
 
 
 def write_jsonl(path, rows):
@@ -53,7 +54,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_local_json_reads_like_datasets_without_importing_it(tmp_path):
     from datasets import load_dataset
 
-    from llmtune.harness.data import _load_file
+    from llmtune.harness.data_sources import _load_file
 
     rows_ = [{"instruction": "a", "output": 1}, {"instruction": "b", "input": "x", "output": 2}]
     (tmp_path / "a.json").write_text(json.dumps(rows_))
@@ -71,7 +72,7 @@ def test_broken_json_lines_is_a_clear_error(tmp_path):
 
 
 def test_a_json_object_file_is_read_by_datasets_not_refused(tmp_path):
-    from llmtune.harness.data import _load_file
+    from llmtune.harness.data_sources import _load_file
 
     path = tmp_path / "columns.json"
     path.write_text(json.dumps({"text": ["a b", "c d"]}, indent=2))  # one object over several lines

@@ -13,6 +13,7 @@ from llmtune.config.recipe import recipe_from_dict
 from llmtune.config.space import trial_settings
 from llmtune.harness import data as D
 from llmtune.harness import model as M
+from llmtune.harness.data_sources import load_splits
 from llmtune.harness.train import _loss_sum, evaluate, run_trial
 
 
@@ -42,7 +43,7 @@ def tokenizer(recipe):
 
 @pytest.fixture(scope="module")
 def splits(recipe):
-    return D.load_splits(recipe.data)
+    return load_splits(recipe.data)
 
 
 def test_rank_sets_trainable_params_exactly(recipe):

@@ -156,6 +156,7 @@ def test_exported_adapter_reproduces_the_recorded_eval_loss(searched, tmp_path):
 
     from llmtune.harness import data as D
     from llmtune.harness import model as M
+    from llmtune.harness.data_sources import load_splits
     from llmtune.harness.train import evaluate
 
     exp = searched.export(tmp_path / "exp")
@@ -167,7 +168,7 @@ def test_exported_adapter_reproduces_the_recorded_eval_loss(searched, tmp_path):
     assert config["r"] == best.user_attrs["llmtune.settings"]["lora_r"]
     recipe = searched.recipe
     tok = M.load_tokenizer(recipe.model)
-    examples, _ = D.encode_all(D.load_splits(recipe.data).eval, recipe.data, tok, recipe.data.eval_max_length)
+    examples, _ = D.encode_all(load_splits(recipe.data).eval, recipe.data, tok, recipe.data.eval_max_length)
     batches = D.eval_batches(examples, recipe.train.eval_batch_size, tok.pad_token_id)
     base = AutoModelForCausalLM.from_pretrained(M.resolved_model_path(recipe.model))
     model = PeftModel.from_pretrained(base, str(exp.path))

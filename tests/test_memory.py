@@ -1,4 +1,4 @@
-"""Tests for llmtune.study.memory: exact counts against peft, monotonic behaviour, calibration, and CPU measurements."""
+"""Tests for llmtune.study.memory and llmtune.study.calibration: exact counts against peft, monotonic behaviour, calibration, and CPU measurements."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
+from llmtune.study.calibration import MemoryCalibration
 from llmtune.study.memory import (
     CUDA_CONTEXT_BYTES,
     GIB,
-    MemoryCalibration,
     MemoryEstimate,
     estimate_memory,
 )
@@ -321,7 +321,7 @@ def test_4bit_weights_match_bitsandbytes(tmp_path):
 def test_harness_step_matches_estimate_on_cpu(tiny_model_path, quantization, checkpointing):
     """One training step exactly as a trial runs it (harness loading, real bitsandbytes layers, peft's
     kbit preparation, the harness loss): live non-parameter bytes at the peak vs the estimate, within 10%."""
-    from llmtune.config.recipe import ModelConfig
+    from llmtune.config.sections import ModelConfig
     from llmtune.harness import model as M
     from llmtune.harness.data import Batch
     from llmtune.harness.train import _loss_sum

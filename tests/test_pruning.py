@@ -1,4 +1,4 @@
-"""Tests for llmtune.study.pruners against real multi-objective Optuna studies."""
+"""Tests for llmtune.study.pruners and llmtune.study.rungs against real multi-objective Optuna studies."""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
+from llmtune.study.attrs import CURVE, RUNG_METRICS, STATUS
 from llmtune.study.pruners import (
-    CURVE,
-    RUNG_METRICS,
-    STATUS,
     ASHAPruner,
     HyperbandPruner,
     NopPruner,
@@ -350,7 +348,7 @@ def test_make_pruner_errors(name: str, settings: dict[str, object], needles: lis
 
 
 def test_a_diverged_peer_ranks_last_with_and_without_a_tolerance() -> None:
-    from llmtune.study.pruners import _pareto_ranks
+    from llmtune.study.rungs import _pareto_ranks
 
     points = np.array([[1.0, -100.0], [np.inf, -100.0], [2.0, -100.0]])  # loss, -throughput
     for tolerance in (0.0, 0.1):

@@ -13,7 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import replay as R  # noqa: E402
 
-from llmtune.study.pruners import CURVE, make_pruner  # noqa: E402
+from llmtune.study.attrs import CURVE  # noqa: E402
+from llmtune.study.pruners import make_pruner  # noqa: E402
 
 GRID = {"learning_rate": [1e-3, 3e-3, 1e-2], "lora_r": [4, 16], "sample_packing": [False, True]}
 OBJECTIVES = [("eval_loss", "minimize"), ("train_throughput", "maximize")]

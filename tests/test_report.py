@@ -12,7 +12,8 @@ from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 
 from llmtune.config.recipe import recipe_from_dict
-from llmtune.deliver.report import pareto_figure, write_report
+from llmtune.deliver.figures import pareto_figure
+from llmtune.deliver.report import write_report
 from llmtune.deliver.results import SearchResult
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -161,9 +162,9 @@ def test_memory_plot_stars_the_chosen_trial_and_names_cpu_measurements(tmp_path)
     result = make_result(tmp_path, trials, select={"by": "peak_memory_gb"})
     text = write_report(result, tmp_path / "r.html").read_text()
     assert 'id="plot-memory"' in text and "process RSS" in text
-    from llmtune.deliver.report import _memory
+    from llmtune.deliver.figures import memory_figure
 
-    fig = _memory(result)
+    fig = memory_figure(result)
     chosen = next(t for t in fig.data if t.name.startswith("chosen"))
     assert list(chosen.customdata) == [result.best.number] == [3]
     assert chosen.x[0] == pytest.approx(2.7) and chosen.y[0] == pytest.approx(2.5)  # predicted vs measured (RSS) of trial 3
@@ -172,7 +173,7 @@ def test_memory_plot_stars_the_chosen_trial_and_names_cpu_measurements(tmp_path)
 def test_pareto_png_and_curves_figure(tmp_path):
     from PIL import Image
 
-    from llmtune.deliver.report import curves_figure, pareto_png
+    from llmtune.deliver.figures import curves_figure, pareto_png
 
     result = make_result(tmp_path, TWO_OBJ)
     path = pareto_png(result, tmp_path / "img" / "pareto.png", dpi=100)

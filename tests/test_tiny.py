@@ -1,4 +1,4 @@
-"""Tests for llmtune.builtin.tiny: the self-built tiny model, tokenizer and instruction data.
+"""Tests for llmtune.builtin.tiny and tiny_data: the self-built tiny model, tokenizer and instruction data.
 
 The model is built once per session (by two concurrent processes, which doubles as the
 locking test); everything else reuses it.
@@ -23,7 +23,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
-from llmtune.builtin import tiny  # noqa: E402
+from llmtune.builtin import tiny, tiny_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "llmtune-build.json"
@@ -196,7 +196,7 @@ def test_second_call_is_cache_hit(model_dir: Path) -> None:
 
 
 def test_pretraining_happened(model_dir: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    docs = tiny._corpus_documents(random.Random(2024), 32)  # unseen documents, same style
+    docs = tiny_data.corpus_documents(random.Random(2024), 32)  # unseen documents, same style
     batch = tokenizer(docs, return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     pretrained = AutoModelForCausalLM.from_pretrained(model_dir).eval()

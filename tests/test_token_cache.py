@@ -12,12 +12,13 @@ from llmtune.config.recipe import recipe_from_dict
 from llmtune.harness import data as D
 from llmtune.harness import model as M
 from llmtune.harness import token_cache as T
+from llmtune.harness.data_sources import load_splits
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model_path, tiny_data_path):
     recipe = recipe_from_dict(tiny_recipe_dict(Path(tmp_path_factory.mktemp("tokens"))))
-    return recipe, M.load_tokenizer(recipe.model), D.load_splits(recipe.data)
+    return recipe, M.load_tokenizer(recipe.model), load_splits(recipe.data)
 
 
 def cached(setup, cache_dir, max_len=128, cfg=None):

@@ -1,1 +1,1 @@
-"""Stage 1: the recipe, its search space, and how problems with them are worded."""
+"""Stage 1: the recipe (its sections and objectives), its search space, and how problems with them are worded."""

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from optuna.trial import FrozenTrial
 
-from llmtune.config.recipe import METRICS
+from llmtune.config.objectives import METRICS
 from llmtune.study.attrs import CURVE, METRICS_KEY, SETTINGS
 from llmtune.study.storage import mask_url
 

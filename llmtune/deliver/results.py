@@ -82,13 +82,13 @@ class SearchResult:
 
     def plot_pareto(self, x: str | None = None, y: str | None = None):
         """Plotly figure of the trials in two objectives, the front and the chosen trial marked."""
-        from llmtune.deliver.report import pareto_figure
+        from llmtune.deliver.figures import pareto_figure
 
         return pareto_figure(self, x, y)
 
     def plot_curves(self):
         """Plotly figure of every trial's eval loss over the training budget (None before any eval)."""
-        from llmtune.deliver.report import curves_figure
+        from llmtune.deliver.figures import curves_figure
 
         return curves_figure(self)
 

@@ -1,4 +1,5 @@
-"""Data: load rows, render prompts, tokenize with loss masks, and plan the training batches.
+"""Data: render prompts, tokenize with loss masks, and plan the training batches (the rows come from
+`llmtune.harness.data_sources`).
 
 Two rules keep trials comparable (ARCHITECTURE decision 4):
   - eval examples are cut to ``eval_max_length`` for every trial, whatever its ``sequence_len``;
@@ -9,136 +10,17 @@ Two rules keep trials comparable (ARCHITECTURE decision 4):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from llmtune.config.recipe import Budget, DataConfig
+from llmtune.config.sections import Budget, DataConfig
 from llmtune.errors import DataError
 
 IGNORE = -100
 INSTRUCTION_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 INSTRUCTION_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
-DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-EVAL_SPLIT_NAMES = ("eval", "validation", "valid", "dev", "test")
-
-
-# ------------------------------------------------------------------------------------------- loading
-
-
-def _load_file(path: Path) -> list[dict[str, Any]]:
-    kind = DATA_SUFFIXES.get(path.suffix)
-    if kind is None:
-        raise DataError(f"data file {str(path)!r}: unsupported type {path.suffix!r}; use {', '.join(DATA_SUFFIXES)}")
-    if kind == "json":
-        rows = _read_json_rows(path)
-        if rows is not None:
-            return rows
-    from datasets import load_dataset
-
-    ds = load_dataset(kind, data_files=str(path), split="train")
-    return [dict(r) for r in ds]
-
-
-def _read_json_rows(path: Path) -> list[dict[str, Any]] | None:
-    """Rows of a JSON-lines or JSON-array file with the standard library: a trial process then never
-    imports `datasets` (~2 s) for local data. Keys missing from a row become None, as `datasets` does.
-    None when the file is not a list of objects (then `datasets` reads it)."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        if text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        try:  # one JSON object over several lines (e.g. columns): `datasets` reads those
-            json.loads(text)
-            return None
-        except json.JSONDecodeError:
-            pass
-        raise DataError(f"data file {str(path)!r} is not valid JSON / JSON lines ({e}); fix the file") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        return None
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    return [{k: r.get(k) for k in keys} for r in rows]
-
-
-def _split_files(folder: Path) -> dict[str, Path]:
-    files: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.suffix in DATA_SUFFIXES and p.stem not in files:
-            files[p.stem] = p
-    return files
-
-
-def load_source(source: str, split: str | None) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """Rows of ``split`` from a file, a folder of split files, or a Hub dataset, plus the other splits
-    a folder offers (so an eval split can be found). Hub loading honours HF_HUB_OFFLINE."""
-    from llmtune.builtin.tiny import resolve_data_source
-
-    resolved = resolve_data_source(source, log=None)
-    path = Path(resolved).expanduser()
-    if path.is_file():
-        return _load_file(path), {}
-    if path.is_dir():
-        files = _split_files(path)
-        want = split or "train"
-        if want not in files:
-            raise DataError(f"data folder {str(path)!r} has no {want!r} split file; it has {sorted(files) or 'none'}")
-        others = {name: f for name, f in files.items() if name != want}
-        return _load_file(files[want]), {name: _load_file(f) for name, f in others.items() if name in EVAL_SPLIT_NAMES}
-    if path.suffix in DATA_SUFFIXES or resolved.startswith((".", "/", "~")):
-        raise DataError(f"data file {resolved!r} does not exist; check data.source")
-    from datasets import load_dataset
-
-    try:
-        ds = load_dataset(resolved, split=split or "train")
-    except Exception as e:  # the Hub client raises many types; one clear message is what helps
-        raise DataError(f"could not load Hub dataset {resolved!r} split {split or 'train'!r}: {e}") from None
-    return [dict(r) for r in ds], {}
-
-
-@dataclass
-class Splits:
-    train: list[dict[str, Any]]
-    eval: list[dict[str, Any]]
-    fingerprint: str
-
-
-def load_splits(cfg: DataConfig) -> Splits:
-    """Train and eval rows as the recipe asks, and a fingerprint of exactly that data."""
-    train, others = load_source(cfg.source, cfg.train_split)
-    if cfg.eval_source:
-        eval_rows, _ = load_source(cfg.eval_source, cfg.eval_split)
-    elif cfg.eval_split:
-        eval_rows, _ = load_source(cfg.source, cfg.eval_split)  # a split file of a folder, or a Hub split
-    elif others:
-        eval_rows = others[next(n for n in EVAL_SPLIT_NAMES if n in others)]
-    else:
-        rows = list(train)
-        random.Random(cfg.split_seed).shuffle(rows)
-        n_eval = max(1, int(round(len(rows) * cfg.eval_fraction)))
-        if n_eval >= len(rows):
-            raise DataError(f"data.source has {len(rows)} rows: too few to hold out eval_fraction {cfg.eval_fraction}")
-        eval_rows, train = rows[:n_eval], rows[n_eval:]
-    if cfg.max_train_examples:
-        train = train[: cfg.max_train_examples]
-    if cfg.max_eval_examples:
-        eval_rows = eval_rows[: cfg.max_eval_examples]
-    if not train:
-        raise DataError(f"data.source {cfg.source!r} has no training rows")
-    if not eval_rows:
-        raise DataError("no eval rows; set data.eval_source or data.eval_fraction")
-    digest = hashlib.sha256()
-    for part in (train, eval_rows):
-        for row in part:
-            digest.update(json.dumps(row, sort_keys=True, default=str).encode())
-        digest.update(b"|")
-    return Splits(train, eval_rows, digest.hexdigest()[:16])
 
 
 # ------------------------------------------------------------------------------- rendering, tokenizing
@@ -410,5 +292,3 @@ def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> list[
 def padding_share(plan: Plan) -> float:
     t = plan.totals()
     return 0.0 if not t["slots"] else 1 - t["real_tokens"] / t["slots"]
-
-

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from llmtune import hardware
-from llmtune.config.recipe import ModelConfig
+from llmtune.config.sections import ModelConfig
 from llmtune.config.space import resolve_target_modules
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from llmtune.config.recipe import DataConfig
+from llmtune.config.sections import DataConfig
 from llmtune.harness.data import Example, encode_all
 
 

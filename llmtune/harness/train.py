@@ -23,6 +23,7 @@ from llmtune.config.recipe import Recipe
 from llmtune.config.space import trial_settings
 from llmtune.harness import data as D
 from llmtune.harness import model as M
+from llmtune.harness.data_sources import load_splits
 from llmtune.harness.measure import (
     GiB,
     measure_latency,
@@ -204,7 +205,7 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     tokenizer = M.load_tokenizer(recipe.model)
-    splits = D.load_splits(recipe.data)
+    splits = load_splits(recipe.data)
     info["data_fingerprint"] = splits.fingerprint
     seq_len = int(settings["sequence_len"])
     cache = Path(recipe.output_dir) / ".cache" / "tokens"  # shared by the search's trials (token_cache.py)

@@ -2,7 +2,7 @@
 and decide whether it may run (`MemoryGate`).
 
 Built on `llmtune.study.memory` (config only, no weights). Predictions are corrected by a calibration
-fitted to the study's own measured GPU peaks once a few trials have run.
+(`llmtune.study.calibration`) fitted to the study's own measured GPU peaks once a few trials have run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from llmtune import hardware
 from llmtune.config.recipe import Recipe
 from llmtune.config.space import Choice, Fixed, Range, resolve_target_modules, trial_settings
 from llmtune.study.attrs import INFO, METRICS_KEY, STATUS
-from llmtune.study.memory import GIB, MemoryCalibration, MemoryEstimate, estimate_memory
+from llmtune.study.calibration import MemoryCalibration
+from llmtune.study.memory import GIB, MemoryEstimate, estimate_memory
 from llmtune.trial.endings import COMPLETE
 
 # Settings that change memory; the others (learning rate, dropout, warmup...) do not.

@@ -169,7 +169,7 @@ class Search:
     # -- setup ---------------------------------------------------------------------------------
     def prepare(self) -> optuna.Study:
         from llmtune.builtin.tiny import resolve_data_source, resolve_model_name
-        from llmtune.harness.data import load_splits
+        from llmtune.harness.data_sources import load_splits
 
         # Build the offline demo assets once here, not in N trial processes at once.
         resolve_model_name(self.recipe.model.name, log=self.log)

@@ -1,48 +1,29 @@
 """Early stopping of weak LoRA trials in multi-objective studies.
 
 Optuna's pruners refuse multi-objective studies (``Trial.report`` raises there), so llmtune
-decides pruning itself.  While a trial trains, the parent process appends each evaluation to
-the trial's user attribute ``"llmtune.curve"`` (a JSON list of ``[fraction, eval_loss]`` pairs,
-fraction of the trial's training budget in (0, 1]).  The pruners here read those curves from the
-study storage only, so they work across parallel workers sharing an RDB storage.
-
-With one objective, or when nothing else is measured before the end, eval loss (minimised) is the
-only signal.  In a multi-objective study, pruning on loss alone throws away exactly the trials that
-trade a little loss for speed or memory, i.e. much of the Pareto front.  So when the search loop
-also stores, per rung, what the trial has measured so far of its other objectives (user attribute
-``"llmtune.rung_metrics"``: a JSON list of ``[fraction, {metric: value}]``; only metrics that are
-known before the end, `PARTIAL_METRICS`), and the pruner was told the objectives, a trial is ranked
-by non-dominated sorting on (loss at the rung, those metrics): multi-objective ASHA (Schmucker et
-al., 2021), which reduces to plain ASHA when there is only the loss.
+decides pruning itself: the pruners here (none, ASHA, Hyperband) say which rungs a trial is
+evaluated at and apply the successive-halving rule of `llmtune.study.rungs`, which reads every
+trial's curve from the study storage and, given the objectives, ranks trials on their partial
+measurements as well as their loss.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
 import optuna
-from optuna.trial import FrozenTrial, TrialState
 
-from llmtune.study.attrs import CURVE, RUNG_METRICS, STATUS
-from llmtune.trial.endings import pruner_ignores
-
-# Objectives whose value partway through training is a fair estimate of the final one (measured over
-# the steps so far; train_time_s is extrapolated to the whole budget by the search loop).  Latency
-# and generation memory are only measured after training, so they never take part in pruning.
-PARTIAL_METRICS = frozenset({"train_throughput", "peak_memory_gb", "trainable_params", "train_time_s"})
-# Measured objectives are noisy (throughput varied ~12% between identical runs of the tabular benchmark),
-# so a pruner setting `metric_tolerance` makes values within that relative difference tie: a trial that
-# barely trains then cannot survive on a 1% throughput fluke. Default 0: in the replay benchmark a 5-10%
-# tolerance cost more training seconds to reach 90% of the front (1.2x -> 1.7-2.1x with llmtune's sampler)
-# and did not help on the raw-timing table, so it is for users who see noisy fronts, not the default.
-DEFAULT_METRIC_TOLERANCE = 0.0
-# Fractions travel through JSON and arithmetic on several machines; compare with a tolerance.
-FRACTION_TOL = 1e-6
+from llmtune.study.rungs import (
+    DEFAULT_METRIC_TOLERANCE,
+    FRACTION_TOL,
+    PARTIAL_METRICS,
+    asha_prunes,
+    geometric_rungs,
+    match_rung,
+)
 
 
 @runtime_checkable
@@ -63,131 +44,6 @@ class Pruner(Protocol):
     def describe(self) -> str:
         """One line for logs."""
         ...
-
-
-def geometric_rungs(min_fraction: float, eta: int) -> list[float]:
-    """``min_fraction * eta**k`` for k = 0, 1, ... while below 1 (the full budget is no rung)."""
-    rungs: list[float] = []
-    k = 0
-    while True:
-        # Power, not repeated multiplication, so float error does not accumulate.
-        rung = min_fraction * eta**k
-        if rung >= 1.0 - FRACTION_TOL:
-            return rungs
-        rungs.append(rung)
-        k += 1
-
-
-def _match_rung(rungs: list[float], fraction: float) -> float | None:
-    for rung in rungs:
-        if abs(rung - fraction) <= FRACTION_TOL:
-            return rung
-    return None
-
-
-def _is_ignored(trial: FrozenTrial) -> bool:
-    return trial.state == TrialState.FAIL or pruner_ignores(trial.user_attrs.get(STATUS))
-
-
-def _loss_at(trial: FrozenTrial, rung: float) -> float | None:
-    """The trial's eval loss at ``rung`` (non-finite -> inf), or None if it has no such point."""
-    curve = trial.user_attrs.get(CURVE)
-    if not isinstance(curve, list):
-        return None
-    for point in curve:
-        try:
-            fraction, loss = float(point[0]), float(point[1])
-        except (TypeError, ValueError, IndexError, KeyError):
-            continue  # a malformed point must not break every other worker's decision
-        if abs(fraction - rung) <= FRACTION_TOL:
-            # A diverged peer did reach the rung; it counts, ranked worst.
-            return loss if math.isfinite(loss) else math.inf
-    return None
-
-
-def _metrics_at(trial: FrozenTrial, rung: float) -> dict[str, float]:
-    """What the trial had measured of its other objectives when it reached ``rung`` ({} if unknown)."""
-    points = trial.user_attrs.get(RUNG_METRICS)
-    if not isinstance(points, list):
-        return {}
-    for point in points:
-        try:
-            if abs(float(point[0]) - rung) <= FRACTION_TOL and isinstance(point[1], dict):
-                return {k: float(v) for k, v in point[1].items()}
-        except (TypeError, ValueError, IndexError, KeyError):
-            continue
-    return {}
-
-
-def _pareto_ranks(points: np.ndarray, tolerance: float = 0.0) -> np.ndarray:
-    """Non-dominated sorting rank of each row (0 = not dominated), all columns minimised.
-
-    Columns after the first (measured objectives) compare with a relative ``tolerance``: within it two
-    values tie, so only a difference larger than measurement noise can make a row better or worse."""
-    n = len(points)
-    slack = np.zeros(points.shape[1])
-    slack[1:] = tolerance
-    a, b = points[:, None, :], points[None, :, :]
-    margin = slack * np.abs(np.where(np.isfinite(b), b, 0.0))  # an infinite loss (diverged peer) has no margin
-    # dominates[i, j]: row i is no worse than row j everywhere and better somewhere.
-    no_worse = (a <= b + margin).all(axis=2)
-    better = (a < b - margin).any(axis=2)
-    dominates: np.ndarray = np.asarray(no_worse & better)
-    ranks = np.full(n, -1)
-    left = np.ones(n, dtype=bool)
-    rank = 0
-    while left.any():
-        dominated = (dominates[left][:, left]).any(axis=0)
-        front = np.flatnonzero(left)[~dominated]
-        if front.size == 0:  # a tolerance can make dominance cyclic: the rest share the next rank
-            ranks[left] = rank
-            break
-        ranks[front] = rank
-        left[front] = False
-        rank += 1
-    return ranks
-
-
-def _asha_prunes(
-    study: optuna.Study,
-    trial_number: int,
-    rung: float,
-    eval_loss: float,
-    eta: int,
-    min_trials: int,
-    same_group: Callable[[int], bool] | None = None,
-    objectives: dict[str, str] | None = None,
-    metrics: dict[str, float] | None = None,
-    tolerance: float = DEFAULT_METRIC_TOLERANCE,
-) -> bool:
-    """The successive-halving rule shared by ASHA and each Hyperband bracket.
-
-    The trial continues iff fewer than ``keep`` peers are in better non-dominated fronts than its
-    own; with the loss as the only column that is "its loss <= the keep-th smallest loss".
-    """
-    if not math.isfinite(eval_loss):
-        return True  # diverged: no amount of extra budget fixes NaN
-    rows: list[tuple[float, dict[str, float]]] = [(eval_loss, dict(metrics or {}))]
-    # deepcopy=False keeps a 1000-trial study in the millisecond range; we only read.
-    for trial in study.get_trials(deepcopy=False):
-        # The running trial's own stored point (if already written) is replaced by eval_loss.
-        if trial.number == trial_number or _is_ignored(trial):
-            continue
-        if same_group is not None and not same_group(trial.number):
-            continue
-        loss = _loss_at(trial, rung)
-        if loss is not None:
-            rows.append((loss, _metrics_at(trial, rung) if objectives else {}))
-    if len(rows) < min_trials:
-        return False
-    keep = max(1, len(rows) // eta)
-    # Other objectives take part only where every trial in the comparison measured them.
-    extra = [m for m, d in (objectives or {}).items() if m in PARTIAL_METRICS
-             and all(math.isfinite(r[1].get(m, math.nan)) for r in rows)]
-    signs = [1.0 if (objectives or {})[m] == "minimize" else -1.0 for m in extra]
-    points = np.array([[loss, *(s * r[m] for s, m in zip(signs, extra, strict=True))] for loss, r in rows])
-    ranks = _pareto_ranks(points, tolerance)
-    return int((ranks < ranks[0]).sum()) >= keep
 
 
 def _check_tolerance(tolerance: Any) -> float:
@@ -293,10 +149,10 @@ class ASHAPruner:
 
     def should_prune(self, study: optuna.Study, trial_number: int, fraction: float, eval_loss: float,
                      metrics: dict[str, float] | None = None) -> bool:
-        rung = _match_rung(self._rungs, fraction)
+        rung = match_rung(self._rungs, fraction)
         if rung is None:
             return False
-        return _asha_prunes(study, trial_number, rung, eval_loss, self.eta, self.min_trials_per_rung,
+        return asha_prunes(study, trial_number, rung, eval_loss, self.eta, self.min_trials_per_rung,
                             objectives=self.objectives, metrics=metrics, tolerance=self.metric_tolerance)
 
     def describe(self) -> str:
@@ -369,10 +225,10 @@ class HyperbandPruner:
     def should_prune(self, study: optuna.Study, trial_number: int, fraction: float, eval_loss: float,
                      metrics: dict[str, float] | None = None) -> bool:
         bracket = self.bracket_of(trial_number)
-        rung = _match_rung(self.bracket_rungs[bracket], fraction)
+        rung = match_rung(self.bracket_rungs[bracket], fraction)
         if rung is None:
             return False
-        return _asha_prunes(
+        return asha_prunes(
             study,
             trial_number,
             rung,
@@ -430,7 +286,7 @@ def make_pruner(
     """Build a pruner from a config name ("none" | "asha" | "hyperband") and its settings.
 
     ``objectives`` (metric -> minimize/maximize, the study's) lets the pruner rank trials on the
-    partial measurements of their other objectives as well as their loss (see the module doc)."""
+    partial measurements of their other objectives as well as their loss (see `llmtune.study.rungs`)."""
     key = name.strip().lower() if isinstance(name, str) else name
     kind = PRUNERS.get(key)
     if kind is None:

@@ -1,0 +1,114 @@
+"""The recipe's sections: one dataclass per YAML section (model, data, train, measure, study, select, hub),
+each field with its default and a help string. `llmtune.config.recipe` builds them from YAML and checks them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(metadata={"help": "Hub name or local path of the base model; 'llmtune/tiny' is the offline demo model."})
+    dtype: str = field(default="auto", metadata={"help": "Weights/compute dtype: auto (bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU), bfloat16, float16, float32."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub repository."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2."})
+
+
+@dataclass
+class DataConfig:
+    source: str = field(metadata={"help": "Local JSON/JSONL/CSV/parquet file or folder, a Hub dataset name, or 'llmtune/tiny-tasks'."})
+    format: str = field(default="instruction", metadata={"help": "text (one field of plain text), instruction (instruction/input/output) or chat (a list of messages rendered with the tokenizer's chat template)."})
+    eval_source: str | None = field(default=None, metadata={"help": "Separate eval data; when unset, eval_fraction of the training data is held out."})
+    eval_fraction: float = field(default=0.1, metadata={"help": "Share held out for eval when eval_source is unset."})
+    split_seed: int = field(default=0, metadata={"help": "Seed of the train/eval split."})
+    train_split: str = field(default="train", metadata={"help": "Split name for Hub datasets / data folders."})
+    eval_split: str | None = field(default=None, metadata={"help": "Eval split name when the source has one (e.g. 'test')."})
+    text_field: str = field(default="text", metadata={"help": "Field holding the text (format: text)."})
+    instruction_field: str = field(default="instruction", metadata={"help": "Field of the instruction (format: instruction)."})
+    input_field: str = field(default="input", metadata={"help": "Field of the optional input (format: instruction)."})
+    output_field: str = field(default="output", metadata={"help": "Field of the answer (format: instruction)."})
+    messages_field: str = field(default="messages", metadata={"help": "Field of the message list (format: chat)."})
+    train_on: str = field(default="completions", metadata={"help": "completions: loss on answers only; all: loss on every token."})
+    eval_max_length: int = field(default=512, metadata={"help": "Eval examples are cut to this many tokens for every trial, whatever its sequence_len, so eval losses compare."})
+    max_eval_examples: int | None = field(default=200, metadata={"help": "Cap on eval examples (the same ones for every trial)."})
+    max_train_examples: int | None = field(default=None, metadata={"help": "Cap on training examples."})
+
+
+@dataclass
+class Budget:
+    tokens: int | None = field(default=None, metadata={"help": "Train on this many real (non-padding) tokens."})
+    examples: int | None = field(default=None, metadata={"help": "Train on this many examples."})
+    epochs: float | None = field(default=None, metadata={"help": "Train for this many passes over the training data."})
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("tokens", "examples", "epochs") if getattr(self, k) is not None)
+
+    @property
+    def amount(self) -> float:
+        return float(getattr(self, self.kind))
+
+
+@dataclass
+class TrainConfig:
+    budget: Budget = field(default_factory=lambda: Budget(examples=2000), metadata={"help": "How much data each trial trains on: exactly one of tokens, examples, epochs."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro batches per optimizer step."})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "linear, cosine, constant or constant_with_warmup."})
+    optimizer: str = field(default="adamw_torch", metadata={"help": "adamw_torch, adamw_8bit, paged_adamw_8bit (8-bit ones need a CUDA bitsandbytes) or sgd."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    seed: int = field(default=42, metadata={"help": "Seed of LoRA init, dropout and data order."})
+    eval_points: int = field(default=4, metadata={"help": "Evaluations spread evenly over the budget (the last at the end); the pruner may add more."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Batch size of evaluation (does not change eval loss)."})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cuda or cpu."})
+    report_to: list[str] = field(default_factory=list, metadata={"help": "Trackers for training logs: tensorboard, mlflow, wandb (off by default)."})
+
+
+@dataclass
+class MeasureConfig:
+    latency_prompts: int = field(default=4, metadata={"help": "Eval prompts used to time generation (the same for every trial)."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per prompt when timing latency."})
+    latency: bool = field(default=True, metadata={"help": "Measure generation latency after training."})
+
+
+@dataclass
+class StudyConfig:
+    sampler: str = field(default="auto", metadata={"help": "auto, tpe, nsga2, gp, random, grid or cmaes."})
+    n_trials: int | None = field(default=20, metadata={"help": "Trials to run (in total, across workers)."})
+    timeout: float | None = field(default=None, metadata={"help": "Stop starting trials after this many seconds."})
+    trial_timeout: float = field(default=3600.0, metadata={"help": "A trial running longer is killed and recorded as timed out."})
+    pruner: str = field(default="none", metadata={"help": "none, asha or hyperband."})
+    pruner_settings: dict[str, Any] = field(default_factory=dict, metadata={"help": "Settings of the pruner, e.g. {eta: 3, min_fraction: 0.111}."})
+    storage: str | None = field(default=None, metadata={"help": "Optuna storage URL; default an SQLite file in output_dir. May be '${ENV_VAR}'."})
+    study_name: str | None = field(default=None, metadata={"help": "Study name in the storage; default the recipe's name."})
+    seed: int = field(default=0, metadata={"help": "Sampler seed."})
+    memory_gate: str = field(default="auto", metadata={"help": "Skip configs whose predicted peak GPU memory exceeds constraints.peak_memory_gb.max: auto (when trials run on a GPU), on, off."})
+
+
+@dataclass
+class SelectConfig:
+    by: str = field(default="", metadata={"help": "Which Pareto trial is 'the best': an objective name (its best feasible value) or knee (closest to the ideal point after scaling each objective to [0, 1]). Default: the first objective."})
+    weights: dict[str, float] = field(default_factory=dict, metadata={"help": "Objective weights for knee."})
+
+
+@dataclass
+class HubConfig:
+    repo_id: str | None = field(default=None, metadata={"help": "Hub repository to push the chosen adapter to (user/name)."})
+    private: bool = field(default=True, metadata={"help": "Create the repository private."})
+    revision: str | None = field(default=None, metadata={"help": "Branch to push to."})
+
+
+# The recipe's sections by their YAML key.
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "measure": MeasureConfig,
+    "study": StudyConfig, "select": SelectConfig, "hub": HubConfig,
+}
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Help text of each field of a recipe section (for docs and `llmtune validate --explain`)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
