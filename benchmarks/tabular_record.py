@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         indexed = indexed[: args.limit]
 
-    from llmtune.builtin.tiny import resolve_data_source, resolve_model_name
+    from llmtune.builtin.names import resolve_data_source, resolve_model_name
 
     # Build the offline tiny model/data once here, not in every worker at the same time.
     resolve_model_name(args.model, log=print)

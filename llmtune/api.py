@@ -107,7 +107,7 @@ def train(recipe: RecipeLike, values: dict[str, Any] | None = None, *, output_di
         from llmtune.harness.train import run_trial
 
         return run_trial(r, settings, out)
-    from llmtune.builtin.tiny import resolve_data_source, resolve_model_name
+    from llmtune.builtin.names import resolve_data_source, resolve_model_name
 
     resolve_model_name(r.model.name)
     resolve_data_source(r.data.source)

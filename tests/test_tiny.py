@@ -23,7 +23,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
-from llmtune.builtin import tiny, tiny_data  # noqa: E402
+from llmtune.builtin import cache, names, tiny, tiny_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "llmtune-build.json"
@@ -107,10 +107,10 @@ def data_dir(tiny_home: Path) -> Path:
 
 def test_llmtune_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("LLMTUNE_HOME", str(tmp_path / "h"))
-    assert tiny.llmtune_home() == tmp_path / "h"
+    assert cache.llmtune_home() == tmp_path / "h"
     monkeypatch.delenv("LLMTUNE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert tiny.llmtune_home() == tmp_path / ".cache" / "llmtune"
+    assert cache.llmtune_home() == tmp_path / ".cache" / "llmtune"
 
 
 def test_concurrent_build_gives_one_model(model_build: dict, tiny_home: Path) -> None:
@@ -121,7 +121,7 @@ def test_concurrent_build_gives_one_model(model_build: dict, tiny_home: Path) ->
         if line.startswith("RESULT ")
     }
     assert results == {str(model_build["path"])}
-    builders = [out for out in model_build["outputs"] if "building tiny-model-v1" in out]
+    builders = [out for out in model_build["outputs"] if "building llmtune/tiny in" in out]
     assert len(builders) == (0 if model_build["was_cached"] else 1)
     if builders:  # the log callback saw progress during the build
         assert "pretrain step" in builders[0] and "built tiny model" in builders[0]
@@ -241,10 +241,10 @@ def test_lengths_vary(data_dir: Path, tokenizer) -> None:  # type: ignore[no-unt
 
 
 def test_resolve_names(model_dir: Path, data_dir: Path) -> None:
-    assert tiny.resolve_model_name(tiny.TINY_MODEL, log=None) == str(model_dir)
-    assert tiny.resolve_model_name("meta-llama/Llama-3.2-1B", log=None) == "meta-llama/Llama-3.2-1B"
-    assert tiny.resolve_data_source(tiny.TINY_DATA, log=None) == str(data_dir)
-    assert tiny.resolve_data_source("data/my.jsonl", log=None) == "data/my.jsonl"
+    assert names.resolve_model_name(names.TINY_MODEL, log=None) == str(model_dir)
+    assert names.resolve_model_name("meta-llama/Llama-3.2-1B", log=None) == "meta-llama/Llama-3.2-1B"
+    assert names.resolve_data_source(names.TINY_DATA, log=None) == str(data_dir)
+    assert names.resolve_data_source("data/my.jsonl", log=None) == "data/my.jsonl"
 
 
 def test_failed_build_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -255,14 +255,14 @@ def test_failed_build_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        tiny._ensure_built("thing", broken, None)
+        cache.ensure_built("thing", broken, None)
     assert [p.name for p in tmp_path.iterdir()] == [".thing.lock"]
 
     def ok(out: Path, log) -> dict:  # type: ignore[no-untyped-def]
         (out / "done.txt").write_text("ok")
         return {}
 
-    assert (tiny._ensure_built("thing", ok, None) / "done.txt").read_text() == "ok"
+    assert (cache.ensure_built("thing", ok, None) / "done.txt").read_text() == "ok"
 
 
 def test_lock_serialises_processes(tmp_path: Path) -> None:
@@ -271,14 +271,14 @@ def test_lock_serialises_processes(tmp_path: Path) -> None:
         f"""
         import time
         from pathlib import Path
-        from llmtune.builtin import tiny
+        from llmtune.builtin import cache
         def build(out, log):
             with open({str(tmp_path / "builds.txt")!r}, "a") as f:
                 f.write("built\\n")
             time.sleep(1.5)
             (out / "x").write_text("x")
             return {{}}
-        print(tiny._ensure_built("slow", build, None))
+        print(cache.ensure_built("slow", build, None))
         """
     )
     env = _offline_env(tmp_path / "home")

@@ -3,43 +3,31 @@
 The test suite and the demo must run offline on a small CPU, so instead of downloading a
 model llmtune generates one: a byte-level BPE tokenizer and a ~1.1M-parameter Llama, briefly
 pretrained on generated English-like text. The text and the instruction tasks come from
-`llmtune.builtin.tiny_data`. Everything is deterministic and cached under ``llmtune_home()``,
+`llmtune.builtin.tiny_data`. Everything is deterministic and cached under ``llmtune.builtin.cache.llmtune_home()``,
 built once per cache, atomically, under a file lock.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmtune.builtin.cache import Log, ensure_built
+from llmtune.builtin.names import TINY_DATA, TINY_MODEL
 from llmtune.builtin.tiny_data import SEED, build_data, corpus_documents, instruction_rows
 
 if TYPE_CHECKING:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - no flock on Windows; the atomic rename still protects readers
-    fcntl = None  # type: ignore[assignment]
-
-TINY_MODEL = "llmtune/tiny"
-TINY_DATA = "llmtune/tiny-tasks"
-
-Log = Callable[[str], None] | None
-
 _MODEL_DIR = "tiny-model-v1"
 _DATA_DIR = "tiny-data-v1"
-_MARKER = "llmtune-build.json"  # written last inside the temp dir, so its presence means "complete"
 _VOCAB_SIZE = 1536
 _SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
 _CHAT_TEMPLATE = (
@@ -52,12 +40,6 @@ _CHAT_TEMPLATE = (
 )
 # Fixed step count (not a time budget) so every machine trains the same model.
 _STEPS, _BATCH, _SEQ_LEN, _WARMUP, _LR = 200, 16, 256, 20, 3e-3
-
-
-def llmtune_home() -> Path:
-    """Root of llmtune's cache: ``$LLMTUNE_HOME`` if set, else ``~/.cache/llmtune``."""
-    env = os.environ.get("LLMTUNE_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "llmtune"
 
 
 # --------------------------------------------------------------------------- builders
@@ -121,7 +103,7 @@ def _pretrain(model: LlamaForCausalLM, ids: torch.Tensor, log: Callable[[str], N
         losses.append(loss.item())
         if step % 25 == 0 or step == _STEPS - 1:
             secs = time.time() - t0
-            log(f"[llmtune.builtin.tiny] pretrain step {step + 1}/{_STEPS} loss {losses[-1]:.3f} ({secs:.0f}s)")
+            log(f"[llmtune] pretrain step {step + 1}/{_STEPS} loss {losses[-1]:.3f} ({secs:.0f}s)")
     model.eval()
     return sum(losses[-20:]) / len(losses[-20:])
 
@@ -156,7 +138,7 @@ def _build_model(out: Path, log: Callable[[str], None]) -> dict[str, object]:
     # The tokenizer sees the task words too (the eval rows are never used here).
     tok_texts = docs + [" ".join(r.values()) for r in train]
     tokenizer = _build_tokenizer(tok_texts)
-    log(f"[llmtune.builtin.tiny] trained a {len(tokenizer)}-token byte-level BPE tokenizer ({time.time() - t0:.1f}s)")
+    log(f"[llmtune] trained a {len(tokenizer)}-token byte-level BPE tokenizer ({time.time() - t0:.1f}s)")
 
     enc = tokenizer(docs, add_special_tokens=True)["input_ids"]
     ids = torch.tensor([t for row in enc for t in row + [tokenizer.eos_token_id]], dtype=torch.long)
@@ -165,7 +147,7 @@ def _build_model(out: Path, log: Callable[[str], None]) -> dict[str, object]:
         torch.manual_seed(SEED)
         model = LlamaForCausalLM(config).float()
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"[llmtune.builtin.tiny] pretraining a {n_params / 1e6:.2f}M-parameter Llama on {ids.numel()} tokens")
+    log(f"[llmtune] pretraining a {n_params / 1e6:.2f}M-parameter Llama on {ids.numel()} tokens")
     final_loss = _pretrain(model, ids, log)
 
     model.generation_config = GenerationConfig(
@@ -180,24 +162,11 @@ def _build_model(out: Path, log: Callable[[str], None]) -> dict[str, object]:
         if bars:
             hf_logging.enable_progress_bar()
     secs = time.time() - t0
-    log(f"[llmtune.builtin.tiny] built tiny model in {secs:.1f}s (final pretraining loss {final_loss:.3f})")
+    log(f"[llmtune] built tiny model in {secs:.1f}s (final pretraining loss {final_loss:.3f})")
     return {"params": n_params, "pretrain_loss": round(final_loss, 4), "build_seconds": round(secs, 1)}
 
 
 # --------------------------------------------------------------------------- caching
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock; a second process blocks here until the first is done."""
-    with open(path, "a+") as f:
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _build_threads() -> int:
@@ -230,37 +199,11 @@ def _torch_threads(log: Callable[[str], None]) -> Iterator[None]:
 
     before, threads = torch.get_num_threads(), _build_threads()
     torch.set_num_threads(threads)
-    log(f"[llmtune.builtin.tiny] using {threads} CPU thread(s)")
+    log(f"[llmtune] using {threads} CPU thread(s)")
     try:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _ensure_built(name: str, build: Callable[[Path, Callable[[str], None]], dict], log: Log) -> Path:
-    """Return ``llmtune_home()/name``, building it once, atomically, under a file lock."""
-    say = log or (lambda _msg: None)
-    home = llmtune_home()
-    final = home / name
-    if (final / _MARKER).is_file():
-        return final
-    home.mkdir(parents=True, exist_ok=True)
-    with _file_lock(home / f".{name}.lock"):
-        if (final / _MARKER).is_file():  # another process built it while we waited
-            return final
-        say(f"[llmtune.builtin.tiny] building {name} in {home} (one-time)")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=home))
-        try:
-            info = build(tmp, say)
-            (tmp / _MARKER).write_text(json.dumps({"name": name, **info}, indent=1) + "\n")
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared like ~/.cache
-            if final.exists():  # a half-copied or foreign directory without the marker
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
 
 
 def ensure_tiny_model(log: Log = print) -> Path:
@@ -270,19 +213,9 @@ def ensure_tiny_model(log: Log = print) -> Path:
         with _torch_threads(say):
             return _build_model(out, say)
 
-    return _ensure_built(_MODEL_DIR, build, log)
+    return ensure_built(_MODEL_DIR, build, log, what=TINY_MODEL)
 
 
 def ensure_tiny_data(log: Log = print) -> Path:
     """Directory with ``train.jsonl`` and ``eval.jsonl`` of the tiny instruction tasks."""
-    return _ensure_built(_DATA_DIR, build_data, log)
-
-
-def resolve_model_name(name: str, log: Log = print) -> str:
-    """Local path for ``TINY_MODEL`` (built if needed); any other name is returned unchanged."""
-    return str(ensure_tiny_model(log)) if name == TINY_MODEL else name
-
-
-def resolve_data_source(source: str, log: Log = print) -> str:
-    """Local data directory for ``TINY_DATA`` (built if needed); anything else unchanged."""
-    return str(ensure_tiny_data(log)) if source == TINY_DATA else source
+    return ensure_built(_DATA_DIR, build_data, log, what=TINY_DATA)

@@ -178,5 +178,21 @@ def build_data(out: Path, log: Callable[[str], None]) -> dict[str, object]:
     for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
         with open(out / name, "w", encoding="utf-8", newline="\n") as f:
             f.writelines(json.dumps(r, ensure_ascii=True) + "\n" for r in rows)
-    log(f"[llmtune.builtin.tiny] wrote {len(train)} train and {len(evals)} eval rows")
+    log(f"[llmtune] wrote {len(train)} train and {len(evals)} eval rows")
+    return {"train_rows": len(train), "eval_rows": len(evals), "seed": SEED}
+
+
+def as_chat(row: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """One task as a conversation: the instruction (and input) from the user, the answer from the assistant."""
+    prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]}
+
+
+def build_chat_data(out: Path, log: Callable[[str], None]) -> dict[str, object]:
+    """The same tasks as `build_data`, as chat rows (``messages``), for chat models such as SmolLM2."""
+    train, evals = instruction_rows()
+    for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
+        with open(out / name, "w", encoding="utf-8", newline="\n") as f:
+            f.writelines(json.dumps(as_chat(r), ensure_ascii=True) + "\n" for r in rows)
+    log(f"[llmtune] wrote {len(train)} train and {len(evals)} eval conversations")
     return {"train_rows": len(train), "eval_rows": len(evals), "seed": SEED}

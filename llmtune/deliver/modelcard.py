@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from optuna.trial import FrozenTrial
 
+from llmtune.builtin.names import DATA, MODELS
 from llmtune.config.objectives import METRICS
 from llmtune.study.attrs import CURVE, METRICS_KEY, SETTINGS
 from llmtune.study.storage import mask_url
@@ -21,12 +22,12 @@ if TYPE_CHECKING:
     from llmtune.deliver.results import SearchResult
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-TINY_NAMES = ("llmtune/tiny", "llmtune/tiny-tasks")
+BUILTIN_NAMES = (*MODELS, *DATA)  # llmtune's own offline names: not Hub ids
 
 
 def hub_id(name: str | None) -> str | None:
     """`name` when it names a Hub repository (not a local path, not llmtune's built-in demo assets)."""
-    if not name or name in TINY_NAMES or not HUB_ID.match(name) or Path(name).exists():
+    if not name or name in BUILTIN_NAMES or not HUB_ID.match(name) or Path(name).exists():
         return None
     return name
 
@@ -63,7 +64,7 @@ def public_recipe(result: SearchResult) -> dict[str, Any]:
     data["output_dir"] = Path(str(data.get("output_dir") or "runs")).name
     for section, key in (("model", "name"), ("data", "source"), ("data", "eval_source")):
         value = (data.get(section) or {}).get(key)
-        if value and hub_id(str(value)) is None and str(value) not in TINY_NAMES:
+        if value and hub_id(str(value)) is None and str(value) not in BUILTIN_NAMES:
             data[section][key] = Path(str(value)).name
     return data
 

@@ -65,7 +65,7 @@ def _split_files(folder: Path) -> dict[str, Path]:
 def load_source(source: str, split: str | None) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Rows of ``split`` from a file, a folder of split files, or a Hub dataset, plus the other splits
     a folder offers (so an eval split can be found). Hub loading honours HF_HUB_OFFLINE."""
-    from llmtune.builtin.tiny import resolve_data_source
+    from llmtune.builtin.names import resolve_data_source
 
     resolved = resolve_data_source(source, log=None)
     path = Path(resolved).expanduser()

@@ -40,7 +40,7 @@ def quantization_config(settings: dict[str, Any], dtype: torch.dtype):
 
 
 def resolved_model_path(cfg: ModelConfig) -> str:
-    from llmtune.builtin.tiny import resolve_model_name
+    from llmtune.builtin.names import resolve_model_name
 
     return resolve_model_name(cfg.name, log=None)
 

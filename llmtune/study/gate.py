@@ -29,7 +29,7 @@ MEMORY_SETTINGS = ("quantization", "bnb_4bit_use_double_quant", "lora_r", "lora_
 
 
 def _config_source(recipe: Recipe) -> str:
-    from llmtune.builtin.tiny import resolve_model_name
+    from llmtune.builtin.names import resolve_model_name
 
     return resolve_model_name(recipe.model.name, log=None)
 

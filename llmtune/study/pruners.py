@@ -111,7 +111,20 @@ class NopPruner:
         return "none"
 
 
-class ASHAPruner:
+class _RungSettings:
+    """The settings ASHA and Hyperband share, checked once; ``_rungs`` are the geometric rungs they give."""
+
+    def __init__(self, eta: int, min_fraction: float, min_trials_per_rung: int | None,
+                 objectives: dict[str, str] | None, metric_tolerance: float) -> None:
+        self.eta = _check_eta(eta)
+        self.min_fraction = _check_min_fraction(min_fraction)
+        self.min_trials_per_rung = _check_min_trials(min_trials_per_rung, self.eta)
+        self.objectives = dict(objectives or {})
+        self.metric_tolerance = _check_tolerance(metric_tolerance)
+        self._rungs = geometric_rungs(self.min_fraction, self.eta)
+
+
+class ASHAPruner(_RungSettings):
     """Asynchronous successive halving on eval loss.
 
     Rungs are ``min_fraction * eta**k`` below 1 (eta=3, min_fraction=1/9 -> [1/9, 1/3]).
@@ -133,12 +146,7 @@ class ASHAPruner:
         self, eta: int = 3, min_fraction: float = 1 / 9, min_trials_per_rung: int | None = None,
         objectives: dict[str, str] | None = None, metric_tolerance: float = DEFAULT_METRIC_TOLERANCE,
     ) -> None:
-        self.eta = _check_eta(eta)
-        self.min_fraction = _check_min_fraction(min_fraction)
-        self.min_trials_per_rung = _check_min_trials(min_trials_per_rung, self.eta)
-        self.objectives = dict(objectives or {})
-        self.metric_tolerance = _check_tolerance(metric_tolerance)
-        self._rungs = geometric_rungs(self.min_fraction, self.eta)
+        super().__init__(eta, min_fraction, min_trials_per_rung, objectives, metric_tolerance)
 
     def rungs(self) -> list[float]:
         return list(self._rungs)
@@ -180,7 +188,7 @@ def _interleave(weights: list[int]) -> list[int]:
     return order
 
 
-class HyperbandPruner:
+class HyperbandPruner(_RungSettings):
     """Several ASHA brackets with increasingly late first rungs.
 
     With base rungs ``geometric_rungs(min_fraction, eta)`` = r_0 < ... < r_{m-1}, bracket b
@@ -196,13 +204,8 @@ class HyperbandPruner:
         self, eta: int = 3, min_fraction: float = 1 / 27, min_trials_per_rung: int | None = None,
         objectives: dict[str, str] | None = None, metric_tolerance: float = DEFAULT_METRIC_TOLERANCE,
     ) -> None:
-        self.eta = _check_eta(eta)
-        self.min_fraction = _check_min_fraction(min_fraction)
-        self.min_trials_per_rung = _check_min_trials(min_trials_per_rung, self.eta)
-        self.objectives = dict(objectives or {})
-        self.metric_tolerance = _check_tolerance(metric_tolerance)
-        base = geometric_rungs(self.min_fraction, self.eta)
-        self._rungs = base
+        super().__init__(eta, min_fraction, min_trials_per_rung, objectives, metric_tolerance)
+        base = self._rungs
         self.bracket_rungs: list[list[float]] = [base[b:] for b in range(len(base) + 1)]
         n = len(self.bracket_rungs)
         self.weights: list[int] = [
