@@ -54,8 +54,13 @@ def load(recipe: RecipeLike, overrides: list[str] | None = None, values: dict[st
 
 
 def validate(recipe: RecipeLike, *, overrides: list[str] | None = None) -> Recipe:
-    """Check a recipe; returns it validated, or raises `RecipeError` with every problem."""
-    return load(recipe, overrides)
+    """Check a recipe, its data, its model (config only) and this machine; returns the recipe, or raises
+    `RecipeError` with every problem (see `llmtune.preflight`)."""
+    from llmtune.preflight import preflight
+
+    r = load(recipe, overrides)
+    preflight(r)
+    return r
 
 
 def search(recipe: RecipeLike, *, n_trials: int | None = None, storage: str | None = None,
@@ -78,7 +83,7 @@ def search(recipe: RecipeLike, *, n_trials: int | None = None, storage: str | No
         bad.append(Problem("workers (--workers)", f"{workers} must be at least 1"))
     if bad:
         raise RecipeError(bad)
-    r = load(recipe, overrides)
+    r = validate(recipe, overrides=overrides)
     if output_dir is not None:
         r.output_dir = os.fspath(output_dir)
     say = log or (_silent if quiet else print)
@@ -97,10 +102,12 @@ def train(recipe: RecipeLike, values: dict[str, Any] | None = None, *, output_di
     <the recipe's output_dir>/train).
     """
     from llmtune.harness.train import eval_fractions
+    from llmtune.preflight import preflight
     from llmtune.study.storage import masked_recipe
     from llmtune.trial.runner import TrialJob, run_trial_process
 
     r = load(recipe, overrides, values)
+    preflight(r)
     settings = r.space.complete({})
     out = Path(output_dir or Path(r.output_dir) / "train")
     if in_process:

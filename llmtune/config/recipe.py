@@ -80,7 +80,7 @@ RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe))
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
-    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "data.format": ("text", "instruction", "chat"),
     "data.train_on": ("completions", "all"),
     "train.lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),

@@ -15,7 +15,7 @@ class ModelConfig:
     dtype: str = field(default="auto", metadata={"help": "Weights/compute dtype: auto (bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU), bfloat16, float16, float32."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub repository."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2."})
+    attn_implementation: str = field(default="auto", metadata={"help": "auto (sdpa where the model supports it, else eager), sdpa, eager or flash_attention_2."})
 
 
 @dataclass

@@ -69,9 +69,10 @@ def _unit_interval(v: Any) -> str | None:
 def _targets(v: Any) -> str | None:
     if not isinstance(v, str) or not v.strip():
         return "must be a preset (" + ", ".join(TARGET_PRESETS) + ") or module names like 'q_proj,v_proj'"
-    if "," not in v and v not in TARGET_PRESETS and not v.endswith("proj"):
-        return f"is neither a preset ({', '.join(TARGET_PRESETS)}) nor a module name{did_you_mean(v, list(TARGET_PRESETS))}"
-    return None
+    close = did_you_mean(v, list(TARGET_PRESETS))
+    if "," not in v and v not in TARGET_PRESETS and close and v.lower() != v.lower().strip("_"):
+        return f"is neither a preset ({', '.join(TARGET_PRESETS)}) nor a module name{close}"
+    return None  # module names are checked against the model itself at preflight (harness/targets.py)
 
 
 PARAMS: dict[str, Param] = {p.name: p for p in [

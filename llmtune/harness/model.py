@@ -8,7 +8,7 @@ import torch
 
 from llmtune import hardware
 from llmtune.config.sections import ModelConfig
-from llmtune.config.space import resolve_target_modules
+from llmtune.harness.targets import attention_implementation, check_dropout, resolve_targets
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -57,18 +57,20 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_base(cfg: ModelConfig, settings: dict[str, Any], device: str, dtype: torch.dtype):
     """The frozen base model on `device`, quantized as the trial asks."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     qconfig = quantization_config(settings, dtype)
     if qconfig is not None:
         hardware.bitsandbytes_ready(device)
+    path = resolved_model_path(cfg)
+    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        resolved_model_path(cfg),
+        path,
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
         dtype=dtype,
         quantization_config=qconfig,
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=attention_implementation(config, cfg.attn_implementation),
         device_map={"": device} if (qconfig is not None or device == "cuda") else None,
     )
     model.config.use_cache = False  # no KV cache while training; generation turns it back on
@@ -89,18 +91,13 @@ def apply_lora(model: Any, settings: dict[str, Any]):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-    targets = resolve_target_modules(settings["lora_target_modules"])
-    if isinstance(targets, list):
-        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        missing = [t for t in targets if t not in names]
-        if missing:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-            raise ValueError(f"search.lora_target_modules: {missing} not in this model; its linear layers are {linear}")
+    # presets mean this model's own modules (GPT-2's c_attn, Falcon's query_key_value, MoE experts...)
+    plan = resolve_targets(model, settings["lora_target_modules"])
     lora = LoraConfig(
         r=int(settings["lora_r"]),
         lora_alpha=float(settings["lora_alpha"]),  # type: ignore[arg-type]  # alpha = ratio * r may be fractional
-        lora_dropout=float(settings["lora_dropout"]),
-        target_modules=targets,
+        lora_dropout=check_dropout(plan, float(settings["lora_dropout"])),
+        **plan.lora_kwargs(),
         use_rslora=bool(settings["use_rslora"]),
         bias="none",
         task_type="CAUSAL_LM",

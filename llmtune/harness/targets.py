@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmtune.errors import LlmtuneError
+
 PRESETS = ("qv", "attention", "mlp", "all-linear")
 
 _ATTN_PART = re.compile(r"attn|attention")
@@ -35,11 +37,11 @@ _WHY = {"qv": "no query/value projections", "attention": "no attention projectio
         "mlp": "no feed-forward layers", "all-linear": "no linear layers"}
 
 
-class TargetError(ValueError):
+class TargetError(LlmtuneError, ValueError):
     """A LoRA target setting that means nothing for this model."""
 
 
-class AttentionError(ValueError):
+class AttentionError(LlmtuneError, ValueError):
     """An attention implementation this model class does not support."""
 
 
@@ -316,3 +318,41 @@ def packing_mode(model: Any, atol: float = 1e-3) -> str:
         return "none"
     finally:
         model.train(was_training)
+
+
+# Config fields that size a model, by the names architectures use for them, and a tiny value for each.
+_SHRINK = {
+    ("hidden_size", "n_embd", "d_model"): 32, ("num_hidden_layers", "n_layer", "num_layers"): 1,
+    ("num_attention_heads", "n_head"): 4, ("num_key_value_heads", "multi_query_group_num"): 2,
+    ("intermediate_size", "ffn_dim", "n_inner", "moe_intermediate_size", "shared_expert_intermediate_size"): 64,
+    ("head_dim",): 8, ("vocab_size",): 128, ("num_local_experts", "num_experts"): 2,
+}
+
+
+def packing_probe(config: Any, attn: str | None = None) -> str | None:
+    """`packing_mode` of a 1-layer random-weight copy of this architecture (no download, no real weights):
+    how its attention keeps packed examples apart. None when such a copy cannot be built."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    try:
+        small = copy.deepcopy(config)
+        for names, value in _SHRINK.items():
+            for name in names:
+                current = getattr(small, name, None)
+                if isinstance(current, int) and not isinstance(current, bool):
+                    try:
+                        setattr(small, name, value)
+                    except AttributeError:  # derived (a read-only property): follows the others
+                        pass
+        if isinstance(getattr(small, "layer_types", None), list):
+            small.layer_types = small.layer_types[:1]
+        if getattr(small, "num_experts_per_tok", None):
+            small.num_experts_per_tok = 1
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(small, attn_implementation=attention_implementation(small, attn),
+                                                 dtype=torch.float32)
+        return packing_mode(model)
+    except Exception:  # an architecture whose sizes are named otherwise: the trial's own probe decides
+        return None

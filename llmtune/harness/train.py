@@ -33,6 +33,7 @@ from llmtune.harness.measure import (
     track_peak_memory,
 )
 from llmtune.harness.optimizers import make_optimizer
+from llmtune.harness.targets import TargetError, packed_attention_mask, packing_mode
 from llmtune.harness.token_cache import encode_cached
 from llmtune.harness.trackers import Trackers
 from llmtune.trial.endings import COMPLETE, CRASHED, OOM, PRUNED
@@ -60,21 +61,25 @@ def eval_fractions(recipe: Recipe, extra: list[float] | None = None) -> list[flo
     return sorted(p for p in points if 0.0 <= p <= 1.0)
 
 
-def _tensors(batch: D.Batch, device: str) -> dict[str, torch.Tensor]:
+def _tensors(batch: D.Batch, device: str, packed_mask: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's inputs. Packed rows carry restarting position ids; models that do not read example
+    boundaries from them (``packed_mask``: see `harness.targets.packing_mode`) get a block-diagonal mask."""
     out = {"input_ids": torch.tensor(batch.input_ids, device=device)}
     if batch.attention_mask is not None:
         out["attention_mask"] = torch.tensor(batch.attention_mask, device=device)
     if batch.position_ids is not None:
         out["position_ids"] = torch.tensor(batch.position_ids, device=device)
+        if packed_mask is not None:
+            out["attention_mask"] = packed_attention_mask(out["position_ids"], packed_mask)
     return out
 
 
-def _loss_sum(model: Any, batch: D.Batch, device: str) -> torch.Tensor:
+def _loss_sum(model: Any, batch: D.Batch, device: str, packed_mask: torch.dtype | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy over the batch's label tokens (float32)."""
     shifted = [row[1:] + [D.IGNORE] for row in batch.labels]  # shift the labels: no copy of the logits
     split = _split_head(model)
     if split is None:
-        logits = model(**_tensors(batch, device), use_cache=False).logits
+        logits = model(**_tensors(batch, device, packed_mask), use_cache=False).logits
         labels = torch.tensor(shifted, device=device)
         return torch.nn.functional.cross_entropy(
             logits.flatten(0, 1).float(), labels.flatten(), ignore_index=D.IGNORE, reduction="sum")
@@ -83,7 +88,7 @@ def _loss_sum(model: Any, batch: D.Batch, device: str) -> torch.Tensor:
     decoder, head = split
     flat = [t for row in shifted for t in row]
     keep = [i for i, t in enumerate(flat) if t != D.IGNORE]
-    hidden = decoder(**_tensors(batch, device), use_cache=False)[0].flatten(0, 1)
+    hidden = decoder(**_tensors(batch, device, packed_mask), use_cache=False)[0].flatten(0, 1)
     logits = head(hidden.index_select(0, torch.tensor(keep, device=device)))
     targets = torch.tensor([flat[i] for i in keep], device=device)
     return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
@@ -225,6 +230,13 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
                 eval_examples=len(eval_examples), eval_tokens=sum(b.label_tokens for b in eval_set))
 
     base = M.load_base(recipe.model, settings, device, dtype)
+    packed_mask = None
+    if settings["sample_packing"]:  # can this model keep packed examples apart, and how?
+        info["packing_mode"] = mode = packing_mode(base)
+        if mode == "none":
+            raise TargetError(f"search.sample_packing: {base.config.model_type} cannot keep packed examples apart "
+                              "(it ignores position ids and takes no block mask); set sample_packing: false")
+        packed_mask = dtype if mode == "mask" else None
     model = M.apply_lora(base, settings)
     trainable, total = M.count_params(model)
     result.metrics["trainable_params"] = float(trainable)
@@ -287,7 +299,7 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
             n_labels = max(1, sum(b.label_tokens for b in step))
             loss_sum = torch.zeros((), device=device)
             for batch in step:
-                loss = _loss_sum(model, batch, device) / n_labels
+                loss = _loss_sum(model, batch, device, packed_mask) / n_labels
                 loss.backward()
                 loss_sum += loss.detach()  # stays on the device: no host sync per micro batch
             if recipe.train.max_grad_norm > 0:

@@ -13,6 +13,7 @@ RUNG_METRICS = "llmtune.rung_metrics"  # [[fraction, {objective: value so far}],
 SETTINGS = "llmtune.settings"          # every setting of the trial, searched or fixed
 DIR = "llmtune.dir"                    # the trial's folder (result.json, trial.log, adapter/)
 INFO = "llmtune.info"                  # timings, token counts, device, versions
+CONSTRAINTS = "llmtune.constraints"    # {constraint: value}, <= 0 met; Optuna keeps the list (see study/record.py)
 RETRY_OF = "llmtune.retry_of"          # the number of the trial this one retries
 # Trial system attribute: host:pid of the search process running the trial
 OWNER = "llmtune.owner"

@@ -21,6 +21,7 @@ import os
 import random
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from llmtune.study import attrs
 from llmtune.study.attrs import CURVE, DIR, OWNER, REASON, RUNG_METRICS, SETTINGS, STATUS
 from llmtune.study.gate import MemoryGate
 from llmtune.study.pruners import make_pruner
-from llmtune.study.record import tell
+from llmtune.study.record import report_eval, tell
 from llmtune.study.samplers import make_sampler
 from llmtune.study.storage import (
     Heartbeat,
@@ -86,14 +87,19 @@ def check_resume(study: optuna.Study, recipe: Recipe, space: SearchSpace, data_f
             study.set_user_attr(k, v)
         study.set_user_attr(attrs.RECIPE, masked_recipe(recipe))
         study.set_user_attr(attrs.VERSION, __version__)
-        return
-    what = {attrs.OBJECTIVES: "objectives", attrs.SPACE: "search space",
-            attrs.DATA_FINGERPRINT: "data", attrs.RECIPE_FINGERPRINT: "training settings"}
-    changed = [what[k] for k, v in expected.items() if json.dumps(found.get(k), sort_keys=True) != json.dumps(v, sort_keys=True)]
-    if changed:
-        raise SearchError(
-            f"study {study.study_name!r} was run with different {', '.join(changed)}; its trials would not compare. "
-            f"Start a new study: pass --study-name NEW (or set study.study_name), or use another output_dir.")
+    else:
+        what = {attrs.OBJECTIVES: "objectives", attrs.SPACE: "search space",
+                attrs.DATA_FINGERPRINT: "data", attrs.RECIPE_FINGERPRINT: "training settings"}
+        changed = [what[k] for k, v in expected.items()
+                   if json.dumps(found.get(k), sort_keys=True) != json.dumps(v, sort_keys=True)]
+        if changed:
+            raise SearchError(
+                f"study {study.study_name!r} was run with different {', '.join(changed)}; its trials would not compare. "
+                f"Start a new study: pass --study-name NEW (or set study.study_name), or use another output_dir.")
+    # The objectives' names, for Optuna's trials_dataframe and plots and optuna-dashboard ("objective_names").
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(recipe.objectives))
 
 
 def parse_gpus(gpus: str | list[str] | None) -> list[str]:
@@ -168,7 +174,7 @@ class Search:
 
     # -- setup ---------------------------------------------------------------------------------
     def prepare(self) -> optuna.Study:
-        from llmtune.builtin.tiny import resolve_data_source, resolve_model_name
+        from llmtune.builtin.names import resolve_data_source, resolve_model_name
         from llmtune.harness.data_sources import load_splits
 
         # Build the offline demo assets once here, not in N trial processes at once.
@@ -327,6 +333,7 @@ class Search:
                 try:
                     storage.set_trial_user_attr(tid, CURVE, curve)
                     storage.set_trial_user_attr(tid, RUNG_METRICS, rung_metrics)
+                    report_eval(self.study, tid, self.recipe, event["fraction"], event["eval_loss"])  # for optuna-dashboard
                 except optuna.exceptions.UpdateFinishedTrialError:
                     return True  # declared lost by another worker (missed heartbeats): its retry runs
                 return self.pruner.should_prune(self.study, trial.number, event["fraction"], event["eval_loss"],

@@ -3,20 +3,44 @@ constraint values, and its state and objective values, each as the trial endings
 
 Out-of-memory and over-budget trials are told COMPLETE with constraint values > 0 (decision 3):
 Optuna's samplers learn only from COMPLETE trials, and the constraints keep them off every front.
+
+What optuna-dashboard shows comes from here too: the constraints in the format it reads (a list),
+the learning curve as intermediate values where Optuna can take them (`report_eval`), and a custom
+plot of every trial's learning curve (`save_curves_plot`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import threading
+from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from llmtune.config.recipe import Recipe
-from llmtune.study.attrs import CURVE, INFO, METRICS_KEY, REASON, STATUS
+from llmtune.study.attrs import CONSTRAINTS, CURVE, INFO, METRICS_KEY, REASON, STATUS
 from llmtune.study.storage import retry
 from llmtune.trial.endings import COMPLETE, ENDINGS, check_measured
 from llmtune.trial.result import TrialResult, finite
+
+# Optuna's constraints in the format every reader understands: a list under the trial system attribute
+# "constraints" (what Optuna's own `constraints_func` writes). Optuna 5's FrozenTrial.constraints reads
+# it as {"0": ..., "1": ...}; optuna-dashboard reads only this format, not Trial.set_constraint's
+# "constraints:<name>" keys. Writing both would give Optuna every constraint twice.
+_OPTUNA_CONSTRAINTS = "constraints"
+_NAMED_CONSTRAINT_PREFIX = "constraints:"  # Trial.set_constraint's keys, which llmtune wrote before
+
+# The custom plot of learning curves, stored as optuna-dashboard's `save_plotly_graph_object` stores one
+# (optuna_dashboard/_custom_plot_data.py, 0.21): the figure's JSON cut into pieces of 2045 characters, each
+# in the study system attribute "dashboard:plot_data:<id>:<i>" (i = 0, 1, ...); pieces left over from a
+# longer earlier figure are set to "". The dashboard lists the ids found in these keys. Written here so
+# that the search needs no optuna-dashboard installed.
+CURVES_PLOT_ID = "llmtune-learning-curves"
+_PLOT_PREFIX = "dashboard:plot_data:"
+_PLOT_PIECE = 2045
+_plot_lock = threading.Lock()  # the workers of one process write the pieces one figure at a time
 
 # What of a result's info goes into the study (the rest stays in the trial's result.json).
 KEPT_INFO = ("device", "gpu", "dtype", "wall_time_s", "process_wall_s", "load_s", "eval_s", "latency_s",
@@ -40,15 +64,26 @@ def constraint_values(recipe: Recipe, result: TrialResult) -> dict[str, float]:
     return values
 
 
-def penalty_values(study: optuna.Study, recipe: Recipe, result: TrialResult) -> list[float]:
-    """Objective values for an infeasible trial: measured where known, else the worst seen so far.
+def _is_feasible(trial: FrozenTrial) -> bool:
+    return all(c <= 0 for c in trial.constraints.values())
 
-    Constraint values > 0 mark these as infeasible, so the values matter little and are never shown
-    as results (the Pareto front excludes them)."""
+
+def penalty_values(study: optuna.Study, recipe: Recipe, result: TrialResult) -> list[float]:
+    """Objective values for an infeasible trial: measured where known, else the worst seen so far;
+    never better than the worst feasible trial's.
+
+    Constraint values > 0 mark these as infeasible, so the values matter little to llmtune and are never
+    shown as its results (its Pareto front excludes them). Readers that ignore constraints, such as
+    optuna-dashboard's "Best Trials", rank by values alone: once a feasible trial exists, every feasible
+    trial dominates an infeasible one, whose values are each at least as bad as the worst feasible value
+    (and, where they would all tie with it, the first is moved by the least float step)."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.values and t.user_attrs.get(STATUS) == COMPLETE]
-    out = []
+    feasible = [t for t in done if _is_feasible(t)]
+    out: list[float] = []
+    worst_feasible: list[float | None] = []
     for i, (metric, direction) in enumerate(recipe.objectives.items()):
+        worse = max if direction == "minimize" else min
         v = result.metrics.get(metric)
         if metric == "eval_loss":
             v = result.base_eval_loss  # the untrained model's: what an infeasible config is known to reach
@@ -57,11 +92,104 @@ def penalty_values(study: optuna.Study, recipe: Recipe, result: TrialResult) -> 
         if not finite(v):
             seen = [t.values[i] for t in done if finite(t.values[i])]
             if seen:
-                v = max(seen) if direction == "minimize" else min(seen)
+                v = worse(seen)
             else:
                 v = 0.0 if direction == "maximize" else 1e6
+        seen_feasible = [t.values[i] for t in feasible if finite(t.values[i])]
+        worst = worse(seen_feasible) if seen_feasible else None
+        if worst is not None:
+            v = worse(v, worst)  # type: ignore[arg-type]  # finite or replaced above
+        worst_feasible.append(worst)
         out.append(float(v))  # type: ignore[arg-type]  # finite or replaced above
+    if out and all(w is not None and v == w for v, w in zip(out, worst_feasible, strict=True)):
+        # ties the worst feasible values everywhere: dominated by no one; make it strictly worse
+        out[0] = math.nextafter(out[0], math.inf if list(recipe.objectives.values())[0] == "minimize" else -math.inf)
     return out
+
+
+def _named_constraints(study: optuna.Study) -> bool:
+    """Whether the study's trials carry Trial.set_constraint's named keys (llmtune 0.1.0 wrote those).
+    A resumed study of that kind keeps its format: GPSampler needs one key set on every trial."""
+    first = next(iter(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))), None)
+    return first is not None and any(k.startswith(_NAMED_CONSTRAINT_PREFIX) for k in first.system_attrs)
+
+
+def record_constraints(study: optuna.Study, trial: optuna.Trial, recipe: Recipe, result: TrialResult) -> None:
+    """The trial's constraint values, for the samplers and optuna-dashboard (see _OPTUNA_CONSTRAINTS),
+    and by name as a user attribute. Every COMPLETE or PRUNED trial carries the same ones, in one order:
+    "infeasible", then the recipe's constraints."""
+    values = constraint_values(recipe, result)
+    storage, tid = study._storage, trial._trial_id
+    storage.set_trial_user_attr(tid, CONSTRAINTS, values)
+    if _named_constraints(study):
+        for key, value in values.items():
+            trial.set_constraint(key, value)
+    else:
+        storage.set_trial_system_attr(tid, _OPTUNA_CONSTRAINTS, [float(v) for v in values.values()])
+
+
+def eval_step(fraction: float) -> int:
+    """The intermediate-value step of an evaluation: per mille of the training budget."""
+    return min(1000, max(0, round(fraction * 1000)))
+
+
+def curve_is_objective(recipe: Recipe) -> bool:
+    """Whether the learning curve may go to Optuna as intermediate values: only when eval_loss is the
+    study's one objective. Optuna tells a PRUNED trial's last intermediate value as its objective value
+    (right only when that objective is the loss), and TPESampler ranks pruned trials by
+    `study.direction`, which raises in a multi-objective study once a pruned trial has intermediate
+    values (Optuna 5.1): every later `ask` would fail. Other studies get the curves as a plot only."""
+    return list(recipe.objectives) == ["eval_loss"]
+
+
+def report_eval(study: optuna.Study, trial_id: int, recipe: Recipe, fraction: float, eval_loss: float) -> bool:
+    """Record one evaluation of a running trial as an Optuna intermediate value at step `eval_step`
+    (optuna-dashboard plots them), where `curve_is_objective` allows and the loss is finite. Returns
+    whether it was written. Raises UpdateFinishedTrialError when the trial is already finished."""
+    if not curve_is_objective(recipe) or not finite(eval_loss):
+        return False
+    study._storage.set_trial_intermediate_value(trial_id, eval_step(fraction), float(eval_loss))
+    return True
+
+
+def curves_figure(trials: list[FrozenTrial]) -> Any:
+    """A plotly figure: every trial's learning curve (eval loss against the fraction of the budget)."""
+    import plotly.graph_objects as go
+
+    dash = {COMPLETE: None, "pruned": "dot"}
+    traces = []
+    for t in trials:
+        points = [(f, loss) for f, loss in t.user_attrs.get(CURVE) or [] if finite(f) and finite(loss)]
+        if not points:
+            continue
+        status = t.user_attrs.get(STATUS) or t.state.name.lower()
+        traces.append(go.Scatter(
+            x=[round(f, 4) for f, _ in points], y=[float(f"{loss:.6g}") for _, loss in points],
+            mode="lines+markers", name=f"#{t.number} {status}", line={"dash": dash.get(status, "dash")}))
+    return go.Figure(data=traces, layout={
+        "template": go.layout.Template(),  # plotly's default template would add ~10 kB to every save
+        "title": {"text": "Learning curves"}, "legend": {"title": {"text": "trial"}},
+        "xaxis": {"title": {"text": "fraction of the training budget"}},
+        "yaxis": {"title": {"text": "eval loss"}}})
+
+
+def save_dashboard_plot(study: optuna.Study, plot_id: str, figure_json: str) -> None:
+    """Store a plotly figure's JSON as optuna-dashboard's custom plot `plot_id` (see _PLOT_PREFIX),
+    replacing the one stored before under that id."""
+    storage, sid = study._storage, study._study_id
+    prefix = f"{_PLOT_PREFIX}{plot_id}:"
+    pieces = [figure_json[i:i + _PLOT_PIECE] for i in range(0, len(figure_json), _PLOT_PIECE)]
+    with _plot_lock:
+        for i, piece in enumerate(pieces):
+            storage.set_study_system_attr(sid, f"{prefix}{i}", piece)
+        stored = sum(1 for k in storage.get_study_system_attrs(sid) if k.startswith(prefix))
+        for i in range(len(pieces), stored):
+            storage.set_study_system_attr(sid, f"{prefix}{i}", "")
+
+
+def save_curves_plot(study: optuna.Study) -> None:
+    """Redraw the dashboard's learning-curves plot (`CURVES_PLOT_ID`) from every trial's stored curve."""
+    save_dashboard_plot(study, CURVES_PLOT_ID, curves_figure(study.get_trials(deepcopy=False)).to_json())
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, recipe: Recipe, result: TrialResult) -> None:
@@ -77,8 +205,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, recipe: Recipe, result: Trial
     info = {k: result.info[k] for k in KEPT_INFO if k in result.info}
     storage.set_trial_user_attr(tid, INFO, json.loads(json.dumps(info, default=str)))
     if row.optuna_state in ("COMPLETE", "PRUNED"):
-        for key, value in constraint_values(recipe, result).items():
-            trial.set_constraint(key, value)  # samplers read these: infeasible trials teach them
+        record_constraints(study, trial, recipe, result)  # samplers read these: infeasible trials teach them
     if row.optuna_state == "COMPLETE":
         values = ([result.metrics[m] for m in recipe.objectives] if result.status == COMPLETE
                   else penalty_values(study, recipe, result))
@@ -89,3 +216,4 @@ def tell(study: optuna.Study, trial: optuna.Trial, recipe: Recipe, result: Trial
         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     if row.retried:
         retry(study, trial, None)  # status and reason were recorded above
+    save_curves_plot(study)
