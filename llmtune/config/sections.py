@@ -65,6 +65,7 @@ class TrainConfig:
     eval_points: int = field(default=4, metadata={"help": "Evaluations spread evenly over the budget (the last at the end); the pruner may add more."})
     eval_batch_size: int = field(default=16, metadata={"help": "Batch size of evaluation (does not change eval loss)."})
     device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cuda or cpu."})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads of each trial process; default: the cores this process may use, minus one for the search itself, shared by the trials that run at once (at least 1). LLMTUNE_THREADS overrides it."})
     report_to: list[str] = field(default_factory=list, metadata={"help": "Trackers for training logs: tensorboard, mlflow, wandb (off by default)."})
 
 

@@ -11,6 +11,7 @@ sampler from learning about values that changed nothing.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 from collections.abc import Callable
@@ -69,9 +70,9 @@ def _unit_interval(v: Any) -> str | None:
 def _targets(v: Any) -> str | None:
     if not isinstance(v, str) or not v.strip():
         return "must be a preset (" + ", ".join(TARGET_PRESETS) + ") or module names like 'q_proj,v_proj'"
-    close = did_you_mean(v, list(TARGET_PRESETS))
-    if "," not in v and v not in TARGET_PRESETS and close and v.lower() != v.lower().strip("_"):
-        return f"is neither a preset ({', '.join(TARGET_PRESETS)}) nor a module name{close}"
+    close = difflib.get_close_matches(v.strip(), list(TARGET_PRESETS), n=1, cutoff=0.8)
+    if "," not in v and v not in TARGET_PRESETS and close:  # a typo of a preset, not a module name
+        return f"is neither a preset ({', '.join(TARGET_PRESETS)}) nor a module name; did you mean '{close[0]}'?"
     return None  # module names are checked against the model itself at preflight (harness/targets.py)
 
 

@@ -197,9 +197,9 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
          base_eval: dict[str, Any] | None = None) -> None:
     info = result.info
     info.update(versions=_versions(), trial_number=trial_number, output_dir=str(out))
-    threads = os.environ.get("LLMTUNE_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
+    threads = hardware.trial_threads(1, recipe.train.threads)  # the search hands each trial its share
+    torch.set_num_threads(threads)
+    info["threads"] = threads
     torch.manual_seed(recipe.train.seed)
 
     emit({"event": "phase", "phase": "loading"})

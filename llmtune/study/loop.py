@@ -33,6 +33,7 @@ from llmtune._version import __version__
 from llmtune.config.recipe import Recipe
 from llmtune.config.space import SearchSpace
 from llmtune.errors import SearchError
+from llmtune.hardware import trial_threads
 from llmtune.study import attrs
 from llmtune.study.attrs import CURVE, DIR, OWNER, REASON, RUNG_METRICS, SETTINGS, STATUS
 from llmtune.study.gate import MemoryGate
@@ -293,8 +294,8 @@ class Search:
         env: dict[str, str] = {}
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[index]
-        if self.workers > 1 and not self.gpus:
-            env["LLMTUNE_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.workers))
+        # each trial's share of the CPU: trials x threads fit the cores (hardware.trial_threads)
+        env["LLMTUNE_THREADS"] = str(trial_threads(self.workers, self.recipe.train.threads))
         while (trial := self._claim()) is not None:
             with Heartbeat(self.study._storage, trial, self.log):
                 self._run_one(trial, env)
