@@ -9,6 +9,7 @@ a storage URL, or a `SearchResult`); ``output_dir`` is where this call writes; `
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,13 +54,22 @@ def load(recipe: RecipeLike, overrides: list[str] | None = None, values: dict[st
     return recipe_from_dict(data, source=source)
 
 
-def validate(recipe: RecipeLike, *, overrides: list[str] | None = None) -> Recipe:
+def _warn_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def validate(recipe: RecipeLike, *, overrides: list[str] | None = None,
+             warn: Callable[[str], None] | None = None) -> Recipe:
     """Check a recipe, its data, its model (config only) and this machine; returns the recipe, or raises
-    `RecipeError` with every problem (see `llmtune.preflight`)."""
+    `RecipeError` with every problem (see `llmtune.preflight`).
+
+    Each warning (e.g. bad data rows that trials will drop: how many, why, which rows, the fix) goes to
+    ``warn``; by default it is printed to stderr as ``warning: ...``."""
     from llmtune.preflight import preflight
 
     r = load(recipe, overrides)
-    preflight(r)
+    for message in preflight(r):
+        (warn or _warn_stderr)(message)
     return r
 
 

@@ -3,7 +3,13 @@
 `validate`, `search` and `train` all run it (through the API), so a problem found here never costs a
 trial. The recipe itself was checked when it was built (`config/recipe.py`); this looks outside it:
 
-- the data: it loads, and the train and eval splits are not empty;
+- the data: it loads, the train and eval splits are not empty, and every row of both is checked against
+  ``data.format`` (`harness/formats.py`): bad rows are dropped and each reason comes back as a warning
+  (count, first row numbers, fix), exactly as the trials will drop them; more than half bad is a problem.
+  The check runs over every row, since the trial applies it to every row too (it costs less than reading
+  the file). For ``chat`` the tokenizer's chat template is tried on one row per distinct sequence of roles
+  among the first 100,000 rows (`PROBE_ROWS`, at most `PROBE_RENDERS` rows rendered), so a template that
+  refuses a role (``tool``, ``system``) or an order is reported here, with the row, not in every trial;
 - the model: it is found (a built-in, a local folder, or a Hub name in the local cache when offline), its
   config is read and instantiated on the meta device (no weights), and every LoRA target choice of the
   space is resolved against its own modules (`harness/targets.py`); MoE expert targets need dropout 0;
@@ -12,7 +18,8 @@ trial. The recipe itself was checked when it was built (`config/recipe.py`); thi
 - this machine: a CUDA device when ``train.device: cuda``; bitsandbytes when the space quantizes or the
   optimizer is 8-bit; the trackers ``train.report_to`` names.
 
-Every problem is collected and raised at once as one `RecipeError` (field, value, fix).
+Every problem is collected and raised at once as one `RecipeError` (field, value, fix); what is worth
+knowing but does not stop a search (rows dropped) is returned as warnings.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from typing import Any
 from llmtune.config.recipe import Recipe
 from llmtune.config.space import Choice, Fixed
 from llmtune.errors import LlmtuneError, Problem, RecipeError
+
+PROBE_ROWS = 100_000    # rows of a chat data set whose role sequences are tried on the chat template
+PROBE_RENDERS = 200     # distinct role sequences rendered at most
 
 
 def _options(recipe: Recipe, name: str) -> list[Any]:
@@ -55,14 +65,60 @@ def _machine(recipe: Recipe) -> list[Problem]:
     return problems
 
 
-def _data(recipe: Recipe) -> list[Problem]:
+def _data(recipe: Recipe) -> tuple[list[Problem], list[str]]:
+    """The data's problems, and the warnings about rows dropped."""
     from llmtune.harness.data_sources import load_splits
+    from llmtune.harness.formats import TooManyBadRows
 
     try:
-        load_splits(recipe.data)
+        splits = load_splits(recipe.data)
+    except TooManyBadRows as e:
+        return e.problems, []
     except LlmtuneError as e:
-        return [Problem("data.source", str(e))]
-    return []
+        return [Problem("data.source", str(e))], []
+    problems = _chat_template(recipe, splits.train + splits.eval) if recipe.data.format == "chat" else []
+    return problems, splits.warnings
+
+
+def _chat_template(recipe: Recipe, rows: list[dict[str, Any]]) -> list[Problem]:
+    """Render one row per distinct sequence of roles with the model's chat template, as the trial will."""
+    from llmtune.builtin.names import resolve_model_name
+    from llmtune.harness.data import TemplateRefused, segments
+    from llmtune.harness.formats import parse_messages
+
+    m = recipe.model
+    try:
+        path = resolve_model_name(m.name, log=None)
+    except LlmtuneError:
+        return []  # `_model` says why
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except Exception as e:  # as for the config: not found, offline, remote code refused, broken files
+        why = " ".join(str(e).split())[:300]
+        return [Problem("model.name", f"{m.name!r}: its tokenizer cannot be read ({type(e).__name__}: {why}), and "
+                                      "data.format: chat renders the data with it")]
+    if not getattr(tokenizer, "chat_template", None):
+        return [Problem("data.format", f"'chat', but the tokenizer of {m.name!r} has no chat template; use a chat "
+                                       "(instruct) model, or data.format: instruction")]
+    seen: set[tuple[str, ...]] = set()
+    refused: dict[str, Problem] = {}
+    for row in rows[:PROBE_ROWS]:
+        roles = tuple(msg["role"] + ("+tool_calls" if msg.get("tool_calls") else "")
+                      for msg in parse_messages(row, recipe.data)[0])
+        if roles in seen:
+            continue
+        seen.add(roles)
+        try:
+            segments(row, recipe.data, tokenizer)
+        except TemplateRefused as e:  # one problem per thing the template says, with its first row
+            refused.setdefault(e.why, Problem("data.source", str(e)))
+        except LlmtuneError as e:
+            refused.setdefault(str(e), Problem("data.source", str(e)))
+        if len(seen) >= PROBE_RENDERS or len(refused) >= 3:
+            break
+    return list(refused.values())
 
 
 def _model_config(recipe: Recipe) -> tuple[Any, list[Problem]]:
@@ -129,12 +185,16 @@ def _model(recipe: Recipe) -> list[Problem]:
     return problems
 
 
-def preflight(recipe: Recipe, *, data: bool = True, model: bool = True) -> None:
-    """Raise one `RecipeError` listing every problem the data, the model or this machine has with the recipe."""
+def preflight(recipe: Recipe, *, data: bool = True, model: bool = True) -> list[str]:
+    """Raise one `RecipeError` listing every problem the data, the model or this machine has with the recipe;
+    return the warnings (bad rows the trials will drop: how many, why, which, the fix)."""
     problems = _machine(recipe)
+    warnings: list[str] = []
     if data:
-        problems += _data(recipe)
+        found, warnings = _data(recipe)
+        problems += found
     if model:
         problems += _model(recipe)
     if problems:
         raise RecipeError(problems)
+    return warnings

@@ -67,3 +67,10 @@ def test_a_tokenizer_without_a_complete_fingerprint_is_not_cached(setup, tmp_pat
     monkeypatch.setattr(T, "tokenizer_fingerprint", lambda tokenizer: None)
     cached(setup, tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_new_rendering_version_is_a_new_entry(setup, tmp_path, monkeypatch):
+    cached(setup, tmp_path)
+    monkeypatch.setattr(T, "RENDER_VERSION", T.RENDER_VERSION + 1)  # formats.py bumps it when rendering changes
+    cached(setup, tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 2

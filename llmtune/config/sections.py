@@ -21,7 +21,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = field(metadata={"help": "Local JSON/JSONL/CSV/parquet file or folder, a Hub dataset name, or 'llmtune/tiny-tasks'."})
-    format: str = field(default="instruction", metadata={"help": "text (one field of plain text), instruction (instruction/input/output) or chat (a list of messages rendered with the tokenizer's chat template)."})
+    format: str = field(default="instruction", metadata={"help": "text (one field of plain text), instruction (Alpaca: instruction, optional input, output) or chat (messages: a list of {role, content} with roles system/user/assistant/tool, rendered with the tokenizer's chat template; ShareGPT conversations of {from, value} and messages given as a JSON string are read too). Rows that miss what their format needs are dropped with a warning; more than half bad stops the search."})
     eval_source: str | None = field(default=None, metadata={"help": "Separate eval data; when unset, eval_fraction of the training data is held out."})
     eval_fraction: float = field(default=0.1, metadata={"help": "Share held out for eval when eval_source is unset."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/eval split."})
@@ -31,7 +31,7 @@ class DataConfig:
     instruction_field: str = field(default="instruction", metadata={"help": "Field of the instruction (format: instruction)."})
     input_field: str = field(default="input", metadata={"help": "Field of the optional input (format: instruction)."})
     output_field: str = field(default="output", metadata={"help": "Field of the answer (format: instruction)."})
-    messages_field: str = field(default="messages", metadata={"help": "Field of the message list (format: chat)."})
+    messages_field: str = field(default="messages", metadata={"help": "Field of the message list (format: chat); rows without it are read from 'conversations' (ShareGPT) while this is 'messages'."})
     train_on: str = field(default="completions", metadata={"help": "completions: loss on answers only; all: loss on every token."})
     eval_max_length: int = field(default=512, metadata={"help": "Eval examples are cut to this many tokens for every trial, whatever its sequence_len, so eval losses compare."})
     max_eval_examples: int | None = field(default=200, metadata={"help": "Cap on eval examples (the same ones for every trial)."})

@@ -1,5 +1,5 @@
 """Data: render prompts, tokenize with loss masks, and plan the training batches (the rows come from
-`llmtune.harness.data_sources`).
+`llmtune.harness.data_sources`; what a row of each format holds is in `llmtune.harness.formats`).
 
 Two rules keep trials comparable (ARCHITECTURE decision 4):
   - eval examples are cut to ``eval_max_length`` for every trial, whatever its ``sequence_len``;
@@ -17,6 +17,7 @@ from typing import Any
 
 from llmtune.config.sections import Budget, DataConfig
 from llmtune.errors import DataError
+from llmtune.harness import formats as F
 
 IGNORE = -100
 INSTRUCTION_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -27,42 +28,67 @@ INSTRUCTION_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\
 
 
 def segments(row: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> list[tuple[str, bool]]:
-    """An example as (text, is_completion) pieces; loss goes on completion pieces."""
-    def need(name: str) -> Any:
-        if name not in row:
-            raise DataError(f"data row has no field {name!r} (fields: {sorted(row)}); set data.{_field_setting(cfg, name)}")
-        return row[name]
+    """An example as (text, is_completion) pieces; loss goes on completion pieces.
 
+    What a row must hold is `formats`' business (a bad row raises `formats.BadRow`, a `DataError`)."""
     eos = tokenizer.eos_token or ""
     if cfg.format == "text":
-        return [(str(need(cfg.text_field)) + eos, True)]
+        return [(F.parse_text(row, cfg) + eos, True)]
     if cfg.format == "instruction":
-        instruction = str(need(cfg.instruction_field))
-        inp = row.get(cfg.input_field) or ""
+        instruction, inp, output = F.parse_instruction(row, cfg)
         template = INSTRUCTION_PROMPT if inp else INSTRUCTION_PROMPT_NO_INPUT
-        return [(template.format(instruction=instruction, input=inp), False), (str(need(cfg.output_field)) + eos, True)]
-    messages = need(cfg.messages_field)
+        return [(template.format(instruction=instruction, input=inp), False), (output + eos, True)]
+    messages, shape = F.parse_messages(row, cfg)
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("data.format is chat but the tokenizer has no chat template; use format: instruction or a chat model")
+
+    def render(part: list[dict[str, Any]], **kwargs: Any) -> str:
+        try:
+            return tokenizer.apply_chat_template(part, tokenize=False, **kwargs)
+        except Exception as e:  # the template is the model's code: whatever it raises, say which row and why
+            raise template_refused(row, messages, shape, tokenizer, e) from None
+
     pieces: list[tuple[str, bool]] = []
     done = ""
     for i, msg in enumerate(messages):
-        if msg.get("role") != "assistant":
+        if msg["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        prompt = render(messages[:i], add_generation_prompt=True)
+        full = render(messages[: i + 1])
         if not prompt.startswith(done) or not full.startswith(prompt):
-            raise DataError("the chat template does not render conversations prefix by prefix; loss masking per turn is not possible (use data.train_on: all)")
+            raise DataError(f"{F.row_label(row)} (data.format: chat): the chat template does not render conversations "
+                            "prefix by prefix; loss masking per turn is not possible (use data.train_on: all)")
         pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
         done = full
-    return pieces or [(tokenizer.apply_chat_template(messages, tokenize=False), False)]
+    return pieces or [(render(messages), False)]
 
 
-def _field_setting(cfg: DataConfig, name: str) -> str:
-    for setting in ("text_field", "instruction_field", "input_field", "output_field", "messages_field"):
-        if getattr(cfg, setting) == name:
-            return setting
-    return "format"
+class TemplateRefused(DataError):
+    """The tokenizer's chat template raised on a row; ``why`` is what it said."""
+
+    def __init__(self, message: str, why: str):
+        self.why = why
+        super().__init__(message)
+
+
+def template_refused(row: dict[str, Any], messages: list[dict[str, Any]], shape: str, tokenizer: Any,
+                     error: Exception) -> TemplateRefused:
+    """The error for a chat template that raised on this row: the row, the format, what the template said."""
+    why = " ".join(str(error).split())[:300] or type(error).__name__
+    where = f"{F.row_label(row)} (data.format: chat, messages from {shape})"
+    model = getattr(tokenizer, "name_or_path", "") or "the model"
+    without_tools = [m for m in messages if m["role"] != "tool"]
+    if len(without_tools) < len(messages):
+        try:
+            tokenizer.apply_chat_template(without_tools, tokenize=False)
+        except Exception:  # it fails for another reason too: say what the template said
+            pass
+        else:
+            return TemplateRefused(f"{where} has a 'tool' turn, and the chat template of {model} does not accept the "
+                                   f"'tool' role (it says: {why}); remove the tool turns from the data, or use a "
+                                   "model whose chat template takes tool messages", why)
+    return TemplateRefused(f"{where}: the chat template of {model} refused it (it says: {why}); change the row "
+                           "to what the template accepts, remove it, or use a model whose template takes it", why)
 
 
 @dataclass

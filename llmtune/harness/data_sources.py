@@ -1,20 +1,33 @@
 """Where the rows come from: a JSON/JSONL/CSV/parquet file, a folder of split files or a Hub dataset,
-split into train and eval as the recipe asks, with a fingerprint of exactly that data."""
+split into train and eval as the recipe asks, with a fingerprint of exactly that data.
+
+Each row is a `formats.Row` that knows its number in its file, and every source is screened by
+`formats.screen` before the split: bad rows are dropped with a warning, too many of them are an error."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmtune.config.sections import DataConfig
 from llmtune.errors import DataError
+from llmtune.harness.formats import Row, TooManyBadRows, screen
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 EVAL_SPLIT_NAMES = ("eval", "validation", "valid", "dev", "test")
+
+
+def _numbered(rows: Any, origin: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i, r in enumerate(rows):
+        row = Row(r)
+        row.number, row.origin = i + 1, origin
+        out.append(row)
+    return out
 
 
 def _load_file(path: Path) -> list[dict[str, Any]]:
@@ -24,11 +37,11 @@ def _load_file(path: Path) -> list[dict[str, Any]]:
     if kind == "json":
         rows = _read_json_rows(path)
         if rows is not None:
-            return rows
+            return _numbered(rows, path.name)
     from datasets import load_dataset
 
     ds = load_dataset(kind, data_files=str(path), split="train")
-    return [dict(r) for r in ds]
+    return _numbered(ds, path.name)
 
 
 def _read_json_rows(path: Path) -> list[dict[str, Any]] | None:
@@ -86,7 +99,7 @@ def load_source(source: str, split: str | None) -> tuple[list[dict[str, Any]], d
         ds = load_dataset(resolved, split=split or "train")
     except Exception as e:  # the Hub client raises many types; one clear message is what helps
         raise DataError(f"could not load Hub dataset {resolved!r} split {split or 'train'!r}: {e}") from None
-    return [dict(r) for r in ds], {}
+    return _numbered(ds, f"{resolved} split {split or 'train'}"), {}
 
 
 @dataclass
@@ -94,11 +107,16 @@ class Splits:
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]]
     fingerprint: str
+    warnings: list[str] = field(default_factory=list)  # rows dropped as bad (`formats.screen`)
 
 
 def load_splits(cfg: DataConfig) -> Splits:
-    """Train and eval rows as the recipe asks, and a fingerprint of exactly that data."""
+    """Train and eval rows as the recipe asks, without bad rows, and a fingerprint of exactly that data.
+
+    Raises `TooManyBadRows` (a `DataError`) when more than half the rows of the training or eval source
+    are bad."""
     train, others = load_source(cfg.source, cfg.train_split)
+    eval_rows: list[dict[str, Any]] | None
     if cfg.eval_source:
         eval_rows, _ = load_source(cfg.eval_source, cfg.eval_split)
     elif cfg.eval_split:
@@ -106,6 +124,14 @@ def load_splits(cfg: DataConfig) -> Splits:
     elif others:
         eval_rows = others[next(n for n in EVAL_SPLIT_NAMES if n in others)]
     else:
+        eval_rows = None  # held out of the training rows, once the bad ones are gone
+    train, warnings, problems = screen(train, cfg, "data.source")
+    if eval_rows:
+        eval_rows, w, p = screen(eval_rows, cfg, "data.eval_source" if cfg.eval_source else "data.source")
+        warnings, problems = warnings + w, problems + p
+    if problems:
+        raise TooManyBadRows(problems)
+    if eval_rows is None:
         rows = list(train)
         random.Random(cfg.split_seed).shuffle(rows)
         n_eval = max(1, int(round(len(rows) * cfg.eval_fraction)))
@@ -125,4 +151,4 @@ def load_splits(cfg: DataConfig) -> Splits:
         for row in part:
             digest.update(json.dumps(row, sort_keys=True, default=str).encode())
         digest.update(b"|")
-    return Splits(train, eval_rows, digest.hexdigest()[:16])
+    return Splits(train, eval_rows, digest.hexdigest()[:16], warnings)

@@ -5,10 +5,10 @@ and only a few lengths are searched. On a real data set that is seconds to minut
 first trial with a given (data, format, tokenizer, length) writes its examples under
 ``<output_dir>/.cache/tokens/`` and the later ones read them (milliseconds). The key covers everything
 the encoding depends on: the data's fingerprint, the data section of the recipe, the tokenizer's whole
-definition (vocabulary, merges, normalizer, template, special tokens) and the length, so a changed
-input is a new file, never a stale read. Files are plain integer arrays (``.npz``, no pickle) written
-atomically; a file that cannot be read is encoded again. Slow (Python) tokenizers are not cached: their
-definition has no cheap, complete fingerprint.
+definition (vocabulary, merges, normalizer, template, special tokens), the length and the version of the
+rendering (`formats.RENDER_VERSION`), so a changed input is a new file, never a stale read. Files are
+plain integer arrays (``.npz``, no pickle) written atomically; a file that cannot be read is encoded
+again. Slow (Python) tokenizers are not cached: their definition has no cheap, complete fingerprint.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 
 from llmtune.config.sections import DataConfig
 from llmtune.harness.data import Example, encode_all
+from llmtune.harness.formats import RENDER_VERSION
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str | None:
@@ -52,7 +53,7 @@ def encode_cached(rows: list[dict[str, Any]], cfg: DataConfig, tokenizer: Any, m
     if cache_dir is None or tok is None:
         return encode_all(rows, cfg, tokenizer, max_len)
     key = json.dumps({"data": data_fingerprint, "cfg": asdict(cfg), "tokenizer": tok, "max_len": max_len,
-                      "rows": len(rows), "split": split}, sort_keys=True, default=str)
+                      "rows": len(rows), "split": split, "render": RENDER_VERSION}, sort_keys=True, default=str)
     path = cache_dir / f"{split}-{max_len}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
     cached = _read(path)
     if cached is not None:
