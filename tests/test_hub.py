@@ -398,3 +398,15 @@ def test_old_flag_spellings_still_work_with_a_warning(searched, tmp_path, capfd)
     assert main(["export", out, "--to", str(tmp_path / "old")]) == 0
     assert "warning: --to is deprecated; use --output-dir" in capfd.readouterr().err
     assert (tmp_path / "old" / "adapter_model.safetensors").exists()
+
+
+def test_model_card_names_the_study_and_publishes_no_storage_coordinates(searched, tmp_path, monkeypatch):
+    from llmtune.deliver.modelcard import public_recipe
+
+    searched.recipe.study.storage = "postgresql://alice:pw@db.internal.example:6543/llmtune_prod"
+    try:
+        shown = public_recipe(searched)
+    finally:
+        searched.recipe.study.storage = None
+    assert "storage" not in shown["study"] and shown["study"]["study_name"] == searched.study.study_name
+    assert "db.internal" not in json.dumps(shown) and "6543" not in json.dumps(shown)

@@ -16,7 +16,6 @@ from optuna.trial import FrozenTrial
 from llmtune.builtin.names import DATA, MODELS
 from llmtune.config.objectives import METRICS
 from llmtune.study.attrs import CURVE, METRICS_KEY, SETTINGS
-from llmtune.study.storage import mask_url
 
 if TYPE_CHECKING:
     from llmtune.deliver.results import SearchResult
@@ -55,12 +54,14 @@ def _md_table(rows: list[dict[str, Any]]) -> str:
 
 
 def public_recipe(result: SearchResult) -> dict[str, Any]:
-    """The recipe as shipped with the card: storage passwords masked, local paths cut to their last part
-    (a model or data folder on this machine says nothing to a reader and may say too much)."""
+    """The recipe as shipped with the card: no storage coordinates (the study is named, not where it lives:
+    host, port, user and database say nothing to a reader and may say too much), local paths cut to their
+    last part (a model or data folder on this machine likewise)."""
     data = result.recipe.to_dict()
     study = data.get("study") or {}
-    if study.get("storage"):
-        study["storage"] = mask_url(str(study["storage"]))
+    study.pop("storage", None)
+    opened = getattr(result, "study", None)
+    study["study_name"] = opened.study_name if opened is not None else (study.get("study_name") or data.get("name"))
     data["output_dir"] = Path(str(data.get("output_dir") or "runs")).name
     for section, key in (("model", "name"), ("data", "source"), ("data", "eval_source")):
         value = (data.get(section) or {}).get(key)
