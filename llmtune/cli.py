@@ -116,6 +116,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         print("search stopped; run the same command again to continue", file=sys.stderr)
         return 130
     _print_results(result)
+    if not any(t.user_attrs.get("llmtune.status") == COMPLETE for t in result.all_trials):
+        print("error: no trial completed; see each trial's reason in trials.csv and its trial.log", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -251,3 +251,22 @@ def test_a_search_measures_the_untrained_adapter_loss_once_per_base(tmp_path):
     assert base[0][0] == 0.0 and base == [base[0]] * 3
     stored = [v for k, v in result.study.user_attrs.items() if k.startswith("llmtune.base_eval_loss.")]
     assert len(stored) == 1 and stored[0]["loss"] == base[0][1] and stored[0]["context"]["device"] == "cpu"
+
+
+def test_a_search_whose_first_trials_all_crash_alike_stops_and_exits_nonzero(tmp_path, monkeypatch, capfd,
+                                                                             tiny_model_path, tiny_data_path):
+    import yaml
+
+    from llmtune.cli import main
+
+    monkeypatch.setenv("LLMTUNE_FAULT", "crash")  # every trial crashes the same way
+    recipe = tiny_recipe_dict(tmp_path, study={"n_trials": 8, "trial_timeout": 300},
+                              search={"learning_rate": [1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3, 7e-3, 8e-3]})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["search", str(path), "--quiet"]) == 1
+    err = capfd.readouterr().err
+    assert "the first 3 trials all crashed with the same reason" in err and "Traceback" not in err
+    study = llmtune.load_results(recipe["output_dir"]).study
+    ended = [t for t in study.trials if t.user_attrs.get("llmtune.status") == "crashed"]
+    assert 3 <= len(ended) < 8  # stopped early, not after n_trials

@@ -52,7 +52,7 @@ from llmtune.study.storage import (
     storage_url,
     worker_id,
 )
-from llmtune.trial.endings import OVER_BUDGET, RUNNING, SURPLUS
+from llmtune.trial.endings import CRASHED, OVER_BUDGET, RUNNING, SURPLUS
 from llmtune.trial.fork_server import ForkServer, prewarm
 from llmtune.trial.result import TrialResult, finite
 from llmtune.trial.runner import TrialJob, run_trial_process
@@ -143,6 +143,10 @@ def _physical_gpus(entry: str) -> str:
     return ",".join(out)
 
 
+# A search stops when this many of its first trials crashed for one and the same reason.
+FAIL_FAST_TRIALS = 3
+
+
 class Search:
     """One search process: any number of worker threads, each running trial processes in turn.
 
@@ -170,6 +174,8 @@ class Search:
         self._lock = threading.Lock()
         self.started = time.time()
         self.errors: list[BaseException] = []
+        self.finished: list[tuple[str, str]] = []  # (status, reason) of this process's trials, in order
+        self.failed_fast = ""
         self.fork_server: ForkServer | None = None
         self.gate = MemoryGate(recipe, log)
 
@@ -231,6 +237,10 @@ class Search:
                 self.progress.stop()
         if self.errors:
             raise self.errors[0]
+        if self.failed_fast:
+            raise SearchError(f"the first {FAIL_FAST_TRIALS} trials all crashed with the same reason, so the search "
+                              f"stopped: {self.failed_fast}. Fix that and run the same command again (the study "
+                              "keeps its trials); each trial's trial.log has the details", code=1)
         return study
 
     def _budget(self) -> str:
@@ -354,6 +364,20 @@ class Search:
             return
         if self.progress:
             self.progress.trial_finished(trial.number, result)
+        self._fail_fast(result)
+
+    def _fail_fast(self, result: TrialResult) -> None:
+        """Stop when this process's first trials all crashed for the same reason: every further trial would
+        too (bad data, a broken model, a missing library), so say it now instead of after n_trials."""
+        with self._lock:
+            self.finished.append((result.status, result.reason))
+            first = self.finished[:FAIL_FAST_TRIALS]
+        if len(first) < min(FAIL_FAST_TRIALS, self.n_trials or FAIL_FAST_TRIALS) or self.failed_fast:
+            return
+        if all(status == CRASHED for status, _ in first) and len({reason for _, reason in first}) == 1:
+            self.failed_fast = first[0][1]
+            self.log(f"stopping: the first {len(first)} trials all crashed with the same reason: {first[0][1]}")
+            self.stop.set()
 
     def _fractions(self) -> list[float]:
         from llmtune.harness.train import eval_fractions
