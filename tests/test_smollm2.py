@@ -132,4 +132,8 @@ def test_one_real_lora_trial_on_smollm2_lowers_the_eval_loss(converted, tmp_path
     result = run_trial(recipe, recipe.space.complete({}), tmp_path / "trial")
     assert result.status == "complete", result.reason
     assert result.info["packing_mode"] == "position_ids"
+    from llmtune import (
+        hardware,  # dtype auto: a bf16 checkpoint trains in bf16 where the CPU multiplies it natively
+    )
+    assert result.info["dtype"] == ("bfloat16" if hardware.cpu_has_fast_bf16() else "float32")
     assert result.metrics["eval_loss"] < result.base_eval_loss - 0.05, (result.base_eval_loss, result.metrics)

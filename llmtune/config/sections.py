@@ -12,7 +12,7 @@ from typing import Any
 @dataclass
 class ModelConfig:
     name: str = field(metadata={"help": "Hub name or local path of the base model; 'llmtune/tiny' is the offline demo model."})
-    dtype: str = field(default="auto", metadata={"help": "Weights/compute dtype: auto (bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU), bfloat16, float16, float32."})
+    dtype: str = field(default="auto", metadata={"help": "Weights/compute dtype: auto (bf16 on GPUs that support it, else fp16 on GPU; on CPU bf16 for a bf16 checkpoint where the CPU has AMX/AVX512-BF16, else fp32), bfloat16, float16, float32."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub repository."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
     attn_implementation: str = field(default="auto", metadata={"help": "auto (sdpa where the model supports it, else eager), sdpa, eager or flash_attention_2."})

@@ -13,13 +13,25 @@ from llmtune.harness.targets import attention_implementation, check_dropout, res
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def pick_dtype(requested: str, device: str) -> torch.dtype:
-    """auto: bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU (fast and exact there)."""
+def pick_dtype(requested: str, device: str, checkpoint: str | None = None) -> torch.dtype:
+    """auto: bf16 where the GPU supports it, fp16 on older GPUs; on a CPU, bf16 when the checkpoint is bf16
+    and the CPU multiplies bf16 natively (AMX / AVX512-BF16: 1.8x the tokens/s of fp32 on SmolLM2 at eval loss
+    within 1%, benchmarks/results/harness_speed_smollm2_cpu.md), else fp32 (exact, and fast for small models)."""
     if requested != "auto":
         return DTYPES[requested]
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return torch.bfloat16 if checkpoint == "bfloat16" and hardware.cpu_has_fast_bf16() else torch.float32
+
+
+def checkpoint_dtype(cfg: ModelConfig) -> str | None:
+    """The dtype the model's weights are stored in (its config), e.g. "bfloat16"; None when it does not say."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolved_model_path(cfg), revision=cfg.revision,
+                                        trust_remote_code=cfg.trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
 def quantization_config(settings: dict[str, Any], dtype: torch.dtype):

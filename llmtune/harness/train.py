@@ -205,7 +205,7 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
     emit({"event": "phase", "phase": "loading"})
     t0 = time.perf_counter()
     device = hardware.resolve_device(recipe.train.device)
-    dtype = M.pick_dtype(recipe.model.dtype, device)
+    dtype = M.pick_dtype(recipe.model.dtype, device, M.checkpoint_dtype(recipe.model))
     info.update(device=device, dtype=str(dtype).removeprefix("torch."))
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
