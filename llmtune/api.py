@@ -83,6 +83,7 @@ def search(recipe: RecipeLike, *, n_trials: int | None = None, storage: str | No
     Re-running with the same recipe and output_dir continues the same study.
     """
     from llmtune.deliver.finalize import finalize
+    from llmtune.preflight import preflight
     from llmtune.study.loop import Search, parse_gpus
     from llmtune.study.progress import make_progress
 
@@ -93,9 +94,12 @@ def search(recipe: RecipeLike, *, n_trials: int | None = None, storage: str | No
         bad.append(Problem("workers (--workers)", f"{workers} must be at least 1"))
     if bad:
         raise RecipeError(bad)
-    r = validate(recipe, overrides=overrides)
+    r = load(recipe, overrides)
     if output_dir is not None:
         r.output_dir = os.fspath(output_dir)
+    # before anything is written: the storage and output_dir this search will use, not only the recipe's
+    for message in preflight(r, storage=storage, output_dir=_output_field(r.output_dir, output_dir)):
+        _warn_stderr(message)
     say = log or (_silent if quiet else print)
     run = Search(r, storage=storage, n_trials=n_trials, workers=workers, gpus=parse_gpus(gpus),
                  study_name=study_name, progress=make_progress(quiet), log=say)
@@ -117,9 +121,9 @@ def train(recipe: RecipeLike, values: dict[str, Any] | None = None, *, output_di
     from llmtune.trial.runner import TrialJob, run_trial_process
 
     r = load(recipe, overrides, values)
-    preflight(r)
-    settings = r.space.complete({})
     out = Path(output_dir or Path(r.output_dir) / "train")
+    preflight(r, study=False, output_dir=_output_field(out, output_dir))
+    settings = r.space.complete({})
     if in_process:
         from llmtune.harness.train import run_trial
 
@@ -131,6 +135,20 @@ def train(recipe: RecipeLike, values: dict[str, Any] | None = None, *, output_di
     job = TrialJob(recipe=masked_recipe(r), values=settings, out_dir=out.resolve(), fractions=eval_fractions(r),
                    timeout=r.study.trial_timeout)
     return run_trial_process(job)
+
+
+def _output_field(path: str | os.PathLike, given: str | os.PathLike | None) -> tuple[str, str]:
+    """(folder, the field it came from) for the preflight's check of where a command writes."""
+    return os.fspath(path), "output_dir (--output-dir)" if given is not None else "output_dir"
+
+
+def _writable(path: str | os.PathLike, given: str | os.PathLike | None) -> None:
+    """Raise `RecipeError` when the folder a command would write cannot be made, before it reads anything."""
+    from llmtune.preflight import folder_problem
+
+    problem = folder_problem(*_output_field(path, given))
+    if problem:
+        raise RecipeError([problem])
 
 
 def trial_settings_for(recipe: RecipeLike, values: dict[str, Any] | None = None, *,
@@ -181,9 +199,13 @@ def report(run: RunLike, *, study_name: str | None = None, storage: str | None =
     output_dir); returns the results."""
     from llmtune.deliver.finalize import finalize
 
+    if output_dir is not None:
+        _writable(output_dir, output_dir)
     result = load_results(run, study_name=study_name, storage=storage)
     if output_dir is not None:
         result.recipe.output_dir = os.fspath(output_dir)
+    else:
+        _writable(result.recipe.output_dir, None)
     return finalize(result.study, result.recipe)
 
 
@@ -193,6 +215,7 @@ def export_adapter(run: RunLike, output_dir: str | os.PathLike, *, trial: int | 
     (new, empty, or an earlier export). ``merge`` adds the merged full model (16/32-bit bases only)."""
     from llmtune.deliver.hub import export_adapter as _export
 
+    _writable(output_dir, output_dir)
     result = load_results(run, study_name=study_name, storage=storage)
     return _export(result, os.fspath(output_dir), trial=trial, merge=merge, tokenizer=tokenizer)
 
@@ -206,6 +229,8 @@ def push_to_hub(run: RunLike, repo_id: str | None = None, *, private: bool | Non
     ``endpoint``: another Hub server (default: HF_ENDPOINT or the Hugging Face Hub)."""
     from llmtune.deliver.hub import push_to_hub as _push
 
+    if output_dir is not None:
+        _writable(output_dir, output_dir)
     result = load_results(run, study_name=study_name, storage=storage)
     return _push(result, repo_id, private=private, trial=trial, revision=revision, dry_run=dry_run, token=token,
                  output_dir=None if output_dir is None else os.fspath(output_dir), endpoint=endpoint)

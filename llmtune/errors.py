@@ -46,7 +46,12 @@ class RecipeError(LlmtuneError, ValueError):
 
 
 class DataError(LlmtuneError, ValueError):
-    """The data cannot be used as the recipe describes (names the field and the fix)."""
+    """The data cannot be used as the recipe describes (names the field and the fix). ``field`` is the recipe
+    field the data came from (data.source, data.eval_source), where the message is about the whole source."""
+
+    def __init__(self, message: str = "", code: int | None = None, *, field: str = ""):
+        super().__init__(message, code)
+        self.field = field
 
 
 class SearchError(LlmtuneError, RuntimeError):

@@ -128,6 +128,21 @@ def bitsandbytes_ready(device: str) -> None:
     import bitsandbytes  # noqa: F401  (fails early with its own message when its CUDA library is broken)
 
 
+@functools.lru_cache(maxsize=1)
+def bnb_cpu_packs_4bit() -> bool:
+    """Whether bitsandbytes repacks 4-bit weights for its CPU kernel here (a CPU with AVX512-BF16): it does so
+    at the first evaluation of a trial on the CPU, and that packing needs out_features in blocks of 32 and an
+    even in_features (bitsandbytes 0.50 `_convert_weight_packed_for_cpu`)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+
+        return bool(has_avx512bf16())
+    except Exception:  # an older bitsandbytes without that kernel, or a broken install: no packing
+        return False
+
+
 def module_ready(module: str, why: str, pip_name: str | None = None) -> None:
     """Raise a clear error when an optional library a setting needs (``why``) is not installed."""
     if importlib.util.find_spec(module) is None:

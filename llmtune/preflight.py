@@ -16,7 +16,12 @@ trial. The recipe itself was checked when it was built (`config/recipe.py`); thi
   the attention implementation is one the model supports (and its library is installed); with sample
   packing, a 1-layer random copy of the architecture shows whether it can keep packed examples apart;
 - this machine: a CUDA device when ``train.device: cuda``; bitsandbytes when the space quantizes or the
-  optimizer is 8-bit; the trackers ``train.report_to`` names.
+  optimizer is 8-bit (and, for 4-bit on the CPU, layer shapes its CPU kernels can pack); the trackers
+  ``train.report_to`` names;
+- where it writes, without writing: the output folder can be made (no file in its way, a file system that
+  takes it); the study storage (``--storage``, ``LLMTUNE_STORAGE`` or ``study.storage``) is a URL whose
+  ``${VARIABLES}`` are set, a SQLite file in an existing folder (and a SQLite database if it exists), or a
+  database server that accepts a connection (nothing is created there); the heartbeat settings are numbers.
 
 Every problem is collected and raised at once as one `RecipeError` (field, value, fix); what is worth
 knowing but does not stop a search (rows dropped) is returned as warnings.
@@ -25,6 +30,10 @@ knowing but does not stop a search (rows dropped) is returned as warnings.
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from llmtune.config.recipe import Recipe
@@ -75,7 +84,7 @@ def _data(recipe: Recipe) -> tuple[list[Problem], list[str]]:
     except TooManyBadRows as e:
         return e.problems, []
     except LlmtuneError as e:
-        return [Problem("data.source", str(e))], []
+        return [Problem(getattr(e, "field", "") or "data.source", str(e))], []
     problems = _chat_template(recipe, splits.train + splits.eval) if recipe.data.format == "chat" else []
     return problems, splits.warnings
 
@@ -171,6 +180,7 @@ def _model(recipe: Recipe) -> list[Problem]:
         problems.append(Problem("search.sample_packing", f"true, but {config.model_type} cannot keep packed examples "
                                 "apart (its attention ignores position ids and takes no block mask); set "
                                 "sample_packing: false"))
+    problems += _cpu_4bit(recipe, model)
     dropouts = [float(d) for d in _options(recipe, "lora_dropout")]
     for targets in _options(recipe, "lora_target_modules"):
         try:
@@ -185,10 +195,172 @@ def _model(recipe: Recipe) -> list[Problem]:
     return problems
 
 
-def preflight(recipe: Recipe, *, data: bool = True, model: bool = True) -> list[str]:
-    """Raise one `RecipeError` listing every problem the data, the model or this machine has with the recipe;
-    return the warnings (bad rows the trials will drop: how many, why, which, the fix)."""
+def _cpu_4bit(recipe: Recipe, model: Any) -> list[Problem]:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks each 4-bit weight for its CPU kernel at the first
+    evaluation, which needs out_features in blocks of 32 and an even in_features: other shapes crash every trial."""
+    from llmtune import hardware
+
+    on_cpu = recipe.train.device == "cpu" or (recipe.train.device == "auto" and hardware.gpu_count() == 0)
+    if "4bit" not in _options(recipe, "quantization") or not on_cpu or not hardware.bnb_cpu_packs_4bit():
+        return []
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    shapes: dict[tuple[int, int], str] = {}
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if module is head or kind not in ("Linear", "Conv1D"):
+            continue
+        in_f, out_f = (module.in_features, module.out_features) if kind == "Linear" else tuple(module.weight.shape)
+        if out_f % 32 or in_f % 2:
+            shapes.setdefault((in_f, out_f), name)
+    if not shapes:
+        return []
+    shown = "; ".join(f"{name}: {i} inputs, {o} outputs" for (i, o), name in list(shapes.items())[:3])
+    return [Problem("search.quantization", f"'4bit' on this CPU: bitsandbytes packs 4-bit weights for its CPU kernel "
+                    f"in blocks of 32 outputs and pairs of inputs, and {recipe.model.name!r} has layers that do not fit "
+                    f"({shown}), so every trial would crash at its first evaluation; use quantization none or 8bit "
+                    "on the CPU, or train on a GPU")]
+
+
+# ----------------------------------------------------------------------------------------- where it writes
+
+
+def folder_problem(path: str | os.PathLike, field: str) -> Problem | None:
+    """Why a folder cannot be made (or written) at ``path``, or None. Writes nothing that stays: a probe
+    folder is made and removed where the first missing part of the path would go (tests run as root, for
+    whom permissions never fail, so only a real attempt tells)."""
+    p = Path(path).expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        return Problem(field, f"{str(path)!r} is a file, not a folder; give a folder (new, or one llmtune wrote)")
+    parent = p
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return Problem(field, f"{str(path)!r} cannot be created: {str(parent)!r} is a file, not a folder; give a "
+                              "path whose parents are folders")
+    try:
+        tempfile.TemporaryDirectory(dir=parent, prefix=".llmtune-probe-").cleanup()
+    except OSError as e:
+        why = f"cannot be written ({e.strerror})" if parent == p else \
+            f"cannot be created (writing in {str(parent)!r} fails: {e.strerror})"
+        return Problem(field, f"{str(path)!r} {why}; give a folder you may write to, e.g. runs/NAME")
+    return None
+
+
+PIP_NAMES = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}
+
+
+def storage_error(url: str, error: BaseException) -> str:
+    """Why the study storage at ``url`` did not open, password masked, with the fix."""
+    import sqlalchemy.exc
+
+    from llmtune.study.storage import _storage_problem, mask_url
+
+    if isinstance(error, ImportError) and error.name:
+        return (f"cannot open the study storage {mask_url(url)}: its database driver {error.name!r} is not installed; "
+                f"pip install {PIP_NAMES.get(error.name, error.name)}")
+    if isinstance(error, sqlalchemy.exc.NoSuchModuleError):
+        return (f"{mask_url(url)!r}: SQLAlchemy knows no database {url.partition(':')[0]!r}; use "
+                "sqlite:///path/study.db or postgresql://user:password@host:5432/db")
+    return _storage_problem(url, error)
+
+
+def storage_problem(url: str) -> str | None:
+    """Why the study storage at ``url`` cannot be used, found without writing anything, or None."""
+    from llmtune.study.storage import mask_url
+
+    unset = re.findall(r"\$\{(\w+)\}", url)
+    if unset:
+        names = ", ".join(unset)
+        return (f"{mask_url(url)!r} uses the environment variable{'s' if len(unset) > 1 else ''} {names}, which "
+                f"{'are' if len(unset) > 1 else 'is'} not set here; export {unset[0]}=... before running, or write "
+                "the value into the URL")
+    if "://" not in url:
+        example = url if url.endswith((".db", ".sqlite", ".sqlite3")) else "path/study.db"
+        return (f"{url!r} is not a database URL; use sqlite:///{example} (a file) or "
+                "postgresql://user:password@host:5432/db")
+    if url.startswith("sqlite:"):
+        return _sqlite_problem(url)
+    import sqlalchemy
+
+    from llmtune.study.storage import _with_driver
+
+    engine = None
+    try:
+        engine = sqlalchemy.create_engine(_with_driver(url), poolclass=sqlalchemy.pool.NullPool,
+                                          connect_args={"connect_timeout": 10} if url.startswith("postgres") else {})
+        with engine.connect():
+            pass
+    except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as e:
+        return storage_error(url, e)
+    finally:
+        if engine is not None:
+            engine.dispose()
+    return None
+
+
+def _sqlite_problem(url: str) -> str | None:
+    import sqlite3
+
+    path = url.partition(":///")[2].partition("?")[0]
+    if not path or path == ":memory:":
+        return None
+    p = Path(path)
+    if p.is_dir():
+        return f"{path!r} is a folder; give a SQLite file, e.g. sqlite:///{path.rstrip('/')}/study.db"
+    if p.is_file():
+        db = None
+        try:  # read-only: a check must not create tables, nor a journal
+            db = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True)
+            db.execute("select count(*) from sqlite_master").fetchone()
+        except sqlite3.DatabaseError as e:
+            return f"{path!r} is not a SQLite database ({e}); give a new file name, or the study.db of a search"
+        finally:
+            if db is not None:
+                db.close()
+    folder = p.absolute().parent
+    if not folder.is_dir():
+        shadow = next((a for a in folder.parents if a.exists()), None)
+        if folder.exists() or (shadow is not None and not shadow.is_dir()):
+            return f"{str(folder if folder.exists() else shadow)!r} is a file, not a folder; give a path in a folder"
+        return (f"the folder {str(folder)!r} of the SQLite file does not exist; create it (mkdir -p {folder}) or give "
+                "a file in an existing folder")
+    problem = folder_problem(folder, "")
+    return problem.message if problem else None
+
+
+def _study(recipe: Recipe, storage: str | None) -> list[Problem]:
+    """The storage the search would open (--storage, else LLMTUNE_STORAGE, else study.storage, as
+    `study.storage.storage_url` picks it) and the heartbeat settings."""
+    from llmtune.errors import SearchError
+    from llmtune.study.storage import heartbeat_settings
+
+    problems = []
+    try:
+        heartbeat_settings()
+    except SearchError as e:
+        problems.append(Problem("", str(e)))
+    env = os.environ.get("LLMTUNE_STORAGE")
+    field, url = (("storage (--storage)", storage) if storage else ("LLMTUNE_STORAGE", env) if env
+                  else ("study.storage", recipe.study.storage))
+    why = storage_problem(os.path.expandvars(url)) if url else None  # None: SQLite in output_dir, checked there
+    if why:
+        problems.append(Problem(field, why))
+    return problems
+
+
+def preflight(recipe: Recipe, *, data: bool = True, model: bool = True, study: bool = True,
+              storage: str | None = None, output_dir: tuple[str, str] | None = None) -> list[str]:
+    """Raise one `RecipeError` listing every problem the data, the model, this machine or the places it writes
+    have with the recipe; return the warnings (bad rows the trials will drop: how many, why, which, the fix).
+
+    ``study``: also check the study storage (``storage`` as --storage gives it) and heartbeat settings.
+    ``output_dir``: (folder, field) of where the command writes; default the recipe's output_dir."""
     problems = _machine(recipe)
+    where = folder_problem(*(output_dir or (recipe.output_dir, "output_dir")))
+    if where:
+        problems.append(where)
+    if study:
+        problems += _study(recipe, storage)
     warnings: list[str] = []
     if data:
         found, warnings = _data(recipe)

@@ -53,7 +53,8 @@ def check_objectives(recipe: Recipe, add: Callable[[str, str], None]) -> None:
             add(f"objectives.{name}", one_of(direction, list(DIRECTIONS)))
             continue
         if canon in objectives:
-            add(f"objectives.{name}", f"names {canon} twice")
+            alias = f"means {canon} (an alias), which" if canon != name else f"names {canon}, which"
+            add(f"objectives.{name}", f"{alias} objectives already names; give each metric once")
         objectives[canon] = direction
     recipe.objectives = objectives
 

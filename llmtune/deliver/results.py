@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import FrozenTrial
 
 from llmtune.config.recipe import Recipe, recipe_from_dict
@@ -123,14 +124,27 @@ def load_results(target: str | Path, study_name: str | None = None, storage: str
             why = "does not exist" if not out.exists() else "holds no study.db"
             raise SearchError(f"{target!r} {why}; pass the output_dir of a search, or a storage URL (--storage)")
     url = storage or f"sqlite:///{Path(target).resolve() / 'study.db'}"  # no storage: target is a folder
-    names = optuna.get_all_study_names(storage=open_storage(url))
+    db = Path(url.partition(":///")[2].partition("?")[0]) if url.startswith("sqlite:") else None
+    if db is not None and str(db) not in ("", ":memory:") and not db.is_file():
+        raise SearchError(f"{mask_url(url)}: {str(db)!r} does not exist; pass the output_dir of a search, or its "
+                          "storage URL")  # SQLite would create an empty one
+    try:
+        rdb = open_storage(url)
+        names = optuna.get_all_study_names(storage=rdb)
+    except (ImportError, ValueError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
+        from llmtune.preflight import storage_error
+
+        raise SearchError(storage_error(url, e)) from None
+    if not names:
+        raise SearchError(f"the storage {mask_url(url)} holds no study yet; run a search against it first "
+                          "(llmtune search RECIPE --storage URL), or check the URL")
     if study_name is None:
         if len(names) != 1:
             raise SearchError(f"the storage {mask_url(url)} holds studies {names}; pass --study-name (study_name=)")
         study_name = names[0]
     elif study_name not in names:
         raise SearchError(f"--study-name {study_name!r}: no such study in {mask_url(url)}; it holds {names}")
-    study = optuna.load_study(study_name=study_name, storage=open_storage(url))
+    study = optuna.load_study(study_name=study_name, storage=rdb)
     recipe_data = study.user_attrs.get(RECIPE)
     if recipe_data is None:
         raise SearchError(f"study {study_name!r} was not written by llmtune (no recipe stored)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,41 +31,119 @@ def _numbered(rows: Any, origin: str) -> list[dict[str, Any]]:
     return out
 
 
-def _load_file(path: Path) -> list[dict[str, Any]]:
+def _load_file(path: Path, field: str = "data.source") -> list[dict[str, Any]]:
     kind = DATA_SUFFIXES.get(path.suffix)
     if kind is None:
-        raise DataError(f"data file {str(path)!r}: unsupported type {path.suffix!r}; use {', '.join(DATA_SUFFIXES)}")
-    if kind == "json":
-        rows = _read_json_rows(path)
-        if rows is not None:
-            return _numbered(rows, path.name)
+        raise DataError(f"data file {str(path)!r} has the unsupported type {path.suffix or '(no suffix)'!r}; "
+                        f"use one of {', '.join(DATA_SUFFIXES)}", field=field)
+    rows: list[dict[str, Any]] | None = None
+    if kind in ("json", "csv"):
+        text = _utf8_text(path, field)
+        if not text.strip():
+            rows = []
+        elif kind == "json":
+            rows = _read_json_rows(path, text, field)
+    if rows is None:
+        rows = _read_with_datasets(path, kind, field)
+    if not rows:
+        raise DataError(f"data file {str(path)!r} has no rows; give one row per line, e.g. {EXAMPLE_ROW}", field=field)
+    return _numbered(rows, path.name)
+
+
+def _read_with_datasets(path: Path, kind: str, field: str) -> list[dict[str, Any]]:
     from datasets import load_dataset
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    ds = load_dataset(kind, data_files=str(path), split="train")
-    return _numbered(ds, path.name)
+    # `datasets` logs a failure itself (traceback and all) and draws a progress bar: the message is ours alone
+    logger = logging.getLogger("datasets")
+    level, bars = logger.level, not are_progress_bars_disabled()
+    logger.setLevel(logging.CRITICAL)
+    disable_progress_bars()
+    try:
+        return list(load_dataset(kind, data_files=str(path), split="train"))
+    except Exception as e:  # pyarrow, pandas and datasets each raise their own types: say which file and why
+        root: BaseException = e
+        while root.__cause__ is not None or root.__context__ is not None:  # the parser's own words
+            root = root.__cause__ or root.__context__  # type: ignore[assignment]
+        why = " ".join(str(root).split())[:300]
+        raise DataError(f"data file {str(path)!r} cannot be read as {KIND_NAMES[kind]} ({type(root).__name__}: {why}); "
+                        "fix the file, or give the rows as JSON lines", field=field) from None
+    finally:
+        logger.setLevel(level)
+        if bars:
+            enable_progress_bars()
 
 
-def _read_json_rows(path: Path) -> list[dict[str, Any]] | None:
+KIND_NAMES = {"json": "JSON", "csv": "CSV", "parquet": "Parquet"}
+EXAMPLE_ROW = '{"instruction": "...", "output": "..."}'
+
+
+def _utf8_text(path: Path, field: str) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"data file {str(path)!r} is not UTF-8 text: line {line} has the byte 0x{data[e.start]:02x}; "
+                        "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 OLD > NEW)", field=field) from None
+
+
+def _what(value: Any) -> str:
+    return {"int": "a number", "float": "a number", "str": "a string", "list": "a list", "bool": "true or false",
+            "NoneType": "null"}.get(type(value).__name__, type(value).__name__)
+
+
+def _read_json_rows(path: Path, text: str, field: str) -> list[dict[str, Any]] | None:
     """Rows of a JSON-lines or JSON-array file with the standard library: a trial process then never
     imports `datasets` (~2 s) for local data. Keys missing from a row become None, as `datasets` does.
-    None when the file is not a list of objects (then `datasets` reads it)."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        if text.lstrip().startswith("["):
+    None when the file is one JSON object of columns (then `datasets` reads it)."""
+    if text.lstrip().startswith("[") and not _lines_of_json(text):
+        try:
             rows = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        try:  # one JSON object over several lines (e.g. columns): `datasets` reads those
-            json.loads(text)
-            return None
-        except json.JSONDecodeError:
-            pass
-        raise DataError(f"data file {str(path)!r} is not valid JSON / JSON lines ({e}); fix the file") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        return None
+        except json.JSONDecodeError as e:
+            raise DataError(f"data file {str(path)!r} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}; "
+                            "fix the file", field=field) from None
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DataError(f"data file {str(path)!r}: item {i + 1} of its array is {_what(row)} ({type(row).__name__}), "
+                                f"not an object; each row is an object like {EXAMPLE_ROW}", field=field)
+    else:
+        rows = []
+        for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                if _one_object(text):
+                    return None  # one JSON object over several lines (e.g. columns): `datasets` reads those
+                raise DataError(f"data file {str(path)!r}: line {number} is not valid JSON ({e.msg} at column {e.colno}); "
+                                "fix the file, or remove that line", field=field) from None
+            if not isinstance(row, dict):
+                raise DataError(f"data file {str(path)!r}: line {number} holds {_what(row)} ({type(row).__name__}), not "
+                                f"a JSON object; give one row per line, like {EXAMPLE_ROW}", field=field)
+            rows.append(row)
     keys = list(dict.fromkeys(k for r in rows for k in r))
     return [{k: r.get(k) for k in keys} for r in rows]
+
+
+def _lines_of_json(text: str) -> bool:
+    """Whether the first line is a whole JSON value of its own (JSON lines, not one JSON array)."""
+    first = text.lstrip().split("\n", 1)
+    if len(first) < 2 or not first[1].strip():
+        return False
+    try:
+        json.loads(first[0])
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def _one_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _split_files(folder: Path) -> dict[str, Path]:
@@ -75,30 +154,37 @@ def _split_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def load_source(source: str, split: str | None) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+def load_source(source: str, split: str | None, field: str = "data.source",
+                split_field: str = "data.train_split") -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Rows of ``split`` from a file, a folder of split files, or a Hub dataset, plus the other splits
-    a folder offers (so an eval split can be found). Hub loading honours HF_HUB_OFFLINE."""
+    a folder offers (so an eval split can be found). Hub loading honours HF_HUB_OFFLINE. Errors name
+    ``field``, the recipe field that gave the source (and ``split_field``, the one that gave the split)."""
     from llmtune.builtin.names import resolve_data_source
 
     resolved = resolve_data_source(source, log=None)
     path = Path(resolved).expanduser()
     if path.is_file():
-        return _load_file(path), {}
+        return _load_file(path, field), {}
     if path.is_dir():
         files = _split_files(path)
         want = split or "train"
         if want not in files:
-            raise DataError(f"data folder {str(path)!r} has no {want!r} split file; it has {sorted(files) or 'none'}")
+            raise DataError(f"data folder {str(path)!r} has no {want!r} split file ({split_field}: {want!r}); it has "
+                            f"{', '.join(map(repr, sorted(files))) or 'no data files'}; name the file {want}.jsonl, or "
+                            f"set {split_field}", field=field)
         others = {name: f for name, f in files.items() if name != want}
-        return _load_file(files[want]), {name: _load_file(f) for name, f in others.items() if name in EVAL_SPLIT_NAMES}
+        return _load_file(files[want], field), {name: _load_file(f, field) for name, f in others.items()
+                                                 if name in EVAL_SPLIT_NAMES}
     if path.suffix in DATA_SUFFIXES or resolved.startswith((".", "/", "~")):
-        raise DataError(f"data file {resolved!r} does not exist; check data.source")
+        raise DataError(f"data file {resolved!r} does not exist; check {field}", field=field)
     from datasets import load_dataset
 
     try:
         ds = load_dataset(resolved, split=split or "train")
     except Exception as e:  # the Hub client raises many types; one clear message is what helps
-        raise DataError(f"could not load Hub dataset {resolved!r} split {split or 'train'!r}: {e}") from None
+        why = " ".join(str(e).split())[:300]
+        raise DataError(f"could not load Hub dataset {resolved!r} split {split or 'train'!r} ({type(e).__name__}: "
+                        f"{why}); check the name, or give a local file", field=field) from None
     return _numbered(ds, f"{resolved} split {split or 'train'}"), {}
 
 
@@ -118,9 +204,9 @@ def load_splits(cfg: DataConfig) -> Splits:
     train, others = load_source(cfg.source, cfg.train_split)
     eval_rows: list[dict[str, Any]] | None
     if cfg.eval_source:
-        eval_rows, _ = load_source(cfg.eval_source, cfg.eval_split)
-    elif cfg.eval_split:
-        eval_rows, _ = load_source(cfg.source, cfg.eval_split)  # a split file of a folder, or a Hub split
+        eval_rows, _ = load_source(cfg.eval_source, cfg.eval_split, "data.eval_source", "data.eval_split")
+    elif cfg.eval_split:  # a split file of a folder, or a Hub split
+        eval_rows, _ = load_source(cfg.source, cfg.eval_split, "data.source", "data.eval_split")
     elif others:
         eval_rows = others[next(n for n in EVAL_SPLIT_NAMES if n in others)]
     else:
@@ -136,16 +222,18 @@ def load_splits(cfg: DataConfig) -> Splits:
         random.Random(cfg.split_seed).shuffle(rows)
         n_eval = max(1, int(round(len(rows) * cfg.eval_fraction)))
         if n_eval >= len(rows):
-            raise DataError(f"data.source has {len(rows)} rows: too few to hold out eval_fraction {cfg.eval_fraction}")
+            raise DataError(f"{len(rows)} usable row{'s' if len(rows) != 1 else ''} in {cfg.source!r}: too few to hold "
+                            f"out data.eval_fraction {cfg.eval_fraction} for eval and train on the rest; give more rows, "
+                            "or set data.eval_source to a separate eval file", field="data.source")
         eval_rows, train = rows[:n_eval], rows[n_eval:]
     if cfg.max_train_examples:
         train = train[: cfg.max_train_examples]
     if cfg.max_eval_examples:
         eval_rows = eval_rows[: cfg.max_eval_examples]
     if not train:
-        raise DataError(f"data.source {cfg.source!r} has no training rows")
+        raise DataError(f"{cfg.source!r} has no training rows", field="data.source")
     if not eval_rows:
-        raise DataError("no eval rows; set data.eval_source or data.eval_fraction")
+        raise DataError("no eval rows; set data.eval_source or data.eval_fraction", field="data.eval_source")
     digest = hashlib.sha256()
     for part in (train, eval_rows):
         for row in part:

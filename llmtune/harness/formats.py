@@ -172,8 +172,10 @@ def parse_messages(row: dict[str, Any], cfg: DataConfig) -> tuple[list[dict[str,
             raise BadRow(row, "a message without a role", "give every message a role (system, user, assistant, "
                          "tool) or a ShareGPT 'from'")
         if role not in ROLES:
-            raise BadRow(row, f"the unknown role {given!r}", f"use the roles {', '.join(ROLES)} (ShareGPT: "
-                         f"{', '.join(SHAREGPT_ROLES)}), or remove the row")
+            meant = SHAREGPT_ROLES.get(str(given).lower()) if not sharegpt else None
+            hint = f"role {meant!r} ({given!r} is a ShareGPT name, given with 'from' and 'value')" if meant else \
+                f"the roles {', '.join(ROLES)} (ShareGPT: {', '.join(SHAREGPT_ROLES)})"
+            raise BadRow(row, f"the unknown role {given!r}", f"use {hint}, or remove the row")
         if content is None and extra.get("tool_calls"):
             content = ""  # an assistant turn that only calls a tool (OpenAI style: content null)
         if content is None:
