@@ -14,13 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmtune.config.recipe import (
-    Recipe,
-    apply_overrides,
-    read_recipe_file,
-    recipe_from_dict,
-    set_search_values,
-)
+from llmtune.config.recipe import Recipe, apply_overrides, recipe_from_dict, set_search_values
+from llmtune.config.recipe_file import read_recipe_file
 from llmtune.deliver.results import SearchResult
 from llmtune.errors import Problem, RecipeError
 from llmtune.study.memory import MemoryEstimate, estimate_memory
