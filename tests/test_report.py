@@ -184,3 +184,30 @@ def test_pareto_png_and_curves_figure(tmp_path):
     thick = [t for t in curves.data if t.line.width == 4]
     assert [t.name for t in thick] == ["trial 0 (complete)"] and result.best.number == 0
     assert curves_figure(make_result(tmp_path, [])) is None
+
+
+def test_a_full_disk_leaves_no_partial_outputs_and_says_where(tmp_path, monkeypatch):
+    """finalize writes each file whole or not at all; ENOSPC is one SearchError naming the folder."""
+    import errno
+    from pathlib import Path
+
+    import llmtune
+    from llmtune.deliver.finalize import finalize
+
+    result = make_result(tmp_path, [trial(0, [1.0, 2.0]), trial(1, [0.5, 3.0])])
+    out = Path(result.recipe.output_dir)
+    finalize(result.study, result.recipe)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    real_replace = __import__("os").replace
+
+    def disk_full(src, dst):
+        if str(dst).endswith("report.html"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr("os.replace", disk_full)
+    with pytest.raises(llmtune.SearchError, match=r"cannot write the search's results into .*No space left on device"):
+        finalize(result.study, result.recipe)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after.keys() == before.keys() and after["report.html"] == before["report.html"]  # the old one, whole
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file or folder left

@@ -14,18 +14,34 @@ from pathlib import Path
 import optuna
 
 from llmtune.config.recipe import Recipe
+from llmtune.deliver.report import write_atomic, write_report
 from llmtune.deliver.results import SearchResult
+from llmtune.errors import SearchError
 from llmtune.study.attrs import DIR, METRICS_KEY, SETTINGS
 
 
 def finalize(study: optuna.Study, recipe: Recipe, log: Callable[[str], None] = print) -> SearchResult:
-    """Pareto front, the chosen trial's adapter under output_dir/best, trials.csv/json, report.html."""
+    """Pareto front, the chosen trial's adapter under output_dir/best, trials.csv/json, report.html.
+
+    Each file is written whole or not at all; a file-system error (a full disk, a folder that became
+    read-only) leaves no partial file or temp folder behind and is one `SearchError` naming the folder."""
     result = SearchResult(study, recipe)
     out = Path(recipe.output_dir)
+    try:
+        _write_outputs(result, recipe, out)
+    except OSError as e:
+        for leftover in out.glob(f".*{os.getpid()}-{threading.get_ident()}*"):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        raise SearchError(f"cannot write the search's results into {str(out)!r}: {e.strerror or e}; free space or "
+                          "make it writable, then run `llmtune report` on it (the study keeps every trial)") from None
+    return result
+
+
+def _write_outputs(result: SearchResult, recipe: Recipe, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     df = result.trials
-    df.to_csv(out / "trials.csv", index=False)
-    df.to_json(out / "trials.json", orient="records", indent=1)
+    write_atomic(out / "trials.csv", df.to_csv(index=False))
+    write_atomic(out / "trials.json", df.to_json(orient="records", indent=1) or "")
     best = result.best
     if best is not None:
         src = Path(best.user_attrs.get(DIR, "")) / "adapter"
@@ -53,7 +69,4 @@ def finalize(study: optuna.Study, recipe: Recipe, log: Callable[[str], None] = p
                     continue
             for leftover in out.glob(f".best-*-{os.getpid()}-{threading.get_ident()}*"):
                 shutil.rmtree(leftover, ignore_errors=True)
-    from llmtune.deliver.report import write_report
-
     write_report(result, out / "report.html")
-    return result

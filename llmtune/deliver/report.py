@@ -4,6 +4,8 @@ Pareto table, the figures of `llmtune.deliver.figures` and every trial."""
 from __future__ import annotations
 
 import html
+import os
+import threading
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -75,6 +77,16 @@ tr.chosen td{background:#fff4d6;font-weight:600}.plot{background:#fff;border-rad
 .note{color:#5f6b7a;font-style:italic}details{margin:12px 0}summary{cursor:pointer;font-weight:600}"""
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a reader (or a full disk) never leaves half a file behind."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_report(result: SearchResult, path: str | Path) -> Path:
     """Write one self-contained HTML report (plotly.js inlined once; opens offline). Returns its path."""
     path = Path(path)
@@ -132,7 +144,7 @@ objectives: {objectives}{' &middot; constraints: ' + constraints if constraints 
 <details><summary>All trials ({len(trials)})</summary>{_table(all_rows, chosen, "all-trials")}</details>
 </main></body></html>
 """
-    path.write_text(doc, encoding="utf-8")
+    write_atomic(path, doc)
     return path
 
 
