@@ -36,7 +36,7 @@ from llmtune.harness.optimizers import make_optimizer
 from llmtune.harness.targets import TargetError, packed_attention_mask, packing_mode
 from llmtune.harness.token_cache import encode_cached
 from llmtune.harness.trackers import Trackers
-from llmtune.trial.endings import COMPLETE, CRASHED, OOM, PRUNED
+from llmtune.trial.endings import COMPLETE, CRASHED, OOM, PRUNED, from_text
 from llmtune.trial.result import TrialResult
 
 EventFn = Callable[[dict[str, Any]], Any]
@@ -184,8 +184,10 @@ def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fr
     except MemoryError:
         result.status, result.reason = OOM, "out of host memory (MemoryError)"
     except Exception as e:
-        result.status = CRASHED
-        result.reason = f"{type(e).__name__}: {e}"[:2000]
+        # Some failures say what they are only in words: the CPU allocator's out of memory (a RuntimeError),
+        # a full disk or a dropped connection (an OSError's "[Errno 28] ...", torch's or safetensors' own words).
+        named = from_text(f"{type(e).__name__}: {e}")
+        result.status, result.reason = named or (CRASHED, f"{type(e).__name__}: {e}"[:2000])
         result.info["traceback"] = traceback.format_exc()[-4000:]
     result.info["wall_time_s"] = time.perf_counter() - started
     result.save(out / "result.json")

@@ -15,12 +15,15 @@ DIR = "llmtune.dir"                    # the trial's folder (result.json, trial.
 INFO = "llmtune.info"                  # timings, token counts, device, versions
 CONSTRAINTS = "llmtune.constraints"    # {constraint: value}, <= 0 met; Optuna keeps the list (see study/record.py)
 RETRY_OF = "llmtune.retry_of"          # the number of the trial this one retries
-# Trial system attribute: host:pid of the search process running the trial
-OWNER = "llmtune.owner"
+# Trial system attributes
+OWNER = "llmtune.owner"                # host:pid of the search process running the trial
+PROPOSAL = "llmtune.proposal"          # {param: value}: the configuration a trial was given, before it has its params
 
 # Study user attributes
 RECIPE = "llmtune.recipe"              # the recipe, storage password masked
 VERSION = "llmtune.version"
+FINGERPRINT = "llmtune.fingerprint"    # {objectives, space, data_fingerprint, recipe_fingerprint}, written at once
+# What FINGERPRINT holds, as separate attributes: how earlier versions wrote it (read for their studies)
 OBJECTIVES = "llmtune.objectives"
 SPACE = "llmtune.space"
 DATA_FINGERPRINT = "llmtune.data_fingerprint"

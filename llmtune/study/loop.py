@@ -39,15 +39,15 @@ from llmtune.study.attrs import CURVE, DIR, OWNER, REASON, RUNG_METRICS, SETTING
 from llmtune.study.gate import MemoryGate
 from llmtune.study.pruners import make_pruner
 from llmtune.study.record import report_eval, tell
-from llmtune.study.samplers import make_sampler
+from llmtune.study.samplers import study_sampler
 from llmtune.study.storage import (
     Heartbeat,
     counted,
     fail_stale,
     heartbeat_settings,
+    join_study,
     mask_url,
     masked_recipe,
-    open_study,
     recover_lost_trials,
     storage_url,
     worker_id,
@@ -74,29 +74,44 @@ def base_eval_key(recipe: dict[str, Any], values: dict[str, Any], data_fingerpri
     return f"{attrs.BASE_EVAL_PREFIX}{digest}"
 
 
-def check_resume(study: optuna.Study, recipe: Recipe, space: SearchSpace, data_fingerprint: str) -> None:
-    """A study resumes only with the same objectives, search space and data; else say what to do."""
-    expected = {
-        attrs.OBJECTIVES: recipe.objectives,
-        attrs.SPACE: space.signature(),
-        attrs.DATA_FINGERPRINT: data_fingerprint,
-        attrs.RECIPE_FINGERPRINT: recipe.fingerprint(),
-    }
-    found = study.user_attrs
-    if attrs.SPACE not in found:
-        for k, v in expected.items():
-            study.set_user_attr(k, v)
+def _stored_fingerprint(found: dict[str, Any]) -> dict[str, Any] | None:
+    """The study's fingerprint: one attribute (FINGERPRINT), or the separate ones earlier versions wrote."""
+    if attrs.FINGERPRINT in found:
+        return dict(found[attrs.FINGERPRINT])
+    legacy = {attrs.OBJECTIVES: "objectives", attrs.SPACE: "space", attrs.DATA_FINGERPRINT: "data_fingerprint",
+              attrs.RECIPE_FINGERPRINT: "recipe_fingerprint"}
+    return {key: found.get(name) for name, key in legacy.items()} if attrs.SPACE in found else None
+
+
+def check_resume(study: optuna.Study, recipe: Recipe, space: SearchSpace, data_fingerprint: str, *,
+                 created: bool | None = None, wait_s: float = 30.0) -> None:
+    """A study resumes only with the same objectives, search space and data; else say what to do.
+
+    The process that created the study (`created`) writes its fingerprint, in one attribute so that no
+    process reads half of it. A process that joined a study without one (`created=False`) waits up to
+    `wait_s` for its creator to write it, then (a creator that died, a study made outside llmtune) writes
+    its own; `created=None` (not known) writes it at once where it is missing."""
+    expected = {"objectives": recipe.objectives, "space": space.signature(),
+                "data_fingerprint": data_fingerprint, "recipe_fingerprint": recipe.fingerprint()}
+    found = _stored_fingerprint(study.user_attrs)
+    if found is None and created is False:
+        deadline = time.monotonic() + wait_s
+        while found is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            found = _stored_fingerprint(study.user_attrs)
+    if found is None:
         study.set_user_attr(attrs.RECIPE, masked_recipe(recipe))
         study.set_user_attr(attrs.VERSION, __version__)
-    else:
-        what = {attrs.OBJECTIVES: "objectives", attrs.SPACE: "search space",
-                attrs.DATA_FINGERPRINT: "data", attrs.RECIPE_FINGERPRINT: "training settings"}
-        changed = [what[k] for k, v in expected.items()
-                   if json.dumps(found.get(k), sort_keys=True) != json.dumps(v, sort_keys=True)]
-        if changed:
-            raise SearchError(
-                f"study {study.study_name!r} was run with different {', '.join(changed)}; its trials would not compare. "
-                f"Start a new study: pass --study-name NEW (or set study.study_name), or use another output_dir.")
+        study.set_user_attr(attrs.FINGERPRINT, expected)  # last: once it is there, the recipe is too
+        found = _stored_fingerprint(study.user_attrs)  # whoever wrote last, every process compares with it
+    what = {"objectives": "objectives", "space": "search space", "data_fingerprint": "data",
+            "recipe_fingerprint": "training settings"}
+    changed = [what[k] for k, v in expected.items()
+               if json.dumps((found or {}).get(k), sort_keys=True) != json.dumps(v, sort_keys=True)]
+    if changed:
+        raise SearchError(
+            f"study {study.study_name!r} was run with different {', '.join(changed)}; its trials would not compare. "
+            f"Start a new study: pass --study-name NEW (or set study.study_name), or use another output_dir.")
     # The objectives' names, for Optuna's trials_dataframe and plots and optuna-dashboard ("objective_names").
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -189,21 +204,25 @@ class Search:
         resolve_data_source(self.recipe.data.source, log=self.log)
         self.data_fingerprint = load_splits(self.recipe.data).fingerprint
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        directions = list(self.recipe.objectives.values())
+        # Any number of processes may start here at the same moment: one creates the study, the others
+        # join it (`join_study`) and wait for its fingerprint (`check_resume`).
+        study, created = join_study(self.url, self.study_name, directions)
+        if list(d.name.lower() for d in study.directions) != directions:
+            raise SearchError(f"study {self.study_name!r} exists with other objectives; pass --study-name NEW")
+        check_resume(study, self.recipe, self.space, self.data_fingerprint, created=created)
         # Trials run in parallel with other threads, or with other processes on a named (shared) storage:
-        # TPE then treats running trials as bad guesses (constant liar) so workers spread out.
+        # TPE then treats running trials as bad guesses (constant liar) so workers spread out. On a shared
+        # storage each process seeds its sampler differently (`process_seed`).
         shared = bool(self.storage_given or os.environ.get("LLMTUNE_STORAGE") or self.recipe.study.storage)
         study_cfg = self.recipe.study
-        self.sampler, self.sampler_why = make_sampler(study_cfg.sampler, self.space, len(self.recipe.objectives),
-                                                      study_cfg.n_trials, study_cfg.seed, self.workers > 1 or shared)
+        self.sampler, self.sampler_why = study_sampler(
+            study, study_cfg.sampler, self.space, len(self.recipe.objectives), study_cfg.n_trials, study_cfg.seed,
+            self.workers > 1 or shared, worker_id() if shared else "")
         grid = self.space.grid_size()
         if isinstance(self.sampler, optuna.samplers.GridSampler) and grid is not None and (self.n_trials or grid) > grid:
             self.log(f"the grid has {grid} point(s): running {grid} trial(s), not {self.n_trials}")
             self.n_trials = grid
-        directions = list(self.recipe.objectives.values())
-        study = open_study(self.url, self.study_name, directions, self.sampler)
-        if list(d.name.lower() for d in study.directions) != directions:
-            raise SearchError(f"study {self.study_name!r} exists with other objectives; pass --study-name NEW")
-        check_resume(study, self.recipe, self.space, self.data_fingerprint)
         lost = recover_lost_trials(study)
         if lost:
             self.log(f"retrying trial(s) {', '.join(map(str, lost))} that a stopped search left unfinished")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from typing import Any
 
 import optuna
@@ -21,8 +22,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from llmtune.config.recipe import Recipe
 from llmtune.study.attrs import CONSTRAINTS, CURVE, INFO, METRICS_KEY, REASON, STATUS
-from llmtune.study.storage import retry
-from llmtune.trial.endings import COMPLETE, ENDINGS, check_measured
+from llmtune.study.storage import retries, retry
+from llmtune.trial.endings import COMPLETE, CRASHED, ENDINGS, ENVIRONMENT, check_measured
 from llmtune.trial.result import TrialResult, finite
 
 # Optuna's constraints in the format every reader understands: a list under the trial system attribute
@@ -41,6 +42,12 @@ CURVES_PLOT_ID = "llmtune-learning-curves"
 _PLOT_PREFIX = "dashboard:plot_data:"
 _PLOT_PIECE = 2045
 _plot_lock = threading.Lock()  # the workers of one process write the pieces one figure at a time
+
+# After an `environment` ending the worker that saw it waits before it claims another trial, twice as
+# long each time the same settings failed so (up to ENVIRONMENT_WAIT_MAX_S): a full disk or a lost
+# network is not fixed in seconds, and each try would cost a trial. Its retry is queued at once, for
+# any worker whose surroundings work (another machine).
+ENVIRONMENT_WAIT_S, ENVIRONMENT_WAIT_MAX_S = 5.0, 300.0
 
 # What of a result's info goes into the study (the rest stays in the trial's result.json).
 KEPT_INFO = ("device", "gpu", "dtype", "wall_time_s", "process_wall_s", "load_s", "eval_s", "latency_s",
@@ -198,6 +205,10 @@ def tell(study: optuna.Study, trial: optuna.Trial, recipe: Recipe, result: Trial
     result.metrics = {k: v for k, v in result.metrics.items() if finite(v)}
     check_measured(result, list(recipe.objectives))
     row = ENDINGS[result.status]
+    before = retries(study, trial, result.status) if row.retried else 0
+    if row.retry_limit is not None and before >= row.retry_limit:
+        result.reason = f"{result.reason}; its settings ended {result.status} {before} time(s) before: final"
+        result.status, row = CRASHED, ENDINGS[CRASHED]
     storage.set_trial_user_attr(tid, STATUS, result.status)
     storage.set_trial_user_attr(tid, REASON, result.reason)
     storage.set_trial_user_attr(tid, METRICS_KEY, result.metrics)
@@ -217,3 +228,5 @@ def tell(study: optuna.Study, trial: optuna.Trial, recipe: Recipe, result: Trial
     if row.retried:
         retry(study, trial, None)  # status and reason were recorded above
     save_curves_plot(study)
+    if result.status == ENVIRONMENT:
+        time.sleep(min(ENVIRONMENT_WAIT_MAX_S, ENVIRONMENT_WAIT_S * 2 ** before))

@@ -12,10 +12,16 @@ repeats there have probability zero.
 A configuration is what a trial runs: its active settings, the parameters it actually has. In a
 conditional space (``bnb_4bit_*`` only with 4-bit quantization) a proposal also values the settings
 it leaves inactive, and those must not make a repeat look new.
+
+Several processes share one study, and a search resumes where it stopped: `study_sampler` builds each
+process's sampler with a seed of its own (`process_seed`), so they do not replay one random sequence,
+and in a discrete space every registered sampler but the grid runs inside `UniqueSampler`, which sees
+every trial in the storage, running and queued ones included (`_configurations`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import itertools
 import warnings
@@ -25,14 +31,15 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.samplers import BaseSampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from llmtune.config.problems import one_of
-from llmtune.config.space import SearchSpace
+from llmtune.config.space import PARAMS, Choice, Fixed, SearchSpace
 from llmtune.errors import SearchError
+from llmtune.study.attrs import PROPOSAL
 
 # Trials whose configuration counts as tried. A crash (FAIL) counts too: a trial is deterministic
 # given its settings, so the same configuration would crash again. (Trials lost with their worker
@@ -46,20 +53,67 @@ def _choices(distribution: BaseDistribution) -> list[Any] | None:
         return list(distribution.choices)
     if isinstance(distribution, IntDistribution) and not distribution.log:
         return list(range(distribution.low, distribution.high + 1, distribution.step))
+    if isinstance(distribution, FloatDistribution) and distribution.step:
+        n = int(round((distribution.high - distribution.low) / distribution.step))
+        return [distribution.low + i * distribution.step for i in range(n + 1)]  # as SearchSpace.grid
     return None
+
+
+def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
+    """Every searched setting as the distribution `SearchSpace.suggest` asks Optuna for."""
+    out: dict[str, BaseDistribution] = {}
+    for name in space.searched:
+        spec = space.specs[name]
+        if isinstance(spec, Choice):
+            out[name] = CategoricalDistribution(list(spec.options))
+        elif isinstance(spec, Fixed):
+            continue
+        elif spec.is_int:
+            out[name] = IntDistribution(int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log)
+        else:
+            out[name] = FloatDistribution(spec.low, spec.high, step=spec.step, log=spec.log)
+    return out
+
+
+def _active(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a trial given `params` has: a conditional setting only under its condition."""
+    values = {n: s.value for n, s in space.specs.items() if isinstance(s, Fixed)} | params
+    return {n: v for n, v in params.items() if (when := PARAMS[n].when) is None or values.get(when[0]) == when[1]}
+
+
+def _configurations(study: Study, trial: FrozenTrial) -> Iterable[dict[str, Any]]:
+    """The configuration of every other trial that counts as tried: a finished trial's parameters; for a
+    queued retry its fixed parameters; for a running trial of any process the configuration it was
+    given (`PROPOSAL`: written before its parameters are), else what parameters it has so far."""
+    for t in study.get_trials(deepcopy=False, states=_TRIED):
+        if t.number == trial.number:
+            continue
+        if t.state in (TrialState.RUNNING, TrialState.WAITING):
+            yield t.system_attrs.get("fixed_params") or t.system_attrs.get(PROPOSAL) or t.params
+        else:
+            yield t.params
 
 
 class UniqueSampler(optuna.samplers.BaseSampler):
     """Wraps a sampler so that, in a discrete space, no configuration is proposed twice.
 
-    Only the relative (joint) proposal is checked: that is where a multivariate sampler proposes a
-    whole configuration. While the wrapped sampler samples independently (its random start-up
-    trials) this sampler draws an untried configuration itself, uniformly: random without replacement.
+    Given the `space`, it proposes whole configurations itself (its relative search space is every
+    searched setting): the wrapped sampler's relative proposal, completed by its independent samples,
+    asked again while it repeats a tried configuration; while the wrapped sampler has no relative
+    proposal (its random start-up trials, or a sampler that samples one setting at a time) it draws an
+    untried configuration itself, uniformly: random without replacement. That works for any sampler.
+    The chosen configuration is written on the trial (`PROPOSAL`) and checked once more, so that two
+    processes asking at the same moment do not both take it.
+
+    Without a `space` only the wrapped sampler's own relative proposals are checked.
     """
 
-    def __init__(self, sampler: optuna.samplers.BaseSampler, *, retries: int = 8, seed: int | None = None) -> None:
+    def __init__(self, sampler: optuna.samplers.BaseSampler, *, space: SearchSpace | None = None, retries: int = 8,
+                 seed: int | None = None) -> None:
         self.sampler = sampler
+        self.space = space
         self.retries = retries
+        self._distributions = distributions(space) if space is not None else None
         self._rng = np.random.RandomState(seed)
 
     def reseed_rng(self) -> None:
@@ -67,25 +121,53 @@ class UniqueSampler(optuna.samplers.BaseSampler):
         self._rng = np.random.RandomState()
 
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        if self._distributions is not None:
+            return dict(self._distributions)
         return self.sampler.infer_relative_search_space(study, trial)
 
     def sample_relative(self, study: Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        choices = {name: _choices(d) for name, d in search_space.items()}
-        if not search_space or any(c is None for c in choices.values()):
+        maybe = {name: _choices(d) for name, d in search_space.items()}
+        if not search_space or any(c is None for c in maybe.values()):
             return self.sampler.sample_relative(study, trial, search_space)
+        if trial.system_attrs.get("fixed_params"):
+            return {}  # a queued retry: it runs its own settings again
+        choices = {name: c for name, c in maybe.items() if c is not None}
         names = sorted(search_space)
-        tried = _Tried((t.params for t in study.get_trials(deepcopy=False, states=_TRIED) if t.number != trial.number),
-                       names)
+        params: dict[str, Any] = {}
+        for _ in range(3):
+            params = self._pick(study, trial, search_space, names, choices, _Tried(_configurations(study, trial), names))
+            if self.space is None or not params:
+                return params
+            # Claim it where every process looks, then look again: of two processes that took the same
+            # configuration at the same moment, at least one sees the other's claim and picks again.
+            study._storage.set_trial_system_attr(trial._trial_id, PROPOSAL, _active(self.space, params))
+            if not _Tried(_configurations(study, trial), names).covers(params):
+                return params
+        return params
+
+    def _pick(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution], names: list[str],
+              choices: dict[str, list[Any]], tried: _Tried) -> dict[str, Any]:
         params: dict[str, Any] = {}
         for _ in range(self.retries):
-            params = self.sampler.sample_relative(study, trial, search_space)
+            params = self._proposal(study, trial, search_space)
             if not params:
                 break  # the wrapped sampler is in its random start-up: draw untried points here
             if not tried.covers(params):
                 return params
-        fresh = self._untried(names, choices, tried)  # type: ignore[arg-type]
+        fresh = self._untried(names, choices, tried)
         return fresh if fresh is not None else params
+
+    def _proposal(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        """The wrapped sampler's next configuration; {} while it has no relative proposal."""
+        if self.space is None:
+            return self.sampler.sample_relative(study, trial, search_space)
+        params = self.sampler.sample_relative(study, trial, self.sampler.infer_relative_search_space(study, trial))
+        if not params:
+            return {}
+        # the settings it would sample one at a time (outside its relative space), as Optuna would ask it
+        return {name: params[name] if name in params else self.sampler.sample_independent(study, trial, name, dist)
+                for name, dist in search_space.items()}
 
     def _untried(self, names: list[str], choices: dict[str, list[Any]], tried: _Tried) -> dict[str, Any] | None:
         size = int(np.prod([len(choices[n]) for n in names], dtype=np.float64))
@@ -158,7 +240,7 @@ def default_sampler(space: SearchSpace, n_objectives: int, n_trials: int, seed: 
     tpe = _tpe(space, n_objectives, n_trials, seed, parallel)
     kind = "multi-objective TPE" if n_objectives > 1 else "TPE"
     if space.grid() is not None:
-        return UniqueSampler(tpe, seed=seed), f"{kind} over a discrete space, never repeating a configuration"
+        return UniqueSampler(tpe, space=space, seed=seed), f"{kind} over a discrete space, never repeating a configuration"
     return tpe, f"{kind} suits small budgets over mixed, conditional spaces"
 
 
@@ -228,7 +310,9 @@ SAMPLER_CHOICES = ("auto", *SAMPLERS)
 
 def make_sampler(name: str, space: SearchSpace, n_objectives: int, n_trials: int | None, seed: int | None,
                  parallel: bool) -> tuple[BaseSampler, str]:
-    """The sampler `study.sampler` names; ``auto`` picks by objectives, space and budget and says why."""
+    """The sampler `study.sampler` names; ``auto`` picks by objectives, space and budget and says why.
+    In a discrete space every sampler but the grid (which runs each point once by itself) is wrapped
+    in `UniqueSampler`: none spends a trial on a configuration the study has run or is running."""
     budget = n_trials or 100
     if name == "auto":
         grid = space.grid_size()
@@ -247,4 +331,30 @@ def make_sampler(name: str, space: SearchSpace, n_objectives: int, n_trials: int
     problem = kind.problem(space, n_objectives)
     if problem:
         raise SearchError(f"study.sampler: {problem}")
-    return kind.build(space, n_objectives, budget, seed, parallel), f"{name} ({why})"
+    sampler = kind.build(space, n_objectives, budget, seed, parallel)
+    if name != "grid" and space.grid() is not None:
+        return UniqueSampler(sampler, space=space, seed=seed), f"{name} ({why}; never repeating a configuration)"
+    return sampler, f"{name} ({why})"
+
+
+def process_seed(seed: int | None, study: Study, worker: str = "") -> int | None:
+    """The seed one search process samples with: the study's seed mixed with the process (`worker`, e.g.
+    host:pid; "" for a search that is alone on its storage) and the number of trials the study already
+    holds. Processes started together on one study, or a search resumed with the same seed, would else
+    replay one random sequence: the same start-up configurations again. A search alone on a fresh
+    study keeps the seed itself, so that it stays reproducible."""
+    if seed is None:
+        return None
+    trials = len(study.get_trials(deepcopy=False))
+    if not trials and not worker:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}:{worker}:{trials}".encode()).digest()[:4], "little")
+
+
+def study_sampler(study: Study, name: str, space: SearchSpace, n_objectives: int, n_trials: int | None,
+                  seed: int | None, parallel: bool, worker: str = "") -> tuple[BaseSampler, str]:
+    """The sampler this process uses on `study` (`make_sampler` with `process_seed`), set as the
+    study's sampler; returns it and why it was chosen. What `Search.prepare` builds."""
+    sampler, why = make_sampler(name, space, n_objectives, n_trials, process_seed(seed, study, worker), parallel)
+    study.sampler = sampler
+    return sampler, why

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy.exc
@@ -31,6 +33,15 @@ from llmtune.trial.endings import INTERRUPTED, counts
 # what these warnings are about; they would only confuse users.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+T = TypeVar("T")
+
+# Processes that open a fresh storage at the same moment all create Optuna's tables (on PostgreSQL its
+# enum types first: CREATE TYPE studydirection) and stamp its schema version (alembic_version); all but
+# one fail on a duplicate, as IntegrityError or in words. Opening again finds what the winner created.
+_RACE_MARKERS = ("already exists", "duplicate key", "UniqueViolation", "UNIQUE constraint failed", "DuplicateTable",
+                 "DuplicateObject")
+OPEN_ATTEMPTS = 10  # jittered backoff from 0.05 s, at most 2 s a wait: ~10 s in all
 
 # Defaults; LLMTUNE_HEARTBEAT_INTERVAL / LLMTUNE_HEARTBEAT_GRACE (seconds) override them, e.g. for tests.
 # A grace of several intervals keeps a busy database or a slow network from failing live trials.
@@ -97,14 +108,54 @@ def _storage_problem(url: str, error: BaseException) -> str:
     return f"cannot open the study storage {mask_url(url)}: {text.strip()}; {hint}"
 
 
-def open_study(url: str, name: str, directions: list[str], sampler: optuna.samplers.BaseSampler) -> optuna.Study:
-    """Create the study or join it (other workers may have created it already)."""
+def _schema_race(error: BaseException) -> bool:
+    """Whether an error (or one it was raised from) is another process creating the same schema."""
+    seen: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in seen:
+        seen.append(current)
+        if isinstance(current, sqlalchemy.exc.IntegrityError) or any(m in str(current) for m in _RACE_MARKERS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _until_settled(step: Callable[[], T]) -> T:
+    """`step`, run again after a short random wait while it fails on a schema race (bounded)."""
+    for attempt in range(OPEN_ATTEMPTS):
+        try:
+            return step()
+        except Exception as e:
+            if attempt == OPEN_ATTEMPTS - 1 or not _schema_race(e):
+                raise
+            time.sleep(min(2.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")
+
+
+def join_study(url: str, name: str, directions: list[str],
+               sampler: optuna.samplers.BaseSampler | None = None) -> tuple[optuna.Study, bool]:
+    """Create the study or join it: (the study, whether this call created it). Any number of processes
+    may call this at the same moment on a fresh or existing storage: one creates the schema and the
+    study, the others retry (`_until_settled`) and load them."""
+
+    def create_or_load(storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, bool]:
+        try:
+            return optuna.create_study(storage=storage, study_name=name,
+                                       directions=directions,  # type: ignore[arg-type]  # validated by the recipe
+                                       sampler=sampler), True
+        except optuna.exceptions.DuplicatedStudyError:
+            return optuna.load_study(study_name=name, storage=storage, sampler=sampler), False
+
     try:
-        return optuna.create_study(storage=open_storage(url), study_name=name,
-                                   directions=directions,  # type: ignore[arg-type]  # validated by the recipe
-                                   sampler=sampler, load_if_exists=True)
+        storage = open_storage(url)
+        return _until_settled(lambda: create_or_load(storage))
     except (ImportError, ValueError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
         raise SearchError(_storage_problem(url, e)) from None
+
+
+def open_study(url: str, name: str, directions: list[str], sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    """Create the study or join it (other workers may have created it already)."""
+    return join_study(url, name, directions, sampler)[0]
 
 
 def storage_url(recipe: Recipe, override: str | None = None) -> str:
@@ -126,6 +177,20 @@ def retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str | 
         storage.set_trial_user_attr(trial._trial_id, STATUS, INTERRUPTED)
         storage.set_trial_user_attr(trial._trial_id, REASON, reason)
     study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
+
+
+def retries(study: optuna.Study, trial: FrozenTrial | optuna.Trial, status: str) -> int:
+    """How many times the settings of `trial` ended `status` before it: counted back along the trials it
+    retries (each retry names the trial it retries, RETRY_OF)."""
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    count, seen = 0, set()
+    number = trial.user_attrs.get(RETRY_OF)
+    while isinstance(number, int) and number in by_number and number not in seen:
+        seen.add(number)
+        earlier = by_number[number].user_attrs
+        count += earlier.get(STATUS) == status
+        number = earlier.get(RETRY_OF)
+    return count
 
 
 def _retry_failed(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -172,13 +237,27 @@ def _with_driver(url: str) -> str:
     return f"postgresql+{driver}{sep}{rest}"
 
 
+class _RDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage that closes its connections when creating it fails (e.g. on a schema race,
+    before `_until_settled` tries again): else each failed try would hold its pool until collected."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            if hasattr(self, "engine"):
+                self.engine.dispose()
+            raise
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """Optuna's RDB storage at `url`, creating its schema if needed (safe with other processes doing it at once)."""
     if url.startswith("sqlite:") or "://" in url:
         interval, grace = heartbeat_settings()
-        return optuna.storages.RDBStorage(
+        return _until_settled(lambda: _RDBStorage(
             _with_driver(url), heartbeat_interval=interval, grace_period=grace,
             heartbeat_stale_trial_callback=_retry_failed,
-            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None)
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None))
     raise SearchError(f"study.storage {url!r} is not a database URL; use sqlite:///path.db or postgresql://user@host/db")
 
 

@@ -2,8 +2,9 @@
 
 Each row says, for one status, what Optuna is told (its state), whether the configuration teaches the
 sampler it is infeasible, whether the trial counts towards ``study.n_trials``, whether its exact
-settings are queued again, and whether the pruner may rank other trials against its curve. Adding or
-changing an ending is one row here; `classify` decides which row a finished trial process gets.
+settings are queued again (and how often), and whether the pruner may rank other trials against its
+curve. Adding or changing an ending is one row here; `classify` decides which row a finished trial
+process gets, and the marker lists below say what text in an error or a log means.
 
 Imports nothing heavy: the trial process, the search loop, the pruner and the readers all use it.
 """
@@ -27,6 +28,8 @@ class Ending:
     retried: bool        # its exact settings are queued again, to run before any new configuration
     pruner_uses: bool    # its learning curve takes part in the pruner's ranking at a rung
     help: str
+    retry_limit: int | None = None  # with retried: how many times one configuration is retried for this
+    #                                 ending (None: each time); past it, the trial ends `crashed` (final)
 
 
 COMPLETE = "complete"
@@ -36,6 +39,8 @@ OVER_BUDGET = "over_budget"
 CRASHED = "crashed"
 TIMEOUT = "timeout"
 INTERRUPTED = "interrupted"
+KILLED = "killed"
+ENVIRONMENT = "environment"
 SURPLUS = "surplus"
 
 # Infeasible trials are told COMPLETE with penalty values: Optuna's samplers learn only from COMPLETE
@@ -49,6 +54,11 @@ ENDINGS: dict[str, Ending] = {e.status: e for e in [
     Ending(CRASHED,      "FAIL",     False,  True,  False,  False, "any other error; the log tail is kept"),
     Ending(TIMEOUT,      "FAIL",     False,  True,  False,  False, "killed at study.trial_timeout"),
     Ending(INTERRUPTED,  "FAIL",     False,  False, True,   False, "the search was stopped or its worker died; retried"),
+    Ending(KILLED,       "FAIL",     False,  False, True,   False, "killed by SIGKILL with no sign of running out of "
+           "memory (see `classify`); retried once, a second kill of the same settings is final (crashed)",
+           retry_limit=1),
+    Ending(ENVIRONMENT,  "FAIL",     False,  False, True,   False, "its surroundings failed, not its settings: the disk "
+           "filled up or a connection dropped (ENVIRONMENT_MARKERS); retried each time"),
     Ending(SURPLUS,      "FAIL",     False,  False, False,  False, "never run: another worker took the last of n_trials"),
 ]}
 STATUSES = tuple(ENDINGS)
@@ -77,22 +87,60 @@ def pruner_ignores(status: str | None) -> bool:
     return row is not None and not row.pruner_uses
 
 
-OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "torch.OutOfMemoryError", "MemoryError", "CUBLAS_STATUS_ALLOC_FAILED")
+# Text in an error or in a trial's log that says how it ended. DefaultCPUAllocator is torch's host allocator:
+# a CPU trial that runs out of memory raises a plain RuntimeError with that text.
+OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "torch.OutOfMemoryError", "MemoryError", "CUBLAS_STATUS_ALLOC_FAILED",
+               "DefaultCPUAllocator: can't allocate memory")
+# A full disk (ENOSPC, EDQUOT, in Python's and in Rust's words: safetensors) or a dropped connection (a Hub
+# download, a database): nothing the configuration did, so the trial is retried, never recorded as its result.
+ENVIRONMENT_MARKERS = ("No space left on device", "Disk quota exceeded", "StorageFull", "[Errno 28]",
+                       "Connection reset by peer", "Connection refused", "Network is unreachable",
+                       "Temporary failure in name resolution", "server closed the connection unexpectedly",
+                       "could not connect to server")
+
+
+def from_text(text: str, *, last: int | None = None) -> tuple[str, str] | None:
+    """The ending an error message or a log tail names, with its reason: out of memory or an environment
+    failure; None when it names neither. Out of memory wins: it is about the configuration. With `last`,
+    an environment failure counts only in the last lines (the error a log ends with, not a warning some
+    library printed before it crashed for another reason)."""
+    tail = "\n".join(text.strip().splitlines()[-last:]) if last else text
+    for status, markers, where, what in ((OOM, OOM_MARKERS, text, "out of memory"),
+                                         (ENVIRONMENT, ENVIRONMENT_MARKERS, tail, "its environment failed, not its settings")):
+        found = next((m for m in markers if m in where), None)
+        if found:
+            line = next((ln.strip() for ln in reversed(where.splitlines()) if found in ln), found)
+            return status, f"{what}: {line[:300]}"
+    return None
 
 
 def classify(returncode: int | None, result: TrialResult | None, tail: str, *, timed_out: bool,
-             interrupted: bool, timeout: float) -> tuple[str, str]:
-    """How a trial process ended: (status, reason). What the parent saw wins over what the child wrote."""
+             interrupted: bool, timeout: float, memory_evidence: str | None = None,
+             disk_full: str | None = None) -> tuple[str, str]:
+    """How a trial process ended: (status, reason). What the parent saw wins over what the child wrote.
+
+    A SIGKILL the parent did not send is the kernel's out-of-memory killer only with evidence of it
+    (`memory_evidence`, gathered by the runner: an oom_kill counter that rose, memory nearly exhausted
+    while it ran); without any it is `killed` (a person, another process or a scheduler), retried once.
+    `disk_full`: the trial's disk had no space left when it ended without a result (then its own log
+    may be empty too)."""
     if interrupted:
         return INTERRUPTED, "the search was interrupted while this trial ran"
     if timed_out:
         return TIMEOUT, f"killed after study.trial_timeout of {timeout:g}s"
     if result is not None and result.status in ENDINGS:
         return result.status, result.reason
-    if any(m in tail for m in OOM_MARKERS):
-        return OOM, "out of memory (from the trial log)"
+    named = from_text(tail, last=3)
+    if named:
+        status, reason = named
+        return status, f"{reason} (from the trial log)"
     if returncode is not None and returncode < 0 and -returncode == signal.SIGKILL:
-        return OOM, "killed by SIGKILL with no result: most likely the kernel's out-of-memory killer"
+        if memory_evidence:
+            return OOM, f"killed by SIGKILL with no result, and {memory_evidence}: the kernel's out-of-memory killer"
+        return KILLED, ("killed by SIGKILL with no result and no sign of running out of memory "
+                        "(a person, another process or a scheduler killed it)")
+    if disk_full:
+        return ENVIRONMENT, f"ended with no result while {disk_full}"
     if returncode is None:
         return CRASHED, "the trial process was lost: the fork server that started it stopped"
     last = tail.strip().splitlines()[-1] if tail.strip() else "no output"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +27,9 @@ from llmtune.trial.fork_server import ForkedProcess, ForkServer, kill_group
 from llmtune.trial.result import TrialResult
 
 EXIT_GRACE_S = 5.0
+LOW_AVAILABLE_SHARE = 0.05  # the machine's available memory under this share of its total: memory evidence
+HIGH_RSS_SHARE = 0.9        # the trial's resident memory at this share of what it could use: memory evidence
+DISK_FULL_BYTES = 64 << 20  # a trial that ended without a result on a disk with less free: the disk was full
 
 
 @dataclass
@@ -47,6 +51,104 @@ def log_tail(path: Path, lines: int = 30) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+class MemoryWatch:
+    """What the parent can see of a trial's memory, to tell the kernel's out-of-memory killer from any
+    other SIGKILL: the OOM killer leaves nothing a parent can read portably (its report goes to the
+    kernel log), so `evidence` is a heuristic, any of:
+
+    - an oom_kill counter rose while the trial ran: the machine's (/proc/vmstat, Linux >= 4.13) or
+      its memory cgroup's (v2 memory.events, v1 memory.oom_control), where readable;
+    - the machine's available memory (MemAvailable) fell under LOW_AVAILABLE_SHARE of its total;
+    - the trial's resident memory reached HIGH_RSS_SHARE of what it could use: the memory available
+      when it started, or its cgroup's limit where lower.
+
+    The last two are polled with the runner's event loop (every 0.25 s), so a spike between two polls
+    is seen only through the counters; a trial killed with no evidence ends `killed`, retried once."""
+
+    def __init__(self, pid: int, proc: Path = Path("/proc"), cgroup: Path = Path("/sys/fs/cgroup")):
+        self.pid, self.proc, self.cgroup = pid, proc, cgroup
+        self.counters = self._oom_kills()
+        total, available = self._meminfo("MemTotal:"), self._meminfo("MemAvailable:")
+        limit = min((v for _, limit_file in self._cgroup_files() if (v := _number(limit_file)) is not None),
+                    default=None)
+        self.total = min(v for v in (total, limit) if v) if total or limit else None
+        self.budget = min(v for v in (available, limit) if v) if available or limit else None
+        self.min_available, self.peak_rss = available, 0
+
+    def _meminfo(self, key: str, path: str = "meminfo") -> int | None:
+        """A /proc field in bytes (they are written in kB)."""
+        try:
+            line = next((ln for ln in (self.proc / path).read_text().splitlines() if ln.startswith(key)), "")
+            return int(line.split()[1]) * 1024 if line else None
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _cgroup_files(self) -> list[tuple[Path, Path]]:
+        """(the file with its oom_kill counter, the file with its limit) of each memory cgroup of this
+        process (the trial's too: it inherits it). A cgroup namespace shows its own root at the mount."""
+        try:
+            lines = (self.proc / "self" / "cgroup").read_text().splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+            if controllers and "memory" not in controllers.split(","):
+                continue
+            root = self.cgroup if not controllers else self.cgroup / "memory"
+            base = root / path.strip("/") if (root / path.strip("/")).is_dir() else root
+            out.append((base / "memory.events", base / "memory.max") if not controllers
+                       else (base / "memory.oom_control", base / "memory.limit_in_bytes"))
+        return out
+
+    def _oom_kills(self) -> dict[str, int]:
+        sources = [self.proc / "vmstat"] + [events for events, _ in self._cgroup_files()]
+        counts = {str(path): _number(path, "oom_kill") for path in sources}
+        return {k: v for k, v in counts.items() if v is not None}
+
+    def poll(self) -> None:
+        rss, available = self._meminfo("VmRSS:", f"{self.pid}/status"), self._meminfo("MemAvailable:")
+        self.peak_rss = max(self.peak_rss, rss or 0)
+        if available is not None:
+            self.min_available = available if self.min_available is None else min(self.min_available, available)
+
+    def evidence(self) -> str | None:
+        """Why the trial most likely ran out of memory, in words, or None when nothing says so."""
+        after = self._oom_kills()
+        for source, before in self.counters.items():
+            if after.get(source, before) > before:
+                return f"the oom_kill counter of {source} rose from {before} to {after[source]} while it ran"
+        if self.total and self.min_available is not None and self.min_available < LOW_AVAILABLE_SHARE * self.total:
+            return f"the machine had only {_gb(self.min_available)} of {_gb(self.total)} available while it ran"
+        if self.budget and self.peak_rss >= HIGH_RSS_SHARE * self.budget:
+            return f"it used {_gb(self.peak_rss)} of the {_gb(self.budget)} it could use"
+        return None
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GB"
+
+
+def _number(path: Path, key: str | None = None) -> int | None:
+    """A number file ("max" is no limit), or the value of `key` in a "key value" per line file."""
+    try:
+        text = path.read_text()
+        if key is None:
+            return None if text.strip() == "max" else int(text)
+        return next((int(v) for k, _, v in (ln.partition(" ") for ln in text.splitlines()) if k == key), None)
+    except (OSError, ValueError):
+        return None
+
+
+def disk_full(path: Path) -> str | None:
+    """"the disk of PATH had N MB free" when under DISK_FULL_BYTES are free there; else None."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return None
+    return f"the disk of {path} had {free / 2**20:.0f} MB free" if free < DISK_FULL_BYTES else None
 
 
 class TrialProcess:
@@ -71,6 +173,7 @@ class TrialProcess:
         self.started = time.time()  # the timeout counts from here: not the wait for a fork server to start
         self.proc: subprocess.Popen[bytes] | ForkedProcess = started[0]
         self._events, self._answers, self.launch = started[1:]
+        self.memory = MemoryWatch(self.proc.pid)
         self._messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -121,6 +224,7 @@ class TrialProcess:
         deadline = self.started + self.job.timeout
         try:
             while True:
+                self.memory.poll()
                 if stop is not None and stop.is_set():
                     interrupted = True
                     self.kill()
@@ -165,8 +269,11 @@ class TrialProcess:
                     pass
         result = TrialResult.load(self.result_path) if self.result_path.exists() else None
         tail = log_tail(self.log_path)
+        killed = self.proc.returncode is not None and self.proc.returncode < 0
         status, reason = classify(self.proc.returncode, result, tail, timed_out=timed_out,
-                                  interrupted=interrupted, timeout=self.job.timeout)
+                                  interrupted=interrupted, timeout=self.job.timeout,
+                                  memory_evidence=self.memory.evidence() if killed and result is None else None,
+                                  disk_full=disk_full(self.job.out_dir) if result is None else None)
         if result is None:
             result = TrialResult(status=status, reason=reason, settings=self.job.values)
         result.status, result.reason = status, reason
