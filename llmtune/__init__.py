@@ -8,6 +8,7 @@ from llmtune.api import (
     estimate_memory,
     estimate_space,
     export_adapter,
+    init_recipe,
     load_results,
     push_to_hub,
     report,
@@ -21,7 +22,7 @@ from llmtune.errors import DataError, HubError, LlmtuneError, MissingDependency,
 from llmtune.trial.result import TrialResult
 
 __all__ = [
-    "__version__", "search", "train", "validate", "report", "estimate_memory", "estimate_space", "load_results",
+    "__version__", "init_recipe", "search", "train", "validate", "report", "estimate_memory", "estimate_space", "load_results",
     "export_adapter", "push_to_hub", "load_recipe", "recipe_from_dict", "Recipe", "SearchResult", "TrialResult",
     "LlmtuneError", "RecipeError", "DataError", "SearchError", "HubError", "MissingDependency",
 ]

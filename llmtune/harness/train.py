@@ -36,10 +36,28 @@ from llmtune.harness.optimizers import make_optimizer
 from llmtune.harness.targets import TargetError, packed_attention_mask, packing_mode
 from llmtune.harness.token_cache import encode_cached
 from llmtune.harness.trackers import Trackers
-from llmtune.trial.endings import COMPLETE, CRASHED, OOM, PRUNED, from_text
+from llmtune.trial.endings import COMPLETE, CRASHED, DIVERGED, OOM, PRUNED, from_text
 from llmtune.trial.result import TrialResult
 
 EventFn = Callable[[dict[str, Any]], Any]
+
+# A trial has diverged when an eval loss rises above base * DIVERGED_FACTOR + DIVERGED_MARGIN (base: the
+# untrained adapter's eval loss, at 0). Training that works lowers the loss and one that stalls leaves it
+# near base; noise and an early overshoot stay well inside 1.5x + 0.5 nats, while a learning rate that is
+# too high (3e-3 for most models) sends it to several times base within a few evals and never brings it
+# back: each further step of such a trial costs compute and teaches nothing. The margin keeps a base loss
+# near 0 (an easy data set) from making any small rise look like divergence.
+DIVERGED_FACTOR, DIVERGED_MARGIN = 1.5, 0.5
+
+
+def diverged(loss: float, base: float | None) -> str | None:
+    """Why an eval loss says its trial diverged, or None (see DIVERGED_FACTOR)."""
+    if not math.isfinite(loss):
+        return f"eval loss became {loss}; lower learning_rate"
+    if base is not None and math.isfinite(base) and loss > base * DIVERGED_FACTOR + DIVERGED_MARGIN:
+        return (f"eval loss rose to {loss:.4g}, above {DIVERGED_FACTOR:g} x the untrained {base:.4g} + "
+                f"{DIVERGED_MARGIN:g}; lower learning_rate")
+    return None
 
 
 def _versions() -> dict[str, str]:
@@ -271,6 +289,10 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
         eval_s += time.perf_counter() - t
         result.curve.append([fraction, loss])
         trackers.log({"eval/loss": loss}, step)
+        why = diverged(loss, result.base_eval_loss) if fraction > 0 else None
+        if why:  # decided here, not by the pruner: a diverged trial ends `diverged`, never `pruned`
+            result.status, result.reason = DIVERGED, f"{why} (at {fraction:.3g} of the budget)"
+            return True
         stop = emit({"event": "eval", "fraction": fraction, "eval_loss": loss, "step": step,
                      "metrics": measured or {}, **({"context": context} if context else {})})
         emit({"event": "phase", "phase": "train"})
@@ -317,7 +339,10 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
             # One host read per step (the step already synced): a diverged run stops at once.
             step_loss = float(loss_sum)
             if not math.isfinite(step_loss):
-                raise FloatingPointError(f"training loss became {step_loss} at step {i + 1}; lower learning_rate")
+                result.status = DIVERGED
+                result.reason = f"training loss became {step_loss} at step {i + 1}; lower learning_rate"
+                stopped = True
+                break
             if time.perf_counter() - last_progress > 1.0 or i == n_steps - 1:
                 trackers.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0]}, i + 1)
                 emit({"event": "progress", "fraction": plan.progress[i], "step": i + 1, "steps": n_steps, "loss": step_loss})
@@ -327,7 +352,8 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
                     "train_time_s": train_s / plan.progress[i],  # projected to the whole budget
                     "trainable_params": float(trainable),
                     "peak_memory_gb": peak_so_far_bytes(device) / GiB}):
-                result.status, result.reason = PRUNED, f"pruned at {eval_after[i]:.3g} of the budget"
+                if result.status != DIVERGED:
+                    result.status, result.reason = PRUNED, f"pruned at {eval_after[i]:.3g} of the budget"
                 stopped = True
                 break
 

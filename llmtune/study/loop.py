@@ -35,11 +35,11 @@ from llmtune.config.space import SearchSpace
 from llmtune.errors import SearchError
 from llmtune.hardware import trial_threads
 from llmtune.study import attrs
-from llmtune.study.attrs import CURVE, DIR, OWNER, REASON, RUNG_METRICS, SETTINGS, STATUS
+from llmtune.study.attrs import CURVE, DIR, OWNER, PRIOR, REASON, RUNG_METRICS, SETTINGS, STATUS
 from llmtune.study.gate import MemoryGate
 from llmtune.study.pruners import make_pruner
 from llmtune.study.record import report_eval, tell
-from llmtune.study.samplers import study_sampler
+from llmtune.study.samplers import prior_configs, study_sampler
 from llmtune.study.storage import (
     Heartbeat,
     counted,
@@ -223,11 +223,21 @@ class Search:
         if isinstance(self.sampler, optuna.samplers.GridSampler) and grid is not None and (self.n_trials or grid) > grid:
             self.log(f"the grid has {grid} point(s): running {grid} trial(s), not {self.n_trials}")
             self.n_trials = grid
+        if created and study_cfg.sampler == "auto" and not isinstance(self.sampler, optuna.samplers.GridSampler):
+            self._enqueue_priors(study)
         lost = recover_lost_trials(study)
         if lost:
             self.log(f"retrying trial(s) {', '.join(map(str, lost))} that a stopped search left unfinished")
         self.study = study
         return study
+
+    def _enqueue_priors(self, study: optuna.Study) -> None:
+        """Queue known-good starting points (`prior_configs`) as a new study's first trials: only the
+        process that created the study does, so neither a resumed search nor a joining process adds
+        them again. Few (2, or a quarter of a small n_trials): they anchor the sampler, not replace it."""
+        n = 2 if self.n_trials is None else min(2, max(1, self.n_trials // 4))
+        for config in prior_configs(self.space, n):
+            study.enqueue_trial(config, user_attrs={PRIOR: True}, skip_if_exists=True)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> optuna.Study:
@@ -286,7 +296,7 @@ class Search:
         own trial is in the storage: if finished + running trials now exceed n_trials, it gives the
         trial up and tries later. A queued retry goes back to WAITING (params and all) for the next
         ask; a fresh trial, whose settings are not sampled yet, is ended as FAIL with status
-        ``surplus`` (it counts for nothing), so that WAITING trials are always retries and run first. Of two racing asks, the one that checks second sees both trials and gives back, so
+        ``surplus`` (it counts for nothing), so that WAITING trials are always retries or priors and run first. Of two racing asks, the one that checks second sees both trials and gives back, so
         n_trials is never exceeded; if both give back, random backoff breaks the tie. Storage reads
         see every committed trial (Optuna creates trials under a lock on the study row).
         """
@@ -302,8 +312,8 @@ class Search:
                         storage.record_heartbeat(tid)  # type: ignore[attr-defined]  # found from now on if it dies
                         storage.set_trial_system_attr(tid, OWNER, worker_id())
                         return trial
-                    if "fixed_params" in trial._cached_frozen_trial.system_attrs:
-                        storage.set_trial_state_values(tid, TrialState.WAITING)  # a retry: keep it queued
+                    if "fixed_params" in trial._cached_frozen_trial.system_attrs:  # a retry or a prior
+                        storage.set_trial_state_values(tid, TrialState.WAITING)  # keep it queued
                     else:
                         storage.set_trial_user_attr(tid, STATUS, SURPLUS)
                         storage.set_trial_user_attr(tid, REASON, "another worker took the last of n_trials")

@@ -42,6 +42,7 @@ INTERRUPTED = "interrupted"
 KILLED = "killed"
 ENVIRONMENT = "environment"
 SURPLUS = "surplus"
+DIVERGED = "diverged"
 
 # Infeasible trials are told COMPLETE with penalty values: Optuna's samplers learn only from COMPLETE
 # trials, and the constraint value > 0 keeps them off every front (decision 3).
@@ -51,6 +52,8 @@ ENDINGS: dict[str, Ending] = {e.status: e for e in [
     Ending(PRUNED,       "PRUNED",   False,  True,  False,  True,  "stopped early by the pruner; partial metrics kept"),
     Ending(OOM,          "COMPLETE", True,   True,  False,  False, "ran out of memory"),
     Ending(OVER_BUDGET,  "COMPLETE", True,   True,  False,  False, "predicted or measured over the memory budget; not run"),
+    Ending(DIVERGED,     "COMPLETE", True,   True,  False,  False, "its loss blew up (non-finite, or far above the "
+           "untrained model's: `llmtune.harness.train.diverged`); stopped at once, the sampler avoids its neighbourhood"),
     Ending(CRASHED,      "FAIL",     False,  True,  False,  False, "any other error; the log tail is kept"),
     Ending(TIMEOUT,      "FAIL",     False,  True,  False,  False, "killed at study.trial_timeout"),
     Ending(INTERRUPTED,  "FAIL",     False,  False, True,   False, "the search was stopped or its worker died; retried"),

@@ -1,0 +1,162 @@
+"""`llmtune init`: a first recipe for a model and a data file, its search space drawn from published priors.
+
+The priors (the same ones `llmtune.study.samplers.PRIORS` queues first): the best LoRA learning rate is
+about 10x a full fine-tune's and nearly independent of the rank at a fixed alpha, so alpha is fixed at 32
+and only the rank is searched; adapters on all linear layers beat attention-only ones at equal
+parameters (both are offered, so the search can show it); QLoRA's recipe is lr 2e-4, r 64, alpha 16;
+3e-3 diverges for most models, so the learning rate range stops below it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from llmtune.errors import Problem, RecipeError
+
+LEARNING_RATE = (1e-4, 2e-3)  # around the priors (2e-4, 1e-3), below the 3e-3 that diverges for most models
+LORA_R = [8, 16, 32, 64]
+LORA_ALPHA = 32
+TARGETS = ["attention", "all-linear"]
+CHARS_PER_TOKEN = 4  # a rough English average: enough to pick a sequence_len without loading a tokenizer
+SAMPLE_ROWS = 200    # rows read to guess the format and the lengths
+
+
+def read_rows(path: Path, n: int = SAMPLE_ROWS) -> tuple[list[dict[str, Any]], int]:
+    """The first `n` rows of a JSONL, JSON (a list of rows) or CSV file, and how many rows it has."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+            return rows[:n], len(rows)
+        if suffix == ".json":
+            data = json.loads(path.read_text())
+            rows = data if isinstance(data, list) else [data]
+            return rows[:n], len(rows)
+        out: list[dict[str, Any]] = []
+        count = 0
+        with path.open() as f:
+            for line in f:
+                if line.strip():
+                    count += 1
+                    if len(out) < n:
+                        out.append(json.loads(line))
+        return out, count
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise RecipeError([Problem("--data", f"cannot read {str(path)!r} as JSONL, JSON or CSV: {e}")]) from None
+
+
+def guess_format(row: dict[str, Any]) -> tuple[str, dict[str, str], str]:
+    """(data.format, the data.*_field settings it needs, what was seen) from one row."""
+    if isinstance(row.get("messages"), list | str):
+        return "chat", {}, "a 'messages' list (chat)"
+    if isinstance(row.get("conversations"), list):
+        return "chat", {}, "a 'conversations' list (ShareGPT, read as chat)"
+    for instruction, output in (("instruction", "output"), ("prompt", "completion"), ("question", "answer"),
+                                ("prompt", "response")):
+        if instruction in row and output in row:
+            fields = {} if (instruction, output) == ("instruction", "output") else {
+                "instruction_field": instruction, "output_field": output}
+            return "instruction", fields, f"'{instruction}' and '{output}' fields (instruction)"
+    if "text" in row:
+        return "text", {}, "a 'text' field (plain text)"
+    texts = [k for k, v in row.items() if isinstance(v, str)]
+    if texts:
+        return "text", {"text_field": texts[0]}, f"no known fields; '{texts[0]}' read as plain text"
+    raise RecipeError([Problem("--data", f"cannot tell the format of the first row (fields: {', '.join(row) or 'none'}); "
+                               "give rows with 'text', 'instruction'/'output', 'messages' or 'conversations'")])
+
+
+def sequence_len(rows: list[dict[str, Any]]) -> int:
+    """A power of two (128..2048) that holds about 90% of the sampled rows, by their characters."""
+    lengths = sorted(len(json.dumps(r, ensure_ascii=False)) // CHARS_PER_TOKEN for r in rows)
+    if not lengths:
+        return 512
+    p90 = lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))]
+    return min(2048, max(128, 2 ** math.ceil(math.log2(max(p90, 1)))))
+
+
+def fitting_quantizations(model: str, gpu_memory_gb: float | None, seq_len: int) -> tuple[list[str], str]:
+    """The quantizations whose largest configuration (r 64, all linear layers, micro batch 1) fits the GPU,
+    and why. None on a machine without CUDA and no --gpu-memory: bitsandbytes' CPU paths are slow."""
+    from llmtune import hardware
+    from llmtune.study.memory import estimate_memory
+
+    if gpu_memory_gb is None:
+        total = hardware.gpu_memory_bytes(0) if hardware.cuda_available() else None
+        if not total:
+            return ["none"], "no GPU here: 4bit and 8bit are left out (slow on CPU)"
+        gpu_memory_gb = total / 2**30
+    fits, sizes = [], []
+    for q in ("none", "8bit", "4bit"):
+        try:
+            gb = estimate_memory(model, quantization=q, lora_r=max(LORA_R), sequence_len=seq_len).total_gb
+        except Exception as e:  # an unreadable config: say so and offer what surely runs
+            return ["none", "4bit"], f"could not estimate memory ({type(e).__name__}); check with llmtune estimate"
+        sizes.append(f"{q} {gb:.1f}")
+        if gb <= gpu_memory_gb * 0.9:  # a tenth kept back: CUDA context, fragmentation
+            fits.append(q)
+    why = f"predicted GiB at r 64: {', '.join(sizes)}; GPU {gpu_memory_gb:g} GiB"
+    return fits or ["4bit"], why if fits else why + " (nothing fits: 4bit is the smallest)"
+
+
+def _yaml(value: Any) -> str:
+    return json.dumps(value)  # JSON scalars and lists are YAML
+
+
+def recipe_text(model: str, data: str | Path, *, gpu_memory_gb: float | None = None, name: str | None = None) -> str:
+    """The commented recipe YAML `llmtune init` writes."""
+    from llmtune.builtin.names import resolve_model_name
+
+    path = Path(data)
+    if not path.is_file():
+        raise RecipeError([Problem("--data", f"{str(path)!r} is not a file; give a JSONL, JSON or CSV file")])
+    rows, n_rows = read_rows(path)
+    if not rows:
+        raise RecipeError([Problem("--data", f"{str(path)!r} has no rows")])
+    fmt, fields, seen = guess_format(rows[0])
+    seq = sequence_len(rows)
+    quant, quant_why = fitting_quantizations(resolve_model_name(model, log=lambda _: None), gpu_memory_gb, seq)
+    name = name or f"{model.rsplit('/', 1)[-1]}-{path.stem}".lower().replace(".", "-")
+    examples = max(1, min(2000, int(n_rows * 0.9)))
+    field_lines = "".join(f"  {k}: {_yaml(v)}\n" for k, v in fields.items())
+    return f"""# Written by `llmtune init`; check it with `llmtune validate`, run it with `llmtune search`.
+# The search space follows published LoRA priors: see the comments on each setting.
+name: {_yaml(name)}
+model:
+  name: {_yaml(model)}
+data:
+  source: {_yaml(str(path.resolve()))}
+  format: {fmt:<20}# guessed from the first row: {seen}
+{field_lines}  max_eval_examples: 100         # every trial is scored on the same eval examples
+  eval_max_length: {seq}
+train:
+  budget: {{examples: {examples}}}  # the same data for every trial ({n_rows} rows in the file, 10% held out)
+  eval_points: 4                 # a diverging trial stops at the next of these
+  lr_scheduler: cosine
+search:
+  # LoRA's best learning rate is ~10x full fine-tuning's; 2e-4 (QLoRA) and 1e-3 are tried first.
+  # 3e-3 diverges for most models: the range stops below it.
+  learning_rate: {{low: {LEARNING_RATE[0]:g}, high: {LEARNING_RATE[1]:g}, log: true}}
+  # With alpha fixed the best learning rate barely moves with the rank, so the rank is searched alone.
+  lora_r: {_yaml(LORA_R)}
+  lora_alpha: {LORA_ALPHA}
+  lora_dropout: 0.05
+  # All linear layers beat attention-only at equal parameters; both are here to show it on your data.
+  lora_target_modules: {_yaml(TARGETS)}
+  sequence_len: {seq}              # ~90% of the sampled rows fit (about {CHARS_PER_TOKEN} characters a token)
+  micro_batch_size: 4
+  # {quant_why}
+  quantization: {_yaml(quant if len(quant) > 1 else quant[0])}
+objectives:
+  eval_loss: minimize
+  peak_memory_gb: minimize
+study:
+  sampler: auto                  # known-good configurations first, then multivariate TPE
+  n_trials: 16
+output_dir: {_yaml(f"runs/{name}")}
+"""
