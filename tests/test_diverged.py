@@ -121,3 +121,19 @@ def test_a_new_study_queues_the_priors_first_and_a_resumed_one_does_not(tiny_mod
     other = recipe_from_dict(tiny_recipe_dict(tmp_path / "b", search=PRIOR_SPACE,
                                               study={"n_trials": 8, "sampler": "random"}))
     assert Search(other, log=lambda _: None).prepare().trials == []  # only `sampler: auto` gets priors
+
+
+def test_a_search_records_a_diverged_trial_as_infeasible(tiny_model_path, tiny_data_path, tmp_path: Path) -> None:
+    from llmtune.api import search
+
+    recipe = tiny_recipe_dict(tmp_path, search={"learning_rate": [5.0, 2e-3]}, measure={"latency": False},
+                              train={"budget": {"examples": 128}, "eval_points": 4},
+                              study={"n_trials": 2, "trial_timeout": 300})
+    result = search(recipe, quiet=True)
+    study = result.study
+    by_lr = {t.params["learning_rate"]: t for t in study.trials}
+    hot, ok = by_lr[5.0], by_lr[2e-3]
+    assert hot.user_attrs[STATUS] == "diverged" and hot.state == TrialState.COMPLETE
+    assert list(hot.constraints.values())[0] == 1.0 and hot.values[0] >= ok.values[0]
+    assert ok.user_attrs[STATUS] == "complete" and list(ok.constraints.values())[0] == 0.0
+    assert len(study.trials) == 2  # counted towards n_trials, not retried
