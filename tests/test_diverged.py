@@ -38,8 +38,12 @@ def test_a_huge_learning_rate_diverges_early_and_a_normal_one_completes(tiny_mod
     assert res.status == "diverged" and "lower learning_rate" in res.reason, res.reason
     assert res.info["steps_done"] < res.info["plan"]["steps"]  # stopped before the end of its budget
     assert res.curve[-1][0] < 1.0
-    # the pruner never saw the diverged eval: its verdict cannot turn the ending into `pruned`
-    assert not any(e["event"] == "eval" and e["fraction"] == res.curve[-1][0] for e in events)
+    # the pruner never saw a diverged eval: its verdict cannot turn the ending into `pruned` (when the training
+    # loss went non-finite first, which one depends on float details of the tiny model's build, no eval diverged)
+    if res.reason.startswith("eval loss"):
+        assert not any(e["event"] == "eval" and e["fraction"] == res.curve[-1][0] for e in events)
+    else:
+        assert res.reason.startswith("training loss became")
     ok = run_trial(recipe, recipe.space.complete({"learning_rate": 2e-3}), tmp_path / "ok", save_adapter=False)
     assert ok.status == "complete" and ok.info["steps_done"] == ok.info["plan"]["steps"]
 
@@ -75,7 +79,7 @@ PRIOR_SPACE = {"learning_rate": {"low": 5e-5, "high": 5e-4, "log": True}, "lora_
 
 def test_prior_configs_are_snapped_into_the_space() -> None:
     from llmtune.config.space import SearchSpace
-    from llmtune.study.samplers import prior_configs
+    from llmtune.study.priors import prior_configs
 
     space = SearchSpace.from_dict(PRIOR_SPACE)
     configs = prior_configs(space, 5)

@@ -1,6 +1,6 @@
 """`llmtune init`: a first recipe for a model and a data file, its search space drawn from published priors.
 
-The priors (the same ones `llmtune.study.samplers.PRIORS` queues first): the best LoRA learning rate is
+The priors (the same ones `llmtune.study.priors.PRIORS` queues first): the best LoRA learning rate is
 about 10x a full fine-tune's and nearly independent of the rank at a fixed alpha, so alpha is fixed at 32
 and only the rank is searched; adapters on all linear layers beat attention-only ones at equal
 parameters (both are offered, so the search can show it); QLoRA's recipe is lr 2e-4, r 64, alpha 16;

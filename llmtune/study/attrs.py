@@ -15,7 +15,7 @@ DIR = "llmtune.dir"                    # the trial's folder (result.json, trial.
 INFO = "llmtune.info"                  # timings, token counts, device, versions
 CONSTRAINTS = "llmtune.constraints"    # {constraint: value}, <= 0 met; Optuna keeps the list (see study/record.py)
 RETRY_OF = "llmtune.retry_of"          # the number of the trial this one retries
-PRIOR = "llmtune.prior"                # True on a known-good starting point queued first (samplers.prior_configs)
+PRIOR = "llmtune.prior"                # True on a known-good starting point queued first (priors.prior_configs)
 # Trial system attributes
 OWNER = "llmtune.owner"                # host:pid of the search process running the trial
 PROPOSAL = "llmtune.proposal"          # {param: value}: the configuration a trial was given, before it has its params

@@ -37,9 +37,10 @@ from llmtune.hardware import trial_threads
 from llmtune.study import attrs
 from llmtune.study.attrs import CURVE, DIR, OWNER, PRIOR, REASON, RUNG_METRICS, SETTINGS, STATUS
 from llmtune.study.gate import MemoryGate
+from llmtune.study.priors import prior_configs
 from llmtune.study.pruners import make_pruner
 from llmtune.study.record import report_eval, tell
-from llmtune.study.samplers import prior_configs, study_sampler
+from llmtune.study.samplers import study_sampler
 from llmtune.study.storage import (
     Heartbeat,
     counted,
