@@ -58,3 +58,22 @@ def tiny_recipe_dict(tmp_path, **sections):
         else:
             base[key] = value
     return base
+
+
+@pytest.fixture()
+def pg_url() -> str:
+    """The test PostgreSQL server's URL (LLMTUNE_TEST_POSTGRES_URL, which .ci/run sets), or a skip."""
+    from llmtune.study.storage import mask_url
+
+    url = os.environ.get("LLMTUNE_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("LLMTUNE_TEST_POSTGRES_URL is not set; .ci/run starts a throwaway PostgreSQL server and sets it")
+    try:
+        import psycopg2
+
+        psycopg2.connect(url, connect_timeout=5).close()
+    except ImportError:
+        pytest.skip("psycopg2 is not installed: pip install psycopg2-binary")
+    except Exception as e:
+        pytest.skip(f"no PostgreSQL server reachable at {mask_url(url)}: {type(e).__name__}")
+    return url

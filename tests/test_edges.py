@@ -30,7 +30,7 @@ from llmtune.study import attrs, record
 from llmtune.study.attrs import RETRY_OF, STATUS
 from llmtune.study.loop import check_resume
 from llmtune.study.samplers import UniqueSampler, make_sampler, study_sampler
-from llmtune.study.storage import counted, join_study, mask_url, open_storage
+from llmtune.study.storage import counted, join_study, open_storage
 from llmtune.trial.endings import CRASHED, ENVIRONMENT, KILLED, OOM, classify
 from llmtune.trial.result import TrialResult
 from llmtune.trial.runner import MemoryWatch, TrialJob, TrialProcess
@@ -39,22 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import distinct_configs  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-@pytest.fixture()
-def pg_url() -> str:
-    url = os.environ.get("LLMTUNE_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("LLMTUNE_TEST_POSTGRES_URL is not set; .ci/run starts a throwaway PostgreSQL server and sets it")
-    try:
-        import psycopg2
-
-        psycopg2.connect(url, connect_timeout=5).close()
-    except ImportError:
-        pytest.skip("psycopg2 is not installed: pip install psycopg2-binary")
-    except Exception as e:
-        pytest.skip(f"no PostgreSQL server reachable at {mask_url(url)}: {type(e).__name__}")
-    return url
 
 
 # -- safe start ------------------------------------------------------------------------------------

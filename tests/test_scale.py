@@ -44,22 +44,6 @@ def tiny_assets(tiny_model_path, tiny_data_path):
     """Build the tiny model once before any search starts trial processes."""
 
 
-@pytest.fixture()
-def pg_url() -> str:
-    url = os.environ.get("LLMTUNE_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("LLMTUNE_TEST_POSTGRES_URL is not set; .ci/run starts a throwaway PostgreSQL server and sets it")
-    try:
-        import psycopg2
-
-        psycopg2.connect(url, connect_timeout=5).close()
-    except ImportError:
-        pytest.skip("psycopg2 is not installed: pip install psycopg2-binary")
-    except Exception as e:
-        pytest.skip(f"no PostgreSQL server reachable at {mask_url(url)}: {type(e).__name__}")
-    return url
-
-
 def _overlaps(spans: list[tuple[float, float]]) -> int:
     """Most spans open at one moment."""
     events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
