@@ -80,7 +80,7 @@ def validate(recipe: RecipeLike, *, overrides: list[str] | None = None,
     from llmtune.preflight import preflight
 
     r = load(recipe, overrides)
-    for message in preflight(r):
+    for message in preflight(r).warnings:
         (warn or _warn_stderr)(message)
     return r
 
@@ -110,11 +110,13 @@ def search(recipe: RecipeLike, *, n_trials: int | None = None, storage: str | No
     if output_dir is not None:
         r.output_dir = os.fspath(output_dir)
     # before anything is written: the storage and output_dir this search will use, not only the recipe's
-    for message in preflight(r, storage=storage, output_dir=_output_field(r.output_dir, output_dir)):
+    checked = preflight(r, storage=storage, output_dir=_output_field(r.output_dir, output_dir))
+    for message in checked.warnings:
         _warn_stderr(message)
     say = log or (_silent if quiet else print)
     run = Search(r, storage=storage, n_trials=n_trials, workers=workers, gpus=parse_gpus(gpus),
-                 study_name=study_name, progress=make_progress(quiet), log=say)
+                 study_name=study_name, progress=make_progress(quiet), log=say,
+                 data_fingerprint=checked.data_fingerprint)
     study = run.run()
     return finalize(study, r)
 

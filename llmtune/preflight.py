@@ -33,6 +33,7 @@ import importlib.util
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,19 +75,19 @@ def _machine(recipe: Recipe) -> list[Problem]:
     return problems
 
 
-def _data(recipe: Recipe) -> tuple[list[Problem], list[str]]:
-    """The data's problems, and the warnings about rows dropped."""
+def _data(recipe: Recipe) -> tuple[list[Problem], list[str], str | None]:
+    """The data's problems, the warnings about rows dropped, and the data's fingerprint."""
     from llmtune.harness.data_sources import load_splits
     from llmtune.harness.formats import TooManyBadRows
 
     try:
         splits = load_splits(recipe.data)
     except TooManyBadRows as e:
-        return e.problems, []
+        return e.problems, [], None
     except LlmtuneError as e:
-        return [Problem(getattr(e, "field", "") or "data.source", str(e))], []
+        return [Problem(getattr(e, "field", "") or "data.source", str(e))], [], None
     problems = _chat_template(recipe, splits.train + splits.eval) if recipe.data.format == "chat" else []
-    return problems, splits.warnings
+    return problems, splits.warnings, splits.fingerprint
 
 
 def _chat_template(recipe: Recipe, rows: list[dict[str, Any]]) -> list[Problem]:
@@ -246,24 +247,6 @@ def folder_problem(path: str | os.PathLike, field: str) -> Problem | None:
     return None
 
 
-PIP_NAMES = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}
-
-
-def storage_error(url: str, error: BaseException) -> str:
-    """Why the study storage at ``url`` did not open, password masked, with the fix."""
-    import sqlalchemy.exc
-
-    from llmtune.study.storage import _storage_problem, mask_url
-
-    if isinstance(error, ImportError) and error.name:
-        return (f"cannot open the study storage {mask_url(url)}: its database driver {error.name!r} is not installed; "
-                f"pip install {PIP_NAMES.get(error.name, error.name)}")
-    if isinstance(error, sqlalchemy.exc.NoSuchModuleError):
-        return (f"{mask_url(url)!r}: SQLAlchemy knows no database {url.partition(':')[0]!r}; use "
-                "sqlite:///path/study.db or postgresql://user:password@host:5432/db")
-    return _storage_problem(url, error)
-
-
 def storage_problem(url: str) -> str | None:
     """Why the study storage at ``url`` cannot be used, found without writing anything, or None."""
     from llmtune.study.storage import mask_url
@@ -282,7 +265,7 @@ def storage_problem(url: str) -> str | None:
         return _sqlite_problem(url)
     import sqlalchemy
 
-    from llmtune.study.storage import _with_driver
+    from llmtune.study.storage import _with_driver, storage_error
 
     engine = None
     try:
@@ -348,10 +331,19 @@ def _study(recipe: Recipe, storage: str | None) -> list[Problem]:
     return problems
 
 
+@dataclass(frozen=True)
+class Checked:
+    """What a passed preflight found: warnings (bad rows the trials will drop: how many, why, which, the fix),
+    and the data's fingerprint, so that the search need not load the data again to get it."""
+
+    warnings: list[str]
+    data_fingerprint: str | None
+
+
 def preflight(recipe: Recipe, *, data: bool = True, model: bool = True, study: bool = True,
-              storage: str | None = None, output_dir: tuple[str, str] | None = None) -> list[str]:
+              storage: str | None = None, output_dir: tuple[str, str] | None = None) -> Checked:
     """Raise one `RecipeError` listing every problem the data, the model, this machine or the places it writes
-    have with the recipe; return the warnings (bad rows the trials will drop: how many, why, which, the fix).
+    have with the recipe; return what it found (`Checked`).
 
     ``study``: also check the study storage (``storage`` as --storage gives it) and heartbeat settings.
     ``output_dir``: (folder, field) of where the command writes; default the recipe's output_dir."""
@@ -362,11 +354,12 @@ def preflight(recipe: Recipe, *, data: bool = True, model: bool = True, study: b
     if study:
         problems += _study(recipe, storage)
     warnings: list[str] = []
+    fingerprint = None
     if data:
-        found, warnings = _data(recipe)
+        found, warnings, fingerprint = _data(recipe)
         problems += found
     if model:
         problems += _model(recipe)
     if problems:
         raise RecipeError(problems)
-    return warnings
+    return Checked(warnings, fingerprint)

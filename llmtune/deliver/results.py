@@ -13,7 +13,7 @@ from llmtune.config.recipe import Recipe, recipe_from_dict
 from llmtune.deliver.front import feasible, pareto_front, select
 from llmtune.errors import SearchError
 from llmtune.study.attrs import CURVE, DIR, METRICS_KEY, REASON, RECIPE, SETTINGS, STATUS
-from llmtune.study.storage import mask_url, open_storage
+from llmtune.study.storage import mask_url, open_storage, storage_error
 
 
 class SearchResult:
@@ -132,8 +132,6 @@ def load_results(target: str | Path, study_name: str | None = None, storage: str
         rdb = open_storage(url)
         names = optuna.get_all_study_names(storage=rdb)
     except (ImportError, ValueError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
-        from llmtune.preflight import storage_error
-
         raise SearchError(storage_error(url, e)) from None
     if not names:
         raise SearchError(f"the storage {mask_url(url)} holds no study yet; run a search against it first "

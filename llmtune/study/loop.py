@@ -173,8 +173,9 @@ class Search:
 
     def __init__(self, recipe: Recipe, *, storage: str | None = None, n_trials: int | None = None,
                  workers: int = 1, gpus: list[str] | None = None, study_name: str | None = None,
-                 progress: Any = None, log: Callable[[str], None] = print):
+                 progress: Any = None, log: Callable[[str], None] = print, data_fingerprint: str | None = None):
         self.recipe = recipe
+        self._known_fingerprint = data_fingerprint  # the preflight's, when it ran: the data is not read twice
         self.space = recipe.space
         self.n_trials = n_trials or recipe.study.n_trials
         self.gpus = [_physical_gpus(g) for g in gpus or []]
@@ -203,7 +204,7 @@ class Search:
         # Build the offline demo assets once here, not in N trial processes at once.
         resolve_model_name(self.recipe.model.name, log=self.log)
         resolve_data_source(self.recipe.data.source, log=self.log)
-        self.data_fingerprint = load_splits(self.recipe.data).fingerprint
+        self.data_fingerprint = self._known_fingerprint or load_splits(self.recipe.data).fingerprint
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         directions = list(self.recipe.objectives.values())
         # Any number of processes may start here at the same moment: one creates the study, the others

@@ -97,8 +97,19 @@ def worker_id() -> str:
     return f"{socket.gethostname()}{ns}:{os.getpid()}"
 
 
-def _storage_problem(url: str, error: BaseException) -> str:
-    """Why the storage did not open, with its password masked wherever the driver quoted the URL."""
+# pip names of database drivers whose import name differs
+PIP_NAMES = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}
+
+
+def storage_error(url: str, error: BaseException) -> str:
+    """Why the storage at ``url`` did not open, with the fix, and its password masked wherever the driver
+    quoted the URL. Every opener uses it: the search, the readers (report, export) and the preflight."""
+    if isinstance(error, ImportError) and error.name:
+        return (f"cannot open the study storage {mask_url(url)}: its database driver {error.name!r} is not installed; "
+                f"pip install {PIP_NAMES.get(error.name, error.name)}")
+    if isinstance(error, sqlalchemy.exc.NoSuchModuleError):
+        return (f"{mask_url(url)!r}: SQLAlchemy knows no database {url.partition(':')[0]!r}; use "
+                "sqlite:///path/study.db or postgresql://user:password@host:5432/db")
     text = " ".join(f"{type(error).__name__}: {error}".partition("(Background on this error")[0].split())
     password = url.split("://", 1)[-1].rsplit("@", 1)[0].partition(":")[2] if "@" in url else ""
     if password:
@@ -150,7 +161,7 @@ def join_study(url: str, name: str, directions: list[str],
         storage = open_storage(url)
         return _until_settled(lambda: create_or_load(storage))
     except (ImportError, ValueError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
-        raise SearchError(_storage_problem(url, e)) from None
+        raise SearchError(storage_error(url, e)) from None
 
 
 def open_study(url: str, name: str, directions: list[str], sampler: optuna.samplers.BaseSampler) -> optuna.Study:
