@@ -98,17 +98,22 @@ def test_completions_only_masks_the_prompt(recipe, tokenizer, splits):
     assert ex_all.labels[1:] == ex_all.input_ids[1:]
 
 
-def test_packing_cuts_padding_and_raises_real_tokens_per_step(recipe, tokenizer, splits):
+def test_packing_cuts_padding_but_keeps_each_steps_examples(recipe, tokenizer, splits):
     examples, _ = D.encode_all(splits.train, recipe.data, tokenizer, 256)
-    plans = {p: D.plan_batches(examples, budget=recipe.train.budget, micro_batch_size=4, grad_accum=1,
+    plans = {p: D.plan_batches(examples, budget=recipe.train.budget, batch_size=8, micro_batch_size=4,
                                sequence_len=256, packing=p, pad_id=tokenizer.pad_token_id, seed=0) for p in (False, True)}
     unpacked, packed = plans[False].totals(), plans[True].totals()
-    # The budget (examples) is the same, so both see the same examples...
+    # The budget (examples) and the global batch are the same, so both take the same steps...
     assert unpacked["examples"] == packed["examples"] == recipe.train.budget.examples
-    # ...but packing needs fewer steps, carries more real tokens per step and wastes fewer slots.
-    assert packed["steps"] < unpacked["steps"]
-    assert packed["real_tokens"] / packed["steps"] > 1.5 * unpacked["real_tokens"] / unpacked["steps"]
+    assert unpacked["steps"] == packed["steps"] == -(-recipe.train.budget.examples // 8)
+    assert unpacked["real_tokens"] == packed["real_tokens"] and unpacked["label_tokens"] == packed["label_tokens"]
+    for a, b in zip(plans[False].steps, plans[True].steps, strict=True):  # ...over the same examples each
+        assert sum(x.examples for x in a) == sum(x.examples for x in b)
+        assert sum(x.label_tokens for x in a) == sum(x.label_tokens for x in b)
+    # ...but packing lays them out in fewer rows, wasting fewer slots.
+    assert packed["micro_batches"] < unpacked["micro_batches"]
     assert D.padding_share(plans[True]) < D.padding_share(plans[False])
+    assert plans[False].progress == plans[True].progress
 
 
 def test_budget_does_not_depend_on_batch_size(recipe, tokenizer, splits):
@@ -116,8 +121,8 @@ def test_budget_does_not_depend_on_batch_size(recipe, tokenizer, splits):
     for budget, key in (({"examples": 50}, "examples"), ({"tokens": 3000}, "real_tokens")):
         r = make_recipe(recipe.output_dir, train={"budget": budget})
         seen = set()
-        for mbs in (1, 3, 8):
-            plan = D.plan_batches(examples, budget=r.train.budget, micro_batch_size=mbs, grad_accum=2,
+        for mbs, batch in ((1, 2), (3, 6), (8, 16)):
+            plan = D.plan_batches(examples, budget=r.train.budget, batch_size=batch, micro_batch_size=mbs,
                                   sequence_len=128, packing=False, pad_id=0, seed=0)
             total = plan.totals()[key]
             assert total >= r.train.budget.amount

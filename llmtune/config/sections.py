@@ -56,7 +56,7 @@ class Budget:
 @dataclass
 class TrainConfig:
     budget: Budget = field(default_factory=lambda: Budget(examples=2000), metadata={"help": "How much data each trial trains on: exactly one of tokens, examples, epochs."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro batches per optimizer step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Sets the global batch (micro_batch_size x this, in examples) when search.batch_size is unset."})
     lr_scheduler: str = field(default="cosine", metadata={"help": "linear, cosine, constant or constant_with_warmup."})
     optimizer: str = field(default="adamw_torch", metadata={"help": "adamw_torch, adamw_8bit, paged_adamw_8bit (8-bit ones need a CUDA bitsandbytes) or sgd."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})

@@ -4,7 +4,13 @@ In a recipe's ``search`` section each setting is one of
   - a fixed value:            ``lora_r: 16``
   - a list of choices:        ``lora_r: [8, 16, 32]``   (or ``{choices: [...]}``)
   - a range:                  ``learning_rate: {low: 1e-5, high: 1e-3, log: true}`` (``step`` optional)
-Settings not named keep their defaults (`PARAMS`). Some settings only matter under others
+Settings not named keep their defaults (`PARAMS`).
+
+Each setting is of one of two kinds. Learning settings change what the model learns (learning rate,
+LoRA shape, warmup, context length, the global batch ``batch_size``, quantization). Execution settings
+(``execution=True``: sample packing, micro batch size, gradient checkpointing) change only how a step's
+work is laid out: the learning curve is the same under each of them (`llmtune.harness.data.plan_batches`),
+only memory and speed differ. Some settings only matter under others
 (``bnb_4bit_quant_type`` only with 4-bit quantization): they are sampled only then, which keeps the
 sampler from learning about values that changed nothing.
 """
@@ -53,6 +59,7 @@ class Param:
     choices: tuple[Any, ...] | None = None
     log: bool = False                                       # ranges are log-scaled unless told otherwise
     when: tuple[str, Any] | None = None                     # only sampled when another setting has this value
+    execution: bool = False                                 # changes how the work is laid out, not what is learned
 
 
 def _positive(v: Any) -> str | None:
@@ -87,12 +94,13 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("warmup_ratio", float, 0.05, "Share of optimizer steps spent warming up.", _unit_interval),
     Param("warmup_steps", int, None, "Warmup in optimizer steps (instead of warmup_ratio).", _at_least(0)),
     Param("sequence_len", int, 512, "Training context length; longer examples are truncated.", _at_least(16), log=True),
-    Param("sample_packing", bool, False, "Pack several examples into each row, without attention across them."),
+    Param("batch_size", int, None, "Examples per optimizer step (the global batch); unset: micro_batch_size x train.gradient_accumulation_steps.", _at_least(1), log=True),
+    Param("sample_packing", bool, False, "Pack several examples into each row, without attention across them.", execution=True),
     Param("quantization", str, "none", "Base weights: none (16/32-bit), 8bit or 4bit (QLoRA).", choices=("none", "8bit", "4bit")),
     Param("bnb_4bit_quant_type", str, "nf4", "4-bit data type.", choices=("nf4", "fp4"), when=("quantization", "4bit")),
     Param("bnb_4bit_use_double_quant", bool, True, "Quantize the 4-bit scales too.", when=("quantization", "4bit")),
-    Param("gradient_checkpointing", bool, False, "Recompute activations in backward to save memory."),
-    Param("micro_batch_size", int, 4, "Sequences per forward pass.", _at_least(1), log=True),
+    Param("gradient_checkpointing", bool, False, "Recompute activations in backward to save memory.", execution=True),
+    Param("micro_batch_size", int, 4, "Rows per forward pass (examples, or packed rows); the global batch is batch_size.", _at_least(1), log=True, execution=True),
 ]}
 
 
@@ -345,6 +353,16 @@ class SearchSpace:
     def signature(self) -> dict[str, str]:
         """What the space is, as text: stored in the study so a resumed search can check it."""
         return {name: spec.describe() for name, spec in self.specs.items()}
+
+
+EXECUTION = tuple(name for name, p in PARAMS.items() if p.execution)
+
+
+def global_batch(settings: dict[str, Any], gradient_accumulation_steps: int = 1) -> int:
+    """Examples per optimizer step: ``batch_size``, or micro batches x accumulation when it is unset."""
+    if settings.get("batch_size") is not None:
+        return int(settings["batch_size"])
+    return int(settings["micro_batch_size"]) * gradient_accumulation_steps
 
 
 def trial_settings(values: dict[str, Any]) -> dict[str, Any]:

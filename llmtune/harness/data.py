@@ -3,9 +3,10 @@
 
 Two rules keep trials comparable (ARCHITECTURE decision 4):
   - eval examples are cut to ``eval_max_length`` for every trial, whatever its ``sequence_len``;
-  - the budget counts tokens, examples or epochs, so micro batch size and packing do not change how
-    much data a trial sees. The whole plan of batches is built before training, so the scheduler
-    knows the exact number of optimizer steps.
+  - the budget counts tokens, examples or epochs, and an optimizer step counts examples
+    (``batch_size``), so micro batch size and packing change neither how much data a trial sees nor
+    which examples each step learns from. The whole plan of batches is built before training, so the
+    scheduler knows the exact number of optimizer steps.
 """
 
 from __future__ import annotations
@@ -251,9 +252,17 @@ class Plan:
         return len(self.progress) - 1
 
 
-def plan_batches(examples: list[Example], *, budget: Budget, micro_batch_size: int, grad_accum: int,
+def plan_batches(examples: list[Example], *, budget: Budget, batch_size: int, micro_batch_size: int,
                  sequence_len: int, packing: bool, pad_id: int, seed: int) -> Plan:
-    """Lay out the whole training run before it starts."""
+    """Lay out the whole training run before it starts.
+
+    An optimizer step takes the next ``batch_size`` examples of the shuffled stream (fewer only where
+    the budget ends): that is what the model learns from, the same for every layout. How a step's
+    examples are laid out is execution only: rows of ``micro_batch_size`` padded examples, or (packing)
+    rows of concatenated examples up to ``sequence_len`` tokens, ``micro_batch_size`` rows a forward
+    pass. A step's loss is averaged over its label tokens whatever the layout, so packing, micro batch
+    size and gradient checkpointing give the same learning curve (tests/test_execution.py).
+    """
     if not examples:
         raise DataError("no training example keeps a trainable token at this sequence_len")
     kind = budget.kind
@@ -262,43 +271,32 @@ def plan_batches(examples: list[Example], *, budget: Budget, micro_batch_size: i
 
     stream = _example_stream(examples, seed)
     plan = Plan()
-    done = 0.0
-    step: list[Batch] = []
-    pending: Example | None = None
+    done = 0
     while done < total:
-        units = 0  # budget units taken into this micro batch so far
-        if packing:
-            rows: list[list[Example]] = []
-            for _ in range(micro_batch_size):
-                row: list[Example] = []
-                used = 0
-                while done + units < total:
-                    e = pending if pending is not None else next(stream)[1]
-                    pending = None
-                    if row and used + len(e) > sequence_len:
-                        pending = e  # does not fit: opens the next row
-                        break
-                    row.append(e)
-                    used += len(e)
-                    units += _units(e, unit)
-                if row:
-                    rows.append(row)
-                if done + units >= total:
-                    break
-            batch = _packed_batch(rows, pad_id)
-        else:
-            chosen: list[Example] = []
-            while len(chosen) < micro_batch_size and done + units < total:
-                chosen.append(next(stream)[1])
-                units += _units(chosen[-1], unit)
-            batch = _pad_batch(chosen, pad_id)
-        done += batch.examples if unit == "examples" else batch.real_tokens
-        step.append(batch)
-        if len(step) == grad_accum or done >= total:
-            plan.steps.append(step)
-            plan.progress.append(min(1.0, done / total))
-            step = []
+        chosen: list[Example] = []
+        while len(chosen) < batch_size and done < total:
+            chosen.append(next(stream)[1])
+            done += _units(chosen[-1], unit)
+        plan.steps.append(_lay_out(chosen, micro_batch_size, sequence_len, packing, pad_id))
+        plan.progress.append(min(1.0, done / total))
     return plan
+
+
+def _lay_out(examples: list[Example], micro_batch_size: int, sequence_len: int, packing: bool,
+             pad_id: int) -> list[Batch]:
+    """One step's examples as micro batches, in their order."""
+    if not packing:
+        return [_pad_batch(examples[i: i + micro_batch_size], pad_id)
+                for i in range(0, len(examples), micro_batch_size)]
+    rows: list[list[Example]] = []
+    used = 0
+    for e in examples:
+        if not rows or used + len(e) > sequence_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(e)
+        used += len(e)
+    return [_packed_batch(rows[i: i + micro_batch_size], pad_id) for i in range(0, len(rows), micro_batch_size)]
 
 
 def _units(e: Example, unit: str) -> int:

@@ -20,7 +20,7 @@ import torch
 
 from llmtune import hardware
 from llmtune.config.recipe import Recipe
-from llmtune.config.space import trial_settings
+from llmtune.config.space import global_batch, trial_settings
 from llmtune.harness import data as D
 from llmtune.harness import model as M
 from llmtune.harness.data_sources import load_splits
@@ -239,13 +239,14 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
     eval_examples, _ = encode_cached(splits.eval, recipe.data, tokenizer, recipe.data.eval_max_length, cache_dir=cache,
                                      data_fingerprint=splits.fingerprint, split="eval")
     t_plan = time.perf_counter()
-    plan = D.plan_batches(train_examples, budget=recipe.train.budget, micro_batch_size=int(settings["micro_batch_size"]),
-                          grad_accum=recipe.train.gradient_accumulation_steps, sequence_len=seq_len,
+    batch_size = global_batch(settings, recipe.train.gradient_accumulation_steps)
+    plan = D.plan_batches(train_examples, budget=recipe.train.budget, batch_size=batch_size,
+                          micro_batch_size=int(settings["micro_batch_size"]), sequence_len=seq_len,
                           packing=bool(settings["sample_packing"]), pad_id=tokenizer.pad_token_id, seed=recipe.train.seed)
     eval_set = D.eval_batches(eval_examples, recipe.train.eval_batch_size, tokenizer.pad_token_id)
     info["plan_s"] = time.perf_counter() - t_plan  # batching and padding: what a collator costs elsewhere
     totals = plan.totals()
-    info.update(plan=totals, padding_share=D.padding_share(plan), dropped_examples=dropped,
+    info.update(plan=totals, batch_size=batch_size, padding_share=D.padding_share(plan), dropped_examples=dropped,
                 truncated_examples=sum(e.truncated for e in train_examples),
                 eval_examples=len(eval_examples), eval_tokens=sum(b.label_tokens for b in eval_set))
 
