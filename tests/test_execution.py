@@ -52,3 +52,23 @@ def test_same_curve_under_every_execution_variant(tmp_path, tiny_model_path, tin
         assert [f for f, _ in curve] == FRACTIONS
         for (_, a), (_, b) in zip(first, curve, strict=True):
             assert b == pytest.approx(a, rel=2e-4, abs=1e-5)
+
+
+def test_a_probe_runs_a_few_steps_and_the_largest_and_predicts_the_full_runs_cost(tmp_path, tiny_model_path,
+                                                                                  tiny_data_path):
+    recipe = recipe_from_dict(tiny_recipe_dict(
+        tmp_path, train={"budget": {"examples": 96}, "eval_points": 1, "threads": 1},
+        search={"learning_rate": 3e-3, "lora_r": 8, "sequence_len": 192, "batch_size": 8, "micro_batch_size": 8,
+                "lora_target_modules": "all-linear", "lora_dropout": 0.0, "sample_packing": False}))
+    values = recipe.space.complete({})
+    probe = run_trial(recipe, values, tmp_path / "probe", probe_steps=2)
+    full = run_trial(recipe, values, tmp_path / "full", fractions=[1.0], save_adapter=False)
+    assert probe.status == full.status == "complete", (probe.reason, full.reason)
+    steps = probe.info["probe_steps"]
+    assert steps[:2] == [0, 1] and len(steps) <= 3 and full.info["steps_done"] == 12
+    assert not probe.curve and not (tmp_path / "probe" / "adapter").exists()  # no eval, no adapter
+    # The largest step is in the probe, so its peak is the full run's (CPU: the process's resident peak).
+    assert probe.metrics["peak_memory_gb"] == pytest.approx(full.metrics["peak_memory_gb"], rel=0.1)
+    # Seconds are projected from a few steps: the right size, not exact (timing on a shared machine).
+    ratio = probe.metrics["train_time_s"] / full.metrics["train_time_s"]
+    assert 0.4 < ratio < 2.5, ratio

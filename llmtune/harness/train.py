@@ -161,6 +161,14 @@ def evaluate(model: Any, batches: list[D.Batch], device: str) -> float:
     return total / max(1, count)
 
 
+def probe_indices(plan: D.Plan, n: int) -> list[int]:
+    """The steps a probe runs, in order: the first ``max(n, 2)`` and the one with the most slots (padded
+    tokens), which sets the plan's peak memory. The first is a warm-up that the probe's timing leaves out."""
+    first = list(range(min(max(n, 2), len(plan.steps))))
+    largest = max(range(len(plan.steps)), key=lambda i: sum(b.slots for b in plan.steps[i]))
+    return first + ([largest] if largest not in first else [])
+
+
 def _inject_fault(trial_number: int | None) -> None:
     """Test hook: LLMTUNE_FAULT='oom', 'crash' or 'hang', optionally '@1,3' for given trial numbers."""
     fault = os.environ.get("LLMTUNE_FAULT", "")
@@ -179,8 +187,13 @@ def _inject_fault(trial_number: int | None) -> None:
 
 def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fractions: list[float] | None = None,
               on_event: EventFn | None = None, trial_number: int | None = None, save_adapter: bool = True,
-              base_eval: dict[str, Any] | None = None) -> TrialResult:
+              base_eval: dict[str, Any] | None = None, probe_steps: int | None = None) -> TrialResult:
     """Run one trial and return its result (also written to out_dir/result.json).
+
+    ``probe_steps``: a short probe of the trial's execution settings instead of the whole trial: its
+    first steps and its largest step (the most padded tokens: the plan's peak memory), no evaluation,
+    latency or adapter; the metrics are the peak memory, the throughput of the steps after the first,
+    and the training seconds projected to the whole plan (`llmtune.study.probes`).
 
     ``base_eval``: ``{"loss", "context"}``, the untrained adapter's eval loss as an earlier trial on the
     same base model, quantization and eval set measured it (`llmtune.study.loop.base_eval_key`): not evaluated
@@ -195,8 +208,8 @@ def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fr
     started = time.perf_counter()
     try:
         with ExitStack() as cleanup:
-            _run(recipe, settings, out, fractions or eval_fractions(recipe), emit, result, trial_number, save_adapter,
-                 cleanup, base_eval)
+            _run(recipe, settings, out, [] if probe_steps else fractions or eval_fractions(recipe), emit, result,
+                 trial_number, save_adapter and not probe_steps, cleanup, base_eval, probe_steps)
     except torch.OutOfMemoryError as e:
         result.status, result.reason = OOM, f"out of memory: {str(e).splitlines()[0][:300]}"
     except MemoryError:
@@ -214,7 +227,7 @@ def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fr
 
 def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[float], emit: EventFn,
          result: TrialResult, trial_number: int | None, save_adapter: bool, cleanup: ExitStack,
-         base_eval: dict[str, Any] | None = None) -> None:
+         base_eval: dict[str, Any] | None = None, probe_steps: int | None = None) -> None:
     info = result.info
     info.update(versions=_versions(), trial_number=trial_number, output_dir=str(out))
     threads = hardware.trial_threads(1, recipe.train.threads)  # the search hands each trial its share
@@ -315,8 +328,14 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
     real_tokens = examples_seen = 0
     last_progress = loop_start = time.perf_counter()
     stopped = False
+    probe = probe_indices(plan, probe_steps) if probe_steps else None
     with track_peak_memory(device) as train_peak:
         for i, step in enumerate(plan.steps):
+            if probe is not None and i not in probe:
+                continue
+            if probe is not None and len(probe) > 1 and i == probe[1]:  # the probe's first step warmed up: time the rest
+                train_s = cpu_s = 0.0
+                real_tokens = 0
             if i == 0:
                 _inject_fault(trial_number)
             sync(device)
@@ -358,6 +377,12 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
                 stopped = True
                 break
 
+    if probe is not None:
+        throughput = real_tokens / train_s if train_s else 0.0
+        result.metrics.update(peak_memory_gb=train_peak.gb, train_throughput=throughput, trainable_params=float(trainable),
+                              train_time_s=totals["real_tokens"] / throughput if throughput else float("inf"))
+        info.update(probe_steps=probe, peak_memory=vars(train_peak), train_cpu_s=cpu_s)
+        return
     result.metrics.update(
         eval_loss=result.curve[-1][1] if result.curve else float("nan"),
         peak_memory_gb=train_peak.gb,

@@ -43,6 +43,7 @@ class TrialJob:
     env: dict[str, str] = field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES, LLMTUNE_THREADS
     fork_server: ForkServer | None = None  # the search's: fork the trial from it (else a fresh process)
     base_eval: dict[str, Any] | None = None  # the untrained adapter's loss and context, if another trial measured it
+    probe_steps: int | None = None      # a short probe of the execution settings, not a trial (study/probes.py)
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -163,7 +164,8 @@ class TrialProcess:
         self.result_path.unlink(missing_ok=True)  # a retried trial must not read an old result
         self.spec_path.write_text(json.dumps({
             "recipe": job.recipe, "values": job.values, "out_dir": str(job.out_dir),
-            "fractions": job.fractions, "trial_number": job.trial_number, "base_eval": job.base_eval},
+            "fractions": job.fractions, "trial_number": job.trial_number, "base_eval": job.base_eval,
+            "probe_steps": job.probe_steps},
             default=str))
         env = {**os.environ, **job.env, "PYTHONUNBUFFERED": "1", "LLMTUNE_PARENT_PID": str(os.getpid())}
         # set before the process exists, so no import order can start the allocator without it
