@@ -187,13 +187,17 @@ def _inject_fault(trial_number: int | None) -> None:
 
 def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fractions: list[float] | None = None,
               on_event: EventFn | None = None, trial_number: int | None = None, save_adapter: bool = True,
-              base_eval: dict[str, Any] | None = None, probe_steps: int | None = None) -> TrialResult:
+              base_eval: dict[str, Any] | None = None, probe_steps: int | None = None,
+              segment: dict[str, Any] | None = None) -> TrialResult:
     """Run one trial and return its result (also written to out_dir/result.json).
 
     ``probe_steps``: a short probe of the trial's execution settings instead of the whole trial: its
     first steps and its largest step (the most padded tokens: the plan's peak memory), no evaluation,
     latency or adapter; the metrics are the peak memory, the throughput of the steps after the first,
     and the training seconds projected to the whole plan (`llmtune.study.probes`).
+
+    ``segment``: train only part of the plan, resuming and saving state, with settings per segment
+    (`llmtune.harness.resume.SegmentSpec`: population-based training and ``train --schedule``).
 
     ``base_eval``: ``{"loss", "context"}``, the untrained adapter's eval loss as an earlier trial on the
     same base model, quantization and eval set measured it (`llmtune.study.loop.base_eval_key`): not evaluated
@@ -209,7 +213,7 @@ def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fr
     try:
         with ExitStack() as cleanup:
             _run(recipe, settings, out, [] if probe_steps else fractions or eval_fractions(recipe), emit, result,
-                 trial_number, save_adapter and not probe_steps, cleanup, base_eval, probe_steps)
+                 trial_number, save_adapter and not probe_steps, cleanup, base_eval, probe_steps, segment)
     except torch.OutOfMemoryError as e:
         result.status, result.reason = OOM, f"out of memory: {str(e).splitlines()[0][:300]}"
     except MemoryError:
@@ -227,7 +231,8 @@ def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fr
 
 def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[float], emit: EventFn,
          result: TrialResult, trial_number: int | None, save_adapter: bool, cleanup: ExitStack,
-         base_eval: dict[str, Any] | None = None, probe_steps: int | None = None) -> None:
+         base_eval: dict[str, Any] | None = None, probe_steps: int | None = None,
+         segment: dict[str, Any] | None = None) -> None:
     info = result.info
     info.update(versions=_versions(), trial_number=trial_number, output_dir=str(out))
     threads = hardware.trial_threads(1, recipe.train.threads)  # the search hands each trial its share
@@ -286,6 +291,14 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
     from transformers import get_scheduler
 
     scheduler = get_scheduler(recipe.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=n_steps)
+    seg = None
+    if segment is not None:  # a part of the plan, from a saved state, with the learning rate set per step
+        from llmtune.harness.resume import SegmentRun, SegmentSpec
+
+        seg = SegmentRun(SegmentSpec.from_dict(segment), plan, settings, recipe.train.lr_scheduler, model, optimizer,
+                         device)
+    first, last = (seg.start_step, seg.stop_step) if seg else (0, n_steps)
+    done_before = plan.progress[first - 1] if first else 0.0
     trackers = cleanup.enter_context(Trackers(recipe.train.report_to, out, f"trial-{trial_number}", settings))
 
     eval_after = {plan.step_at(f): f for f in sorted(fractions) if f > 0}
@@ -312,7 +325,7 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
         emit({"event": "phase", "phase": "train"})
         return bool(stop)
 
-    if 0.0 in fractions:
+    if 0.0 in fractions and first == 0:
         # LoRA starts as the identity (B = 0), so at 0 every trial that shares the base model, its
         # quantization and the eval set has the same loss: the search passes it on once it is known,
         # with what it was measured on; other hardware or library versions measure it again.
@@ -333,10 +346,16 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
         for i, step in enumerate(plan.steps):
             if probe is not None and i not in probe:
                 continue
+            if seg is not None:
+                if i < first:
+                    continue
+                if i >= last:
+                    break
+                seg.before_step(i)
             if probe is not None and len(probe) > 1 and i == probe[1]:  # the probe's first step warmed up: time the rest
                 train_s = cpu_s = 0.0
                 real_tokens = 0
-            if i == 0:
+            if i == first:
                 _inject_fault(trial_number)
             sync(device)
             t, c = time.perf_counter(), time.process_time()
@@ -349,7 +368,8 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
             if recipe.train.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm)
             optimizer.step()
-            scheduler.step()
+            if seg is None:  # a segment sets each step's learning rate itself (seg.before_step)
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             sync(device)
             train_s += time.perf_counter() - t
@@ -358,18 +378,20 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
             examples_seen += sum(b.examples for b in step)
             # One host read per step (the step already synced): a diverged run stops at once.
             step_loss = float(loss_sum)
+            if seg is not None:
+                seg.step_losses.append(step_loss)
             if not math.isfinite(step_loss):
                 result.status = DIVERGED
                 result.reason = f"training loss became {step_loss} at step {i + 1}; lower learning_rate"
                 stopped = True
                 break
-            if time.perf_counter() - last_progress > 1.0 or i == n_steps - 1:
-                trackers.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0]}, i + 1)
+            if time.perf_counter() - last_progress > 1.0 or i == last - 1:
+                trackers.log({"train/loss": step_loss, "train/lr": optimizer.param_groups[0]["lr"]}, i + 1)
                 emit({"event": "progress", "fraction": plan.progress[i], "step": i + 1, "steps": n_steps, "loss": step_loss})
                 last_progress = time.perf_counter()
             if i in eval_after and run_eval(eval_after[i], i + 1, {
                     "train_throughput": real_tokens / train_s if train_s else 0.0,
-                    "train_time_s": train_s / plan.progress[i],  # projected to the whole budget
+                    "train_time_s": train_s / (plan.progress[i] - done_before),  # projected to the whole budget
                     "trainable_params": float(trainable),
                     "peak_memory_gb": peak_so_far_bytes(device) / GiB}):
                 if result.status != DIVERGED:
@@ -383,11 +405,12 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
                               train_time_s=totals["real_tokens"] / throughput if throughput else float("inf"))
         info.update(probe_steps=probe, peak_memory=vars(train_peak), train_cpu_s=cpu_s)
         return
+    i = min(i, last - 1)  # the last step run (a segment breaks at its end)
     result.metrics.update(
         eval_loss=result.curve[-1][1] if result.curve else float("nan"),
         peak_memory_gb=train_peak.gb,
         train_throughput=real_tokens / train_s if train_s else 0.0,
-        train_time_s=train_s,
+        train_time_s=train_s if seg is None else train_s / (plan.progress[i] - done_before),  # a segment's: projected
     )
     # The loop's wall time without its evals: steps plus the loop's own bookkeeping (progress, logs).
     info["train_loop_s"] = time.perf_counter() - loop_start - (eval_s - eval_before_loop)
@@ -395,8 +418,12 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
     info["label_only_logits"] = bool(getattr(model, "_llmtune_split_head", False))  # which loss path ran
     info.update(peak_memory=vars(train_peak), trained_tokens=real_tokens, trained_examples=examples_seen,
                 steps_done=i + 1 if plan.steps else 0, eval_s=eval_s, warmup_steps=warmup)
+    if seg is not None:
+        info.update(segment={"start_step": first, "stop_step": last, "steps": n_steps}, step_losses=seg.step_losses)
     if stopped:
         return
+    if seg is not None:
+        seg.save(i + 1)  # before latency, which may draw random numbers: the state is the training's own
     if recipe.measure.latency:
         emit({"event": "phase", "phase": "latency"})
         t = time.perf_counter()
@@ -405,7 +432,7 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
         lat = measure_latency(model, prompts, recipe.measure.max_new_tokens, device)
         result.metrics.update(ttft_ms=lat.ttft_ms, latency_ms=lat.ms_per_token, generation_memory_gb=lat.memory.bytes / GiB)
         info["latency_s"] = time.perf_counter() - t
-    if save_adapter:
+    if save_adapter and (seg is None or last == n_steps):
         emit({"event": "phase", "phase": "saving"})
         model.save_pretrained(str(out / "adapter"))
         info["adapter_dir"] = str(out / "adapter")
