@@ -114,6 +114,8 @@ def search(recipe: RecipeLike, *, n_trials: int | None = None, storage: str | No
     for message in checked.warnings:
         _warn_stderr(message)
     say = log or (_silent if quiet else print)
+    if r.study.strategy == "pbt":  # population-based training: the same loop, with its own claim and run
+        from llmtune.study.pbt import PBTSearch as Search  # noqa: N814
     run = Search(r, storage=storage, n_trials=n_trials, workers=workers, gpus=parse_gpus(gpus),
                  study_name=study_name, progress=make_progress(quiet), log=say,
                  data_fingerprint=checked.data_fingerprint)
@@ -122,8 +124,13 @@ def search(recipe: RecipeLike, *, n_trials: int | None = None, storage: str | No
 
 
 def train(recipe: RecipeLike, values: dict[str, Any] | None = None, *, output_dir: str | os.PathLike | None = None,
-          overrides: list[str] | None = None, in_process: bool = False) -> TrialResult:
+          overrides: list[str] | None = None, in_process: bool = False,
+          schedule: str | os.PathLike | None = None) -> TrialResult:
     """One trial with the given settings; the other searched settings take their midpoints / first choices.
+
+    ``schedule``: a PBT member's schedule file (best/schedule.json of a population-based search): the
+    trial takes its settings and changes learning rate, warmup and dropout where the member did, making
+    the member's updates again (`llmtune.harness.resume`).
 
     ``values`` are checked like recipe values (unknown names and bad values raise `RecipeError`). Runs in
     a child process like a search trial unless ``in_process``. Writes to ``output_dir`` (default
@@ -134,6 +141,20 @@ def train(recipe: RecipeLike, values: dict[str, Any] | None = None, *, output_di
     from llmtune.study.storage import masked_recipe
     from llmtune.trial.runner import TrialJob, run_trial_process
 
+    # one trial is no search: a PBT recipe's strategy (which needs settings left to explore) does not apply
+    overrides = [*(overrides or []), "study.strategy=search", "study.pbt_settings={}"]
+    segment = None
+    if schedule is not None:
+        from llmtune.deliver.lineage import read_schedule
+
+        doc = read_schedule(os.fspath(schedule))
+        made_for = doc.get("recipe_fingerprint")
+        if made_for and load(recipe, overrides).fingerprint() != made_for:
+            raise RecipeError([Problem("--schedule", f"{os.fspath(schedule)!r} was made by a search with other training "
+                                       "settings (model, data, budget, seed or search space); replay it with that "
+                                       "search's recipe")])
+        values = {**doc["settings"], **(values or {})}
+        segment = {"schedule": doc["schedule"], "start": 0.0, "stop": 1.0}
     r = load(recipe, overrides, values)
     out = Path(output_dir or Path(r.output_dir) / "train")
     preflight(r, study=False, output_dir=_output_field(out, output_dir))
@@ -141,13 +162,13 @@ def train(recipe: RecipeLike, values: dict[str, Any] | None = None, *, output_di
     if in_process:
         from llmtune.harness.train import run_trial
 
-        return run_trial(r, settings, out)
+        return run_trial(r, settings, out, segment=segment)
     from llmtune.builtin.names import resolve_data_source, resolve_model_name
 
     resolve_model_name(r.model.name)
     resolve_data_source(r.data.source)
     job = TrialJob(recipe=masked_recipe(r), values=settings, out_dir=out.resolve(), fractions=eval_fractions(r),
-                   timeout=r.study.trial_timeout)
+                   timeout=r.study.trial_timeout, segment=segment)
     return run_trial_process(job)
 
 

@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = recipe.space.complete({})
     out = Path(args.output_dir or Path(recipe.output_dir) / "train")
     print(f"training one trial of {recipe.model.name} on {recipe.data.source} -> {out}", file=sys.stderr)
-    result = train(recipe, output_dir=out)
+    result = train(recipe, output_dir=out, schedule=args.schedule)
     metrics = dict(result.metrics)
     base = result.base_eval_loss
     searched = load(args.recipe).space.searched  # what the recipe searches, before --set fixed any of it
@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(t)
     _output_arg(t, "where the trial writes (default: <output_dir>/train)", old="--out")
     _threads_arg(t)
+    t.add_argument("--schedule", metavar="FILE", help="replay a population-based training member's schedule "
+                   "(best/schedule.json of a PBT search): its settings, changed per segment as the member's were")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("search", help="run or resume the recipe's search")

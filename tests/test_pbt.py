@@ -71,3 +71,12 @@ def test_a_constant_schedule_is_a_plain_trial(tmp_path, tiny_model_path, tiny_da
                     segment={"schedule": [{"until": 1.0, "values": {}}]})
     assert plain.status == one.status == "complete"
     assert plain.curve == one.curve
+
+
+def _pbt_dict(tmp_path, population=3, **study):
+    return tiny_recipe_dict(
+        tmp_path, train={"budget": {"examples": 96}, "eval_points": 1, "threads": 1}, measure={"latency": False},
+        search={"learning_rate": {"low": 5e-4, "high": 5e-3, "log": True}, "lora_r": [4, 8], "sequence_len": 128,
+                "micro_batch_size": 8, "lora_dropout": {"low": 0.0, "high": 0.2}},
+        study={"strategy": "pbt", "pbt_settings": {"population": population, "interval": 0.5, "quantile": 0.34},
+               "trial_timeout": 300, **study})

@@ -40,6 +40,7 @@ from llmtune.config.space import PARAMS, Range, SearchSpace, check_search
 from llmtune.errors import Problem, RecipeError
 from llmtune.harness.optimizers import OPTIMIZERS
 from llmtune.harness.trackers import TRACKERS
+from llmtune.study.pbt_plan import STRATEGIES, check_pbt
 from llmtune.study.pruners import PRUNERS, make_pruner
 from llmtune.study.samplers import SAMPLER_CHOICES, SAMPLERS
 
@@ -91,6 +92,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "study.sampler": SAMPLER_CHOICES,
     "study.pruner": tuple(PRUNERS),
     "study.memory_gate": ("auto", "on", "off"),
+    "study.strategy": STRATEGIES,
 }
 
 # ----------------------------------------------------------------------------------------- building
@@ -246,6 +248,8 @@ def _check_values(recipe: Recipe, ck: _Checker) -> None:
 
     search_problems = check_search(recipe.search, recipe)
     ck.problems += search_problems
+    if s.strategy in STRATEGIES and isinstance(s.pbt_settings, dict) and not search_problems:
+        ck.problems += check_pbt(recipe)
     kind = SAMPLERS.get(s.sampler)
     if kind is not None and not search_problems and isinstance(recipe.objectives, dict):
         space = SearchSpace.from_dict(recipe.search)

@@ -87,6 +87,8 @@ class StudyConfig:
     storage: str | None = field(default=None, metadata={"help": "Optuna storage URL; default an SQLite file in output_dir. May be '${ENV_VAR}'."})
     study_name: str | None = field(default=None, metadata={"help": "Study name in the storage; default the recipe's name."})
     seed: int = field(default=0, metadata={"help": "Sampler seed."})
+    strategy: str = field(default="search", metadata={"help": "search: the sampler proposes trials (and the pruner stops weak ones); pbt: population-based training, a population trained in segments whose worst members copy the best and perturb their learning rate, warmup or dropout (see pbt_settings)."})
+    pbt_settings: dict[str, Any] = field(default_factory=dict, metadata={"help": "Settings of strategy pbt: population, interval (fraction of the budget per segment), quantile, perturb, factors, resample_probability, checkpoint_dir."})
     memory_gate: str = field(default="auto", metadata={"help": "Skip configs whose predicted peak GPU memory exceeds constraints.peak_memory_gb.max: auto (when trials run on a GPU), on, off."})
 
 

@@ -104,6 +104,11 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
 ]}
 
 
+# Settings that may change from one segment of a run to the next (population-based training's explore,
+# `llmtune.harness.resume`); every other setting shapes the adapter or the data plan and stays fixed.
+PERTURBABLE = ("learning_rate", "lora_dropout", "warmup_ratio", "warmup_steps")
+
+
 @dataclass(frozen=True)
 class Fixed:
     value: Any

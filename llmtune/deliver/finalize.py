@@ -14,10 +14,11 @@ from pathlib import Path
 import optuna
 
 from llmtune.config.recipe import Recipe
+from llmtune.deliver.lineage import schedule_document
 from llmtune.deliver.report import write_atomic, write_report
 from llmtune.deliver.results import SearchResult
 from llmtune.errors import SearchError
-from llmtune.study.attrs import DIR, METRICS_KEY, SETTINGS
+from llmtune.study.attrs import DIR, FINGERPRINT, METRICS_KEY, SETTINGS
 
 
 def finalize(study: optuna.Study, recipe: Recipe, log: Callable[[str], None] = print) -> SearchResult:
@@ -56,6 +57,9 @@ def _write_outputs(result: SearchResult, recipe: Recipe, out: Path) -> None:
                 "trial": best.number, "settings": best.user_attrs.get(SETTINGS),
                 "metrics": best.user_attrs.get(METRICS_KEY), "selected_by": recipe.select.by,
                 "base_model": recipe.model.name}, indent=2, default=str))
+            schedule = schedule_document(best, result.study.user_attrs.get(FINGERPRINT, {}).get("recipe_fingerprint"))
+            if schedule is not None:  # a PBT member: its settings per segment, replayed by train --schedule
+                (tmp / "schedule.json").write_text(json.dumps(schedule, indent=2, default=str))
             for attempt in range(5):  # a directory cannot replace a non-empty one: move the old one aside
                 old = out / f".best-old-{os.getpid()}-{threading.get_ident()}-{attempt}"
                 try:

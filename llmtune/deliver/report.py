@@ -24,6 +24,7 @@ from llmtune.deliver.figures import (
     splom_panel,
 )
 from llmtune.deliver.front import feasible
+from llmtune.deliver.lineage import lineage_figure
 from llmtune.deliver.trial_view import (
     feasible_trials,
     fmt_value,
@@ -106,6 +107,9 @@ def write_report(result: SearchResult, path: str | Path) -> Path:
     memory = memory_figure(result)
     if memory is not None:
         sections.append(("memory", "Memory: predicted vs measured", memory))
+    lineage = lineage_figure(trials, list(result.objectives), chosen)  # population-based training only
+    if lineage is not None:
+        sections.append(("lineage", "Population-based training: lineage", lineage))
     figures = [s for s in sections if isinstance(s[2], go.Figure)]
     parts = []
     for key, heading, content in sections:

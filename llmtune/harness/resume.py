@@ -27,11 +27,9 @@ from typing import Any
 
 import torch
 
+from llmtune.config.space import PERTURBABLE
 from llmtune.harness.data import Plan
 
-# Settings that may differ from one segment to the next. Everything else (rank, targets, batch size,
-# sequence length, quantization, ...) shapes the adapter or the plan and stays fixed for a member.
-PERTURBABLE = ("learning_rate", "lora_dropout", "warmup_ratio", "warmup_steps")
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 
@@ -40,8 +38,8 @@ class SegmentError(ValueError):
     """A segment or schedule that cannot run as given (the message says why and what to do)."""
 
 
-def check_schedule(schedule: Any) -> list[str]:
-    """What is wrong with a schedule (empty when nothing is)."""
+def check_schedule(schedule: Any, until: float = 1.0) -> list[str]:
+    """What is wrong with a schedule that must cover the budget up to ``until`` (empty when nothing is)."""
     if not isinstance(schedule, list) or not schedule:
         return ["schedule must be a non-empty list of {until: fraction, values: {setting: value}}"]
     problems, last = [], 0.0
@@ -59,8 +57,9 @@ def check_schedule(schedule: Any) -> list[str]:
         if bad:
             problems.append(f"schedule[{i}].values: {', '.join(bad)} cannot change per segment (only "
                             f"{', '.join(PERTURBABLE)}); fix them in the recipe instead")
-    if not problems and schedule[-1]["until"] != 1.0:
-        problems.append(f"the schedule ends at {schedule[-1]['until']}, not 1: its last entry must have until: 1")
+    if not problems and schedule[-1]["until"] < until:
+        problems.append(f"the schedule ends at {schedule[-1]['until']}, before {until:g}: its last entry must have "
+                        f"until: {until:g}")
     return problems
 
 
@@ -79,7 +78,7 @@ class SegmentSpec:
     def from_dict(cls, data: dict[str, Any]) -> SegmentSpec:
         spec = cls(schedule=data["schedule"], start=float(data.get("start", 0.0)), stop=float(data.get("stop", 1.0)),
                    resume=data.get("resume"), save=data.get("save"))
-        problems = check_schedule(spec.schedule)
+        problems = check_schedule(spec.schedule, spec.stop)
         if not 0.0 <= spec.start < spec.stop <= 1.0:
             problems.append(f"segment start={spec.start} and stop={spec.stop}: need 0 <= start < stop <= 1")
         if spec.start > 0 and not spec.resume:

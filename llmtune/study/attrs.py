@@ -15,6 +15,9 @@ DIR = "llmtune.dir"                    # the trial's folder (result.json, trial.
 INFO = "llmtune.info"                  # timings, token counts, device, versions
 CONSTRAINTS = "llmtune.constraints"    # {constraint: value}, <= 0 met; Optuna keeps the list (see study/record.py)
 RETRY_OF = "llmtune.retry_of"          # the number of the trial this one retries
+LINEAGE = "llmtune.pbt.lineage"        # a PBT segment: {member, segment, parent: {member, segment, trial} | None,
+#                                        exploited, schedule: [{until, values}] up to this segment, params, resume,
+#                                        state (its saved state's folder), start, stop, final} (study/pbt.py)
 PRIOR = "llmtune.prior"                # True on a known-good starting point queued first (priors.prior_configs)
 # Trial system attributes
 OWNER = "llmtune.owner"                # host:pid of the search process running the trial
@@ -29,4 +32,5 @@ OBJECTIVES = "llmtune.objectives"
 SPACE = "llmtune.space"
 DATA_FINGERPRINT = "llmtune.data_fingerprint"
 RECIPE_FINGERPRINT = "llmtune.recipe_fingerprint"
+PBT = "llmtune.pbt"                    # population-based training's settings, segment bounds and state folder
 BASE_EVAL_PREFIX = "llmtune.base_eval_loss."  # + a digest of what the untrained model's loss depends on

@@ -218,7 +218,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, recipe: Recipe, result: Trial
     if row.optuna_state in ("COMPLETE", "PRUNED"):
         record_constraints(study, trial, recipe, result)  # samplers read these: infeasible trials teach them
     if row.optuna_state == "COMPLETE":
-        values = ([result.metrics[m] for m in recipe.objectives] if result.status == COMPLETE
+        values = ([result.metrics[m] for m in recipe.objectives] if not row.infeasible
                   else penalty_values(study, recipe, result))
         study.tell(trial, values, skip_if_finished=True)
     elif row.optuna_state == "PRUNED":

@@ -43,6 +43,7 @@ KILLED = "killed"
 ENVIRONMENT = "environment"
 SURPLUS = "surplus"
 DIVERGED = "diverged"
+SEGMENT = "segment"
 
 # Infeasible trials are told COMPLETE with penalty values: Optuna's samplers learn only from COMPLETE
 # trials, and the constraint value > 0 keeps them off every front (decision 3).
@@ -54,6 +55,8 @@ ENDINGS: dict[str, Ending] = {e.status: e for e in [
     Ending(OVER_BUDGET,  "COMPLETE", True,   True,  False,  False, "predicted or measured over the memory budget; not run"),
     Ending(DIVERGED,     "COMPLETE", True,   True,  False,  False, "its loss blew up (non-finite, or far above the "
            "untrained model's: `llmtune.harness.train.diverged`); stopped at once, the sampler avoids its neighbourhood"),
+    Ending(SEGMENT,      "COMPLETE", False,  True,  False,  True,  "a population-based training member trained and "
+           "evaluated to the end of one segment (study.pbt_settings.interval), saved; it goes on in a later trial"),
     Ending(CRASHED,      "FAIL",     False,  True,  False,  False, "any other error; the log tail is kept"),
     Ending(TIMEOUT,      "FAIL",     False,  True,  False,  False, "killed at study.trial_timeout"),
     Ending(INTERRUPTED,  "FAIL",     False,  False, True,   False, "the search was stopped or its worker died; retried"),
@@ -153,5 +156,5 @@ def classify(returncode: int | None, result: TrialResult | None, tail: str, *, t
 def check_measured(result: TrialResult, objectives: list[str]) -> None:
     """A trial that says complete but did not measure every objective has crashed (it cannot be ranked)."""
     missing = [m for m in objectives if m not in result.metrics]
-    if result.status == COMPLETE and missing:
+    if result.status in (COMPLETE, SEGMENT) and missing:
         result.status, result.reason = CRASHED, f"the trial did not measure {', '.join(missing)}"
