@@ -42,12 +42,13 @@ def check_schedule(schedule: Any, until: float = 1.0) -> list[str]:
     """What is wrong with a schedule that must cover the budget up to ``until`` (empty when nothing is)."""
     if not isinstance(schedule, list) or not schedule:
         return ["schedule must be a non-empty list of {until: fraction, values: {setting: value}}"]
-    problems, last = [], 0.0
+    problems: list[str] = []
+    last = 0.0
     for i, entry in enumerate(schedule):
         if not isinstance(entry, dict) or not isinstance(entry.get("values"), dict):
             problems.append(f"schedule[{i}] must be a mapping with 'until' and 'values'")
             continue
-        until = entry.get("until")
+        until: Any = entry.get("until")
         if not isinstance(until, (int, float)) or isinstance(until, bool) or not last < until <= 1.0:
             problems.append(f"schedule[{i}].until={until!r} must be a fraction of the budget in ({last:g}, 1], "
                             "ascending")
