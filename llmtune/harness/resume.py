@@ -48,12 +48,12 @@ def check_schedule(schedule: Any, until: float = 1.0) -> list[str]:
         if not isinstance(entry, dict) or not isinstance(entry.get("values"), dict):
             problems.append(f"schedule[{i}] must be a mapping with 'until' and 'values'")
             continue
-        until: Any = entry.get("until")
-        if not isinstance(until, (int, float)) or isinstance(until, bool) or not last < until <= 1.0:
-            problems.append(f"schedule[{i}].until={until!r} must be a fraction of the budget in ({last:g}, 1], "
+        end = entry.get("until")
+        if not isinstance(end, (int, float)) or isinstance(end, bool) or not last < end <= 1.0:
+            problems.append(f"schedule[{i}].until={end!r} must be a fraction of the budget in ({last:g}, 1], "
                             "ascending")
         else:
-            last = float(until)
+            last = float(end)
         bad = [k for k in entry["values"] if k not in PERTURBABLE]
         if bad:
             problems.append(f"schedule[{i}].values: {', '.join(bad)} cannot change per segment (only "
