@@ -80,3 +80,120 @@ def _pbt_dict(tmp_path, population=3, **study):
                 "micro_batch_size": 8, "lora_dropout": {"low": 0.0, "high": 0.2}},
         study={"strategy": "pbt", "pbt_settings": {"population": population, "interval": 0.5, "quantile": 0.34},
                "trial_timeout": 300, **study})
+
+
+# -- rules: validation, ranking, exploit and explore (no training) -------------------------------------------------
+
+def test_pbt_settings_are_checked_with_the_recipe(tmp_path):
+    from llmtune.errors import RecipeError
+
+    d = _pbt_dict(tmp_path, pruner="asha")
+    d["study"]["pbt_settings"] = {"populaton": 4, "interval": 0.7, "quantile": 0.9, "perturb": ["lora_r"],
+                                  "checkpoint_dir": "s3://bucket/pbt"}
+    try:
+        recipe_from_dict(d)
+        raise AssertionError("accepted")
+    except RecipeError as e:
+        text = str(e)
+    for expected in ("pbt_settings.populaton: unknown setting; did you mean 'population'?",
+                     "pbt_settings.interval: 0.7 must be a fraction of the budget in (0, 0.5]",
+                     "pbt_settings.quantile: 0.9 must be in (0, 0.5]",
+                     "pbt_settings.perturb: 'lora_r' cannot change during training",
+                     "object storage URLs are not supported", "study.pruner: 'asha': population-based training "):
+        assert expected in text, text
+    fixed = _pbt_dict(tmp_path)
+    fixed["search"].update(learning_rate=1e-3, lora_dropout=0.1)
+    try:
+        recipe_from_dict(fixed)
+        raise AssertionError("accepted")
+    except RecipeError as e:
+        assert "needs at least one of learning_rate, lora_dropout, warmup_ratio, warmup_steps searched" in str(e)
+
+
+def test_explore_changes_only_the_settings_it_may_and_exploit_copies_the_best(tmp_path):
+    import random
+
+    from llmtune.study.pbt_plan import Member, explore, next_generation, pbt_settings, rank
+
+    recipe = recipe_from_dict(_pbt_dict(tmp_path))
+    settings, space = pbt_settings(recipe), recipe.space
+    assert settings.perturb == ("learning_rate", "lora_dropout") and settings.bounds == [0.5, 1.0]
+    rng = random.Random(0)
+    params = {"learning_rate": 1e-3, "lora_r": 8, "lora_dropout": 0.1}
+    changed = set()
+    for _ in range(200):
+        new = explore(params, settings, space, rng)
+        assert new["lora_r"] == 8  # shapes the adapter: copied, never perturbed
+        assert 5e-4 <= new["learning_rate"] <= 5e-3 and 0.0 <= new["lora_dropout"] <= 0.2
+        changed |= {k for k in params if new[k] != params[k]}
+    assert changed == {"learning_rate", "lora_dropout"}
+
+    def member(i, loss, memory, alive=True):
+        return Member(i, 10 + i, alive, loss, {"peak_memory_gb": memory}, {**params, "lora_r": 4 + i},
+                      [{"until": 0.5, "values": {}}], f"m{i}")
+
+    # A is best by loss, B trades loss for memory, C is dominated by A: multi-objective ranking replaces C,
+    # ranking by loss alone would replace B
+    pop = [member(0, 1.0, 3.0), member(1, 1.2, 1.0), member(2, 1.1, 3.5)]
+    both = {"eval_loss": "minimize", "peak_memory_gb": "minimize"}
+    assert [m.member for m in rank(pop, both)][-1] == 2
+    assert [m.member for m in rank(pop, {"eval_loss": "minimize"})][-1] == 1
+    nexts = next_generation(pop, settings, space, both, random.Random(1))
+    copy = next(n for n in nexts if n.member == 2)
+    assert copy.exploited and copy.source in (0, 1) and copy.resume == f"m{copy.source}"
+    assert copy.params["lora_r"] == 4 + copy.source  # the source's shape, with perturbed learning settings
+    assert [n.exploited for n in nexts] == [False, False, True]
+    # a dead member is always replaced, whatever the quantile
+    dead = next_generation([member(0, 1.0, 1.0), member(1, float("nan"), 1.0, alive=False), member(2, 1.1, 1.0)],
+                           settings, space, both, random.Random(2))
+    assert [n.exploited for n in dead] == [False, True, True]
+
+
+# -- the search --------------------------------------------------------------------------------------------------
+
+def _segments(study):
+    from optuna.trial import TrialState
+
+    from llmtune.study.attrs import LINEAGE
+
+    return {(t.user_attrs[LINEAGE]["member"], t.user_attrs[LINEAGE]["segment"]): t
+            for t in study.get_trials() if t.state == TrialState.COMPLETE and LINEAGE in t.user_attrs}
+
+
+def test_pbt_search_records_lineage_reports_it_and_its_schedule_replays_the_loss(tmp_path, tiny_model_path,
+                                                                                tiny_data_path):
+    """3 members x 2 segments on two workers: each segment one trial with its lineage; a copy resumes the
+    state of the member it copied with only learning rate / dropout changed; report.html has the lineage plot;
+    best/schedule.json replayed as one trial gives the chosen trial's eval loss exactly."""
+    import json
+
+    import llmtune
+    from llmtune.study.attrs import LINEAGE, STATUS
+
+    d = _pbt_dict(tmp_path)
+    result = llmtune.search(d, workers=2)
+    segments = _segments(result.study)
+    assert sorted(segments) == [(m, k) for m in range(3) for k in range(2)]
+    assert [segments[(m, 0)].user_attrs[STATUS] for m in range(3)] == ["segment"] * 3
+    assert [segments[(m, 1)].user_attrs[STATUS] for m in range(3)] == ["complete"] * 3
+    copies = 0
+    for m in range(3):
+        lineage = segments[(m, 1)].user_attrs[LINEAGE]
+        source = segments[(lineage["parent"]["member"], 0)]
+        assert lineage["parent"]["trial"] == source.number and lineage["resume"] == source.user_attrs[LINEAGE]["state"]
+        assert lineage["schedule"][0] == source.user_attrs[LINEAGE]["schedule"][0]
+        changed = {k for k, v in segments[(m, 1)].params.items() if v != source.params[k]}
+        if lineage["exploited"]:
+            copies += 1
+            assert lineage["parent"]["member"] != m and changed <= {"learning_rate", "lora_dropout"}
+        else:
+            assert lineage["parent"]["member"] == m and not changed
+    assert copies == 1  # quantile 0.34 of 3: the worst copies the best
+    assert any(k.startswith("dashboard:plot_data:llmtune-pbt-lineage:") for k in result.study._storage.get_study_system_attrs(result.study._study_id))
+    out = tmp_path / "run"
+    assert 'id="plot-lineage"' in (out / "report.html").read_text()
+    doc = json.loads((out / "best" / "schedule.json").read_text())
+    assert doc["trial"] == result.best.number and len(doc["schedule"]) == 2
+    replay = llmtune.train(d, schedule=out / "best" / "schedule.json", output_dir=tmp_path / "replay", in_process=True)
+    assert replay.status == "complete"
+    assert replay.metrics["eval_loss"] == result.best.user_attrs["llmtune.metrics"]["eval_loss"] == doc["eval_loss"]
