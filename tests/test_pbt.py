@@ -197,3 +197,63 @@ def test_pbt_search_records_lineage_reports_it_and_its_schedule_replays_the_loss
     replay = llmtune.train(d, schedule=out / "best" / "schedule.json", output_dir=tmp_path / "replay", in_process=True)
     assert replay.status == "complete"
     assert replay.metrics["eval_loss"] == result.best.user_attrs["llmtune.metrics"]["eval_loss"] == doc["eval_loss"]
+
+
+def test_pbt_killed_and_resumed_by_two_workers_loses_no_finished_segment(tmp_path, tiny_model_path, tiny_data_path):
+    """A PBT search is SIGKILLed after its first segment finished, while the next runs; two `llmtune search`
+    processes resume it together: the finished segment is kept (not run again), the lost one runs again with
+    the same settings, every segment of every member finishes once, and both processes ran segments."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+    import yaml
+    from optuna.trial import TrialState
+
+    from llmtune.study.attrs import LINEAGE, OWNER, STATUS
+
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(_pbt_dict(tmp_path, population=2)))
+    url = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    logs = {name: tmp_path / f"{name}.log" for name in "abc"}
+
+    def start(name):
+        return subprocess.Popen([sys.executable, "-m", "llmtune.cli", "search", str(recipe_path), "--quiet"],
+                                stdout=logs[name].open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def trials():
+        try:
+            return optuna.load_study(study_name="test", storage=url).get_trials()
+        except Exception:  # not created yet
+            return []
+
+    doomed = start("a")
+    deadline, done_before = time.time() + 120, None
+    while time.time() < deadline and done_before is None:
+        now = trials()
+        if any(t.state == TrialState.COMPLETE for t in now) and any(t.state == TrialState.RUNNING for t in now):
+            done_before = {t.number: t.params for t in now if t.state == TrialState.COMPLETE}
+        time.sleep(0.2)
+    assert done_before, logs["a"].read_text()
+    os.killpg(doomed.pid, signal.SIGKILL)  # the search and its fork server, with no goodbye to the database
+    doomed.wait()
+    survivors = {name: start(name) for name in "bc"}
+    for name, p in survivors.items():
+        assert p.wait(timeout=300) == 0, logs[name].read_text()
+
+    study = optuna.load_study(study_name="test", storage=url)
+    complete = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    keys = [(t.user_attrs[LINEAGE]["member"], t.user_attrs[LINEAGE]["segment"]) for t in complete]
+    assert sorted(keys) == [(m, k) for m in range(2) for k in range(2)]  # each segment finished once
+    assert set(done_before) <= {t.number for t in complete}  # what finished before the kill was kept
+    lost = [t for t in study.get_trials() if t.user_attrs.get(STATUS) == "interrupted"]
+    assert lost, "the segment running at the kill was not recorded as interrupted"
+    for t in lost:
+        rerun = next(c for c in complete if c.user_attrs[LINEAGE]["member"] == t.user_attrs[LINEAGE]["member"]
+                     and c.user_attrs[LINEAGE]["segment"] == t.user_attrs[LINEAGE]["segment"])
+        assert rerun.number > t.number and (not t.params or rerun.params == t.params)
+    owners = {t.system_attrs[OWNER].rsplit(":", 1)[1] for t in complete if t.number not in done_before}
+    assert owners == {str(p.pid) for p in survivors.values()}, owners  # both resumed workers ran segments

@@ -123,11 +123,12 @@ class PBTSearch(Search):
             for m in population:
                 state = self._state(by_key[(m, k)])
                 if state == "requeue":  # lost with its worker: queued again as it was queued
-                    last = dict(max(by_key[(m, k)], key=lambda t: t.number).user_attrs[attrs.LINEAGE])
+                    lost_trial = max(by_key[(m, k)], key=lambda t: t.number)
+                    last = dict(lost_trial.user_attrs[attrs.LINEAGE])
                     last["schedule"] = list(last.get("schedule") or [])[:k]
                     for run_only in ("state", "start", "stop", "final"):
                         last.pop(run_only, None)
-                    self._enqueue(last, dict(last.get("params") or {}))
+                    self._enqueue(last, dict(last.get("params") or lost_trial.params))
                     waiting = True
                 waiting |= state == "waiting"
                 running |= state == "running"
