@@ -91,6 +91,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "study.sampler": SAMPLER_CHOICES,
     "study.pruner": tuple(PRUNERS),
     "study.memory_gate": ("auto", "on", "off"),
+    "study.execution": ("probe", "search"),
 }
 
 # ----------------------------------------------------------------------------------------- building

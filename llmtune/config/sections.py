@@ -87,6 +87,7 @@ class StudyConfig:
     storage: str | None = field(default=None, metadata={"help": "Optuna storage URL; default an SQLite file in output_dir. May be '${ENV_VAR}'."})
     study_name: str | None = field(default=None, metadata={"help": "Study name in the storage; default the recipe's name."})
     seed: int = field(default=0, metadata={"help": "Sampler seed."})
+    execution: str = field(default="probe", metadata={"help": "How execution settings searched as choices (sample_packing, micro_batch_size, gradient_checkpointing) are chosen: probe (each learning configuration trains once, its execution variants are measured by short probes, every pair is recorded) or search (sampled like any setting, a full trial each)."})
     memory_gate: str = field(default="auto", metadata={"help": "Skip configs whose predicted peak GPU memory exceeds constraints.peak_memory_gb.max: auto (when trials run on a GPU), on, off."})
 
 

@@ -15,6 +15,8 @@ DIR = "llmtune.dir"                    # the trial's folder (result.json, trial.
 INFO = "llmtune.info"                  # timings, token counts, device, versions
 CONSTRAINTS = "llmtune.constraints"    # {constraint: value}, <= 0 met; Optuna keeps the list (see study/record.py)
 RETRY_OF = "llmtune.retry_of"          # the number of the trial this one retries
+VARIANT_OF = "llmtune.variant_of"      # an execution variant's full trial (study/probes.py): counts for no n_trials
+PROBES = "llmtune.probes"              # on a full trial: every execution variant's probe (settings, status, metrics)
 PRIOR = "llmtune.prior"                # True on a known-good starting point queued first (priors.prior_configs)
 # Trial system attributes
 OWNER = "llmtune.owner"                # host:pid of the search process running the trial
