@@ -146,6 +146,27 @@ def test_processes_started_together_on_postgres_all_join_one_study(tmp_path, pg_
         conn.close()
 
 
+def test_reading_an_empty_postgres_database_says_so_and_creates_no_tables(pg_url):
+    import psycopg2
+
+    from llmtune.deliver.results import load_results
+    from llmtune.errors import SearchError
+    from llmtune.study.storage import has_studies
+
+    name = f"llmtune_empty_{uuid.uuid4().hex[:8]}"
+    conn = psycopg2.connect(pg_url)
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE DATABASE {name}")
+    url = f"{pg_url.rpartition('/')[0]}/{name}"
+    try:
+        with pytest.raises(SearchError, match="holds no study yet"):
+            load_results(url)
+        assert not has_studies(url)  # before, Optuna created its schema here on a read
+    finally:
+        conn.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.close()
+
+
 def test_a_joiner_waits_for_the_fingerprint_and_reads_the_old_separate_attributes(tmp_path):
     recipe = recipe_from_dict(tiny_recipe_dict(tmp_path))
     url = f"sqlite:///{tmp_path / 'study.db'}"

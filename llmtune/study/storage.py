@@ -272,6 +272,18 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     raise SearchError(f"study.storage {url!r} is not a database URL; use sqlite:///path.db or postgresql://user@host/db")
 
 
+def has_studies(url: str) -> bool:
+    """Whether the database at `url` holds Optuna's schema, looked up without creating it (reading a
+    search's results must not write tables into an empty database)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(_with_driver(url))
+    try:
+        return sqlalchemy.inspect(engine).has_table("studies")
+    finally:
+        engine.dispose()
+
+
 def _running_elsewhere(owner: str) -> bool:
     """False when `owner` (host:pid, see `worker_id`) is a dead process on this host."""
     host, _, pid = owner.rpartition(":")
