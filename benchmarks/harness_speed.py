@@ -80,6 +80,8 @@ def bench_recipe(args: argparse.Namespace, model_path: str, work: Path, dtype: s
         "search": {"learning_rate": 1e-3, "lora_r": args.lora_r, "lora_alpha_ratio": 2, "lora_dropout": 0.0,
                    "lora_target_modules": "all-linear", "warmup_ratio": 0.05, "sequence_len": args.sequence_len,
                    "micro_batch_size": args.micro_batch, "sample_packing": [False, True],
+                   # examples per optimizer step: enough for packed rows to fill a micro batch
+                   "batch_size": getattr(args, "batch_size", None) or 4 * args.micro_batch,
                    "quantization": "none", "gradient_checkpointing": False},
         "output_dir": str(work / "runs"),
     }
@@ -109,7 +111,7 @@ def run_trainer(recipe: Any, device: str, work: Path) -> dict[str, Any]:
     """transformers.Trainer + peft on exactly the examples llmtune's unpacked plan trains on, in its order."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    from llmtune.config.space import trial_settings
+    from llmtune.config.space import global_batch, trial_settings
     from llmtune.harness import data as D
     from llmtune.harness import model as M
     from llmtune.harness.data_sources import load_splits
@@ -155,7 +157,9 @@ def run_trainer(recipe: Any, device: str, work: Path) -> dict[str, Any]:
 
     targs = TrainingArguments(
         output_dir=str(work / f"trainer-{time.time_ns()}"), per_device_train_batch_size=int(s["micro_batch_size"]),
-        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps, num_train_epochs=1,
+        # the same examples per optimizer step as llmtune's plan (search.batch_size)
+        gradient_accumulation_steps=max(1, global_batch(s, recipe.train.gradient_accumulation_steps) // int(s["micro_batch_size"])),
+        num_train_epochs=1,
         learning_rate=float(s["learning_rate"]), lr_scheduler_type=recipe.train.lr_scheduler,
         warmup_steps=float(s["warmup_ratio"]), weight_decay=recipe.train.weight_decay,
         max_grad_norm=recipe.train.max_grad_norm, optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
@@ -251,6 +255,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--examples", type=int, default=None, help="examples per run (default 256 on CPU, 4096 on GPU)")
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="examples per optimizer step (default 4 x --micro-batch)")
     p.add_argument("--sequence-len", type=int, default=256)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--threads", type=int, default=1,
@@ -350,7 +355,7 @@ def summarize(args: argparse.Namespace, rows: dict[str, list[dict[str, Any]]], t
         "cpu_count": os.cpu_count(), "threads": args.threads, "load_avg_before_after": [load_before[0], os.getloadavg()[0]],
         "shared_machine_note": "CPU runs were made on a 2-core machine shared with other jobs: absolute figures are noisy; ratios are medians of interleaved rounds",
         "device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
-        "model": args.model, "settings": {k: getattr(args, k) for k in ("examples", "micro_batch", "sequence_len", "lora_r", "rounds")},
+        "model": args.model, "settings": {k: getattr(args, k) for k in ("examples", "micro_batch", "batch_size", "sequence_len", "lora_r", "rounds")},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "same_real_tokens_for_all": same_tokens, "real_tokens": rows["trainer"][0]["tokens"],
         "tokens_per_s_median": tps, "ratios": ratios, "trl_sft_trainer": trl_note,

@@ -8,6 +8,12 @@ seconds spent up to each rung, so a pruned replay is charged what stopping there
 
     python3 benchmarks/tabular_record.py --workers 14 --out benchmarks/results
     python3 benchmarks/tabular_record.py --device cuda --workers 1 --model PATH --grid gpu --out DIR
+    python3 benchmarks/tabular_record.py --long --workers 2 --eval-examples 64 --eval-max-length 192
+
+``--long`` records the long-curve table (`LONG`, issue 15): each learning configuration trained once for
+>= 150 optimizer steps with >= 8 evaluations, in the reference execution variant; every execution variant
+of every cost class run in full (its costs) and probed (what a search's probe would see), twice; the raw
+runs are kept (``_raw.jsonl``) and expanded into one replayable row per (learning, execution) pair.
 
 Writes ``<out>/tabular_<tag>.csv`` (one row per configuration, appended as trials finish, so a
 run cut short keeps what it did) and ``<out>/tabular_<tag>.json`` (grid, recipe, machine, versions).
@@ -57,6 +63,28 @@ GRIDS: dict[str, dict[str, list[Any]]] = {
         "gradient_checkpointing": [False, True],
     },
 }
+# The long-curve table (issue 15): every learning configuration trained for real for >= 150 optimizer
+# steps with >= 8 evaluations; execution variants (packing, checkpointing) measured separately, since
+# they leave the curve unchanged (tests/test_execution.py; the table checks it again, "curve_check").
+LONG: dict[str, Any] = {
+    # 4*2*2*2*2*2 = 128 learning configurations x 4 execution variants = 512 rows.
+    "learning": {
+        "learning_rate": [3e-4, 1e-3, 3e-3, 1e-2],
+        "lora_r": [4, 16],
+        "lora_alpha_ratio": [1.0, 2.0],
+        "warmup_ratio": [0.0, 0.1],
+        "sequence_len": [96, 192],
+        "batch_size": [4, 8],
+    },
+    "execution": {"sample_packing": [False, True], "gradient_checkpointing": [False, True]},
+    "reference": {"sample_packing": True, "gradient_checkpointing": False},  # the variant whose curves are recorded
+    "cost_class": ["lora_r", "sequence_len", "batch_size"],  # what a run's cost depends on (learning side)
+    "cost_probe": {"learning_rate": 1e-3, "lora_alpha_ratio": 2.0, "warmup_ratio": 0.1},
+    "examples": 1200,  # 150 steps at batch 8, 300 at batch 4
+    "eval_points": 8,
+    "micro_batch_size": 4,
+    "probe_steps": 2,
+}
 METRICS = ("eval_loss", "peak_memory_gb", "train_throughput", "latency_ms", "ttft_ms", "trainable_params",
            "train_time_s")
 
@@ -99,12 +127,16 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_one(job: tuple[int, dict[str, Any], dict[str, Any], str]) -> dict[str, Any]:
-    """One configuration through the harness; returns its table row."""
+def run_one(job: tuple[int, dict[str, Any], dict[str, Any], str] | tuple[int, dict[str, Any], dict[str, Any], str, dict[str, Any]]) -> dict[str, Any]:
+    """One configuration through the harness; returns its table row. An optional fifth item of the job:
+    {"rungs": [...] (where to evaluate besides the recipe's points), "probe_steps": n (a probe, not a trial),
+    "kind": a label for the row}."""
     from llmtune.config.recipe import recipe_from_dict
     from llmtune.harness.train import eval_fractions, run_trial
 
-    index, params, recipe_dict, work = job
+    index, params, recipe_dict, work = job[:4]
+    options: dict[str, Any] = job[4] if len(job) > 4 else {}  # type: ignore[misc]
+    rungs = options.get("rungs", RUNGS)
     recipe = recipe_from_dict(recipe_dict)
     values = recipe.space.complete(params)
     phase, since = "loading", time.perf_counter()
@@ -123,14 +155,15 @@ def run_one(job: tuple[int, dict[str, Any], dict[str, Any], str]) -> dict[str, A
             at_rung[round(event["fraction"], 6)] = (spent["train"], now - start)
         return False
 
-    fractions = eval_fractions(recipe, RUNGS)
-    result = run_trial(recipe, values, Path(work) / f"c{index}", fractions=fractions, on_event=on_event,
-                       save_adapter=False)
-    row: dict[str, Any] = {"config_id": index, **params, "status": result.status, "reason": result.reason[:200]}
+    fractions = eval_fractions(recipe, rungs)
+    result = run_trial(recipe, values, Path(work) / f"c{index}-{options.get('kind', 'run')}", fractions=fractions,
+                       on_event=on_event, save_adapter=False, probe_steps=options.get("probe_steps"))
+    row: dict[str, Any] = {"config_id": index, **({"kind": options["kind"]} if "kind" in options else {}),
+                           **params, "status": result.status, "reason": result.reason[:200]}
     for m in METRICS:
         row[m] = result.metrics.get(m)
     curve = {round(f, 6): loss for f, loss in result.curve}
-    for f in [0.0, *RUNGS, 1.0]:
+    for f in fractions:
         key = round(f, 6)
         row[f"loss@{key:g}"] = curve.get(key)
         row[f"train_s@{key:g}"], row[f"wall_s@{key:g}"] = at_rung.get(key, (None, None))
@@ -141,6 +174,132 @@ def run_one(job: tuple[int, dict[str, Any], dict[str, Any], str]) -> dict[str, A
     row["padding_share"] = result.info.get("padding_share")
     row["steps"] = (result.info.get("plan") or {}).get("steps")
     return row
+
+
+def _key(row: dict[str, Any], names: list[str]) -> tuple[Any, ...]:
+    return tuple(str(row[n]) for n in names)
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = [float(v) for v in values if v not in (None, "")]
+    return sum(vals) / len(vals) if vals else None
+
+
+def long_jobs(args: argparse.Namespace, recipe: dict[str, Any], work: str) -> list[tuple[Any, ...]]:
+    """The long table's runs: one full run per learning configuration (the reference execution variant),
+    full-length cost runs and probes of every execution variant for each cost class, twice each."""
+    learning, execution = grid_points(LONG["learning"]), grid_points(LONG["execution"])
+    rungs = RUNGS
+    jobs: list[tuple[Any, ...]] = [(i, {**pt, **LONG["reference"]}, recipe, work, {"kind": "curve", "rungs": rungs})
+                                   for i, pt in enumerate(learning)]
+    classes = grid_points({n: LONG["learning"][n] for n in LONG["cost_class"]})
+    n = len(jobs)
+    for c in classes:
+        for e in execution:
+            for repeat in range(args.repeats):
+                params = {**LONG["cost_probe"], **c, **e}
+                jobs.append((n, params, recipe, work, {"kind": "cost", "rungs": rungs, "repeat": repeat}))
+                jobs.append((n + 1, params, recipe, work, {"kind": "probe", "probe_steps": LONG["probe_steps"],
+                                                           "repeat": repeat}))
+                n += 2
+    return jobs
+
+
+def expand_long(raw: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The replayable table: a row per (learning configuration, execution variant). Its curve is the
+    learning configuration's recorded one (the same under every variant); its costs are the means over
+    every full run of the same computation (cost class and variant), its probe columns the means of that
+    computation's probes. Returns (rows, checks)."""
+    lnames, enames, cnames = list(LONG["learning"]), list(LONG["execution"]), LONG["cost_class"]
+    curves = {_key(r, lnames): r for r in raw if r["kind"] == "curve"}
+    full = [r for r in raw if r["kind"] in ("curve", "cost") and r["status"] == "complete"]
+    probes = [r for r in raw if r["kind"] == "probe" and r["status"] == "complete"]
+    cost: dict[tuple[Any, ...], dict[str, float | None]] = {}
+    for r in full:
+        cost.setdefault(_key(r, cnames + enames), {})
+    for k in cost:
+        same = [r for r in full if _key(r, cnames + enames) == k]
+        cost[k] = {m: _mean([r[m] for r in same]) for m in ("train_time_s", "train_throughput", "peak_memory_gb")}
+        cost[k]["runs"] = len(same)
+        mine = [r for r in probes if _key(r, cnames + enames) == k]
+        cost[k].update({f"probe_{m}": _mean([r[m] for r in mine]) for m in ("train_time_s", "train_throughput", "peak_memory_gb")})
+        cost[k]["probe_s"] = _mean([r["wall_time_s"] for r in mine])
+    latency = {_key(r, cnames): _mean([x["latency_ms"] for x in full if _key(x, cnames) == _key(r, cnames)]) for r in full}
+    # The identity check: every cost run's curve against the curve run of the same learning configuration.
+    diffs = []
+    for r in raw:
+        ref = curves.get(_key(r, lnames))
+        if r["kind"] != "cost" or r["status"] != "complete" or ref is None or ref["status"] != "complete":
+            continue
+        diffs += [abs(float(r[k]) - float(ref[k])) for k in r if k.startswith("loss@") and r[k] not in (None, "")]
+    rows = []
+    for _, ref in sorted(curves.items()):
+        for e in grid_points(LONG["execution"]):
+            row = {**{n: ref[n] for n in lnames}, **e, "status": ref["status"]}
+            c = cost.get(_key({**ref, **e}, cnames + enames), {})
+            total = c.get("train_time_s")
+            row.update(eval_loss=ref["eval_loss"], train_time_s=total, train_throughput=c.get("train_throughput"),
+                       peak_memory_gb=c.get("peak_memory_gb"), latency_ms=latency.get(_key(ref, cnames)),
+                       steps=ref["steps"], cost_runs=c.get("runs"))
+            ref_total = float(ref["train_time_s"]) if ref["train_time_s"] not in (None, "") else None
+            for k in ref:
+                if k.startswith("loss@"):
+                    f = k.removeprefix("loss@")
+                    row[k] = ref[k]
+                    spent = ref.get(f"train_s@{f}")
+                    row[f"train_s@{f}"] = (float(spent) / ref_total * total if spent not in (None, "") and ref_total
+                                           and total is not None else None)
+            row.update({k: c.get(k) for k in ("probe_s", "probe_train_time_s", "probe_train_throughput",
+                                              "probe_peak_memory_gb")})
+            rows.append(row)
+    checks = {"curve_check_max_abs_diff": max(diffs) if diffs else None, "curve_check_points": len(diffs)}
+    return rows, checks
+
+
+def record_long(args: argparse.Namespace) -> int:
+    from llmtune.builtin.names import resolve_data_source, resolve_model_name
+
+    resolve_model_name(args.model, log=print)
+    resolve_data_source(args.data, log=print)
+    recipe = build_recipe(args, {})
+    recipe["train"].update(budget={"examples": LONG["examples"]}, eval_points=LONG["eval_points"])
+    recipe["search"]["micro_batch_size"] = LONG["micro_batch_size"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or "cpu-long"
+    raw_path, csv_path, meta_path = out / f"tabular_{tag}_raw.jsonl", out / f"tabular_{tag}.csv", out / f"tabular_{tag}.json"
+    raw = [json.loads(line) for line in raw_path.read_text().splitlines()] if args.expand_only else []
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "grid_name": "cpu-long", "grid": LONG,
+            "rungs": RUNGS, "recipe": recipe, "machine": machine(args), "command": " ".join(sys.argv),
+            "format": "benchmarks/README.md#table-format",
+            "settings": list(LONG["learning"]) + list(LONG["execution"]), "execution": list(LONG["execution"])}
+    if not args.expand_only:
+        work = tempfile.mkdtemp(prefix="llmtune-tabular-")
+        jobs = long_jobs(args, recipe, work)
+        random.Random(1).shuffle(jobs)  # interleaved: timings of every kind of run see the same machine
+        if args.limit:
+            jobs = jobs[: args.limit]
+        print(f"recording {len(jobs)} runs with {args.workers} worker(s) -> {raw_path}", flush=True)
+        t0 = time.time()
+        with mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(args.threads,)) as pool, \
+                open(raw_path, "w") as f:
+            for row in pool.imap_unordered(run_one, jobs):
+                f.write(json.dumps(row, default=str) + "\n")
+                f.flush()
+                raw.append(row)
+                print(f"[{len(raw)}/{len(jobs)} {time.time() - t0:.0f}s] {row['kind']} {row['config_id']} {row['status']} "
+                      f"loss {row['eval_loss']} train {row['train_time_s']} wall {row['wall_time_s']}", flush=True)
+        meta["wall_s"] = time.time() - t0
+    rows, checks = expand_long(raw)
+    meta.update(checks, raw_runs=len(raw), configs=len(rows),
+                statuses={s: sum(r["status"] == s for r in raw) for s in {r["status"] for r in raw}})
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["status"])
+        writer.writeheader()
+        writer.writerows(rows)
+    meta_path.write_text(json.dumps(meta, indent=1, default=str))
+    print(f"done: {len(raw)} runs -> {len(rows)} rows; curve check {checks}; {csv_path}, {meta_path}")
+    return 0
 
 
 def machine(args: argparse.Namespace) -> dict[str, Any]:
@@ -178,7 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-examples", type=int, default=24)
     p.add_argument("--eval-max-length", type=int, default=128)
     p.add_argument("--latency-prompts", type=int, default=2)
+    p.add_argument("--long", action="store_true", help="the long-curve table (LONG): >= 150 steps, >= 8 evals, "
+                   "execution variants measured by cost runs and probes")
+    p.add_argument("--repeats", type=int, default=2, help="--long: cost runs and probes per computation")
+    p.add_argument("--expand-only", action="store_true", help="--long: rebuild the table from the raw runs file")
     args = p.parse_args(argv)
+    if args.long:
+        return record_long(args)
     if args.device == "cuda" and args.workers != 1:
         p.error(f"--workers {args.workers} with --device cuda: one GPU runs one trial at a time; use --workers 1")
     grid_name = args.grid or ("gpu" if args.device == "cuda" else "cpu")

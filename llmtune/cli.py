@@ -50,10 +50,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"  objectives: {', '.join(f'{k} ({v})' for k, v in recipe.objectives.items())}")
     if recipe.constraints:
         print(f"  constraints: {json.dumps(recipe.constraints)}")
-    print(f"  searched: {', '.join(f'{n} {space.specs[n].describe()}' for n in space.searched) or 'nothing (one config)'}")
-    size = space.grid_size()
+    from llmtune.study import probes
+
+    learning = probes.learning_space(space) if probes.enabled(recipe) else space
+    print(f"  searched: {', '.join(f'{n} {space.specs[n].describe()}' for n in learning.searched) or 'nothing (one config)'}")
+    if learning is not space:
+        variants = probes.variants(space)
+        print(f"  probed (execution settings, study.execution: probe): "
+              f"{', '.join(f'{n} {space.specs[n].describe()}' for n in probes.probed_settings(space))}: "
+              f"{len(variants)} variants measured by short probes per learning configuration")
+    size = learning.grid_size()
     if size is not None:
-        print(f"  grid size: {size}")
+        print(f"  grid size: {size}" + (" learning configurations" if learning is not space else ""))
     return 0
 
 

@@ -146,6 +146,27 @@ def test_processes_started_together_on_postgres_all_join_one_study(tmp_path, pg_
         conn.close()
 
 
+def test_reading_an_empty_postgres_database_says_so_and_creates_no_tables(pg_url):
+    import psycopg2
+
+    from llmtune.deliver.results import load_results
+    from llmtune.errors import SearchError
+    from llmtune.study.storage import has_studies
+
+    name = f"llmtune_empty_{uuid.uuid4().hex[:8]}"
+    conn = psycopg2.connect(pg_url)
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE DATABASE {name}")
+    url = f"{pg_url.rpartition('/')[0]}/{name}"
+    try:
+        with pytest.raises(SearchError, match="holds no study yet"):
+            load_results(url)
+        assert not has_studies(url)  # before, Optuna created its schema here on a read
+    finally:
+        conn.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.close()
+
+
 def test_a_joiner_waits_for_the_fingerprint_and_reads_the_old_separate_attributes(tmp_path):
     recipe = recipe_from_dict(tiny_recipe_dict(tmp_path))
     url = f"sqlite:///{tmp_path / 'study.db'}"
@@ -320,7 +341,7 @@ def _ran(study: optuna.Study, recipe: Any, status: str) -> optuna.Trial:
     return trial
 
 
-def test_a_killed_trial_is_retried_once_and_an_environment_failure_each_time(tmp_path, monkeypatch):
+def test_a_killed_trial_is_retried_once_and_an_environment_failure_up_to_its_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(record, "ENVIRONMENT_WAIT_S", 0.0)
     recipe = recipe_from_dict(tiny_recipe_dict(tmp_path))
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", directions=list(recipe.objectives.values()))
@@ -332,7 +353,9 @@ def test_a_killed_trial_is_retried_once_and_an_environment_failure_each_time(tmp
     assert "ended killed 1 time(s) before: final" in trials[1].user_attrs[attrs.REASON]
     assert counted(study) == (1, 0)  # the first kill does not count towards n_trials, the final one does
     assert not study.get_trials(states=(TrialState.WAITING,))
-    for _ in range(3):  # a disk that stays full: not final, however often
+    from llmtune.trial.endings import ENVIRONMENT_RETRIES
+
+    for _ in range(3):  # a disk that stays full: retried with the same settings...
         _ran(study, recipe, ENVIRONMENT)
     trials = study.get_trials(states=(TrialState.FAIL,))
     assert [t.user_attrs[STATUS] for t in trials[2:]] == [ENVIRONMENT] * 3
@@ -340,3 +363,10 @@ def test_a_killed_trial_is_retried_once_and_an_environment_failure_each_time(tmp
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 1 and waiting[0].user_attrs[RETRY_OF] == trials[-1].number
     assert counted(study) == (1, 0)
+    assert ENVIRONMENT_RETRIES is not None
+    for _ in range(ENVIRONMENT_RETRIES - 3 + 1):  # ...until its limit: then final, not a loop forever
+        _ran(study, recipe, ENVIRONMENT)
+    last = study.get_trials(states=(TrialState.FAIL,))[-1]
+    assert last.user_attrs[STATUS] == CRASHED and f"ended environment {ENVIRONMENT_RETRIES} time(s) before: final" in \
+        last.user_attrs[attrs.REASON]
+    assert not study.get_trials(states=(TrialState.WAITING,)) and counted(study) == (2, 0)

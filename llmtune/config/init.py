@@ -149,7 +149,11 @@ search:
   # All linear layers beat attention-only at equal parameters; both are here to show it on your data.
   lora_target_modules: {_yaml(TARGETS)}
   sequence_len: {seq}              # ~90% of the sampled rows fit (about {CHARS_PER_TOKEN} characters a token)
-  micro_batch_size: 4
+  batch_size: 16                 # examples per optimizer step (the global batch: a learning setting)
+  # Execution settings: they change memory and speed, not what is learned, so each is probed for a few
+  # steps per configuration (study.execution: probe), not searched with full trials.
+  micro_batch_size: [4, 8]
+  gradient_checkpointing: [false, true]
   # {quant_why}
   quantization: {_yaml(quant if len(quant) > 1 else quant[0])}
 objectives:

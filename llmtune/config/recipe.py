@@ -93,6 +93,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "study.pruner": tuple(PRUNERS),
     "study.memory_gate": ("auto", "on", "off"),
     "study.strategy": STRATEGIES,
+    "study.execution": ("probe", "search"),
 }
 
 # ----------------------------------------------------------------------------------------- building

@@ -264,7 +264,14 @@ class SearchSpace:
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> SearchSpace:
-        return cls.from_dict(recipe.search)
+        space = cls.from_dict(recipe.search)
+        if (recipe.search or {}).get("batch_size") is None:
+            # The global batch is a learning setting: unset, it is the largest micro batch times the
+            # accumulation, the same for every trial, so that micro_batch_size stays an execution setting.
+            mbs = space.specs["micro_batch_size"]
+            largest = mbs.value if isinstance(mbs, Fixed) else max(mbs.options) if isinstance(mbs, Choice) else mbs.high
+            space.specs["batch_size"] = Fixed(int(largest) * recipe.train.gradient_accumulation_steps)
+        return space
 
     @classmethod
     def from_dict(cls, search: dict[str, Any] | None) -> SearchSpace:

@@ -13,7 +13,7 @@ from llmtune.config.recipe import Recipe, recipe_from_dict
 from llmtune.deliver.front import feasible, pareto_front, select
 from llmtune.errors import SearchError
 from llmtune.study.attrs import CURVE, DIR, METRICS_KEY, REASON, RECIPE, SETTINGS, STATUS
-from llmtune.study.storage import mask_url, open_storage, storage_error
+from llmtune.study.storage import has_studies, mask_url, open_storage, storage_error
 
 
 class SearchResult:
@@ -129,6 +129,9 @@ def load_results(target: str | Path, study_name: str | None = None, storage: str
         raise SearchError(f"{mask_url(url)}: {str(db)!r} does not exist; pass the output_dir of a search, or its "
                           "storage URL")  # SQLite would create an empty one
     try:
+        if db is None and not has_studies(url):  # a server's database: Optuna would create its tables
+            raise SearchError(f"the storage {mask_url(url)} holds no study yet; run a search against it first "
+                              "(llmtune search RECIPE --storage URL), or check the URL")
         rdb = open_storage(url)
         names = optuna.get_all_study_names(storage=rdb)
     except (ImportError, ValueError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:

@@ -18,6 +18,8 @@ RETRY_OF = "llmtune.retry_of"          # the number of the trial this one retrie
 LINEAGE = "llmtune.pbt.lineage"        # a PBT segment: {member, segment, parent: {member, segment, trial} | None,
 #                                        exploited, schedule: [{until, values}] up to this segment, params, resume,
 #                                        state (its saved state's folder), start, stop, final} (study/pbt.py)
+VARIANT_OF = "llmtune.variant_of"      # an execution variant's full trial (study/probes.py): counts for no n_trials
+PROBES = "llmtune.probes"              # on a full trial: every execution variant's probe (settings, status, metrics)
 PRIOR = "llmtune.prior"                # True on a known-good starting point queued first (priors.prior_configs)
 # Trial system attributes
 OWNER = "llmtune.owner"                # host:pid of the search process running the trial

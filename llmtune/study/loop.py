@@ -34,7 +34,7 @@ from llmtune.config.recipe import Recipe
 from llmtune.config.space import SearchSpace
 from llmtune.errors import SearchError
 from llmtune.hardware import trial_threads
-from llmtune.study import attrs
+from llmtune.study import attrs, probes
 from llmtune.study.attrs import CURVE, DIR, OWNER, PRIOR, REASON, RUNG_METRICS, SETTINGS, STATUS
 from llmtune.study.gate import MemoryGate
 from llmtune.study.priors import prior_configs
@@ -53,7 +53,7 @@ from llmtune.study.storage import (
     storage_url,
     worker_id,
 )
-from llmtune.trial.endings import CRASHED, OVER_BUDGET, RUNNING, SURPLUS
+from llmtune.trial.endings import COMPLETE, CRASHED, OOM, OVER_BUDGET, RUNNING, SURPLUS
 from llmtune.trial.fork_server import ForkServer, prewarm
 from llmtune.trial.result import TrialResult, finite
 from llmtune.trial.runner import TrialJob, run_trial_process
@@ -177,6 +177,9 @@ class Search:
         self.recipe = recipe
         self._known_fingerprint = data_fingerprint  # the preflight's, when it ran: the data is not read twice
         self.space = recipe.space
+        # Under probes the sampler sees the learning settings only (study/probes.py).
+        self.probing = probes.enabled(recipe)
+        self.sample_space = probes.learning_space(self.space) if self.probing else self.space
         self.n_trials = n_trials or recipe.study.n_trials
         self.gpus = [_physical_gpus(g) for g in gpus or []]
         self.workers = len(self.gpus) if self.gpus else max(1, workers)
@@ -219,9 +222,9 @@ class Search:
         shared = bool(self.storage_given or os.environ.get("LLMTUNE_STORAGE") or self.recipe.study.storage)
         study_cfg = self.recipe.study
         self.sampler, self.sampler_why = study_sampler(
-            study, study_cfg.sampler, self.space, len(self.recipe.objectives), study_cfg.n_trials, study_cfg.seed,
+            study, study_cfg.sampler, self.sample_space, len(self.recipe.objectives), study_cfg.n_trials, study_cfg.seed,
             self.workers > 1 or shared, worker_id() if shared else "")
-        grid = self.space.grid_size()
+        grid = self.sample_space.grid_size()
         if isinstance(self.sampler, optuna.samplers.GridSampler) and grid is not None and (self.n_trials or grid) > grid:
             self.log(f"the grid has {grid} point(s): running {grid} trial(s), not {self.n_trials}")
             self.n_trials = grid
@@ -238,7 +241,7 @@ class Search:
         process that created the study does, so neither a resumed search nor a joining process adds
         them again. Few (2, or a quarter of a small n_trials): they anchor the sampler, not replace it."""
         n = 2 if self.n_trials is None else min(2, max(1, self.n_trials // 4))
-        for config in prior_configs(self.space, n):
+        for config in prior_configs(self.sample_space, n):
             study.enqueue_trial(config, user_attrs={PRIOR: True}, skip_if_exists=True)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -246,6 +249,10 @@ class Search:
         study = self.prepare()
         self.log(f"study {self.study_name!r} in {mask_url(self.url)}; sampler {self.sampler_why}; "
                  f"pruner {self.pruner.describe()}; {self.workers} worker(s)")
+        if self.probing:
+            names = ", ".join(probes.probed_settings(self.space))
+            self.log(f"execution settings ({names}): {len(probes.variants(self.space))} variants probed per learning "
+                     "configuration, which trains once, in the fastest that fits")
         # Trials fork from one warm interpreter (llmtune.trial.fork_server): the imports are paid once, not per trial.
         self.fork_server = prewarm()
         if self.progress:
@@ -342,7 +349,7 @@ class Search:
                 self._run_one(trial, env)
 
     def _run_one(self, trial: optuna.Trial, env: dict[str, str]) -> None:
-        values = self.space.suggest(trial)
+        values = self.sample_space.suggest(trial)
         storage, tid = self.study._storage, trial._trial_id
         trial_dir = (self.output_dir / "trials" / f"{trial.number:04d}").resolve()
         storage.set_trial_user_attr(tid, SETTINGS, json.loads(json.dumps(values, default=str)))
@@ -350,41 +357,24 @@ class Search:
         storage.set_trial_user_attr(tid, STATUS, RUNNING)
         if self.progress:
             self.progress.trial_started(trial.number, values)
-        reason, predicted = self.gate.check(self.study, values)
-        if reason:
-            result = TrialResult(status=OVER_BUDGET, reason=reason, settings=values)
+        result, predicted, prober, chosen = None, None, None, None
+        if self.probing:
+            prober = self._prober(trial, env)
+            chosen = prober.probe(self.study, trial, values, trial_dir)
+            if chosen is None:
+                result = self._no_variant(prober, values)
+            else:
+                values, predicted = chosen.settings, chosen.result.metrics.get("predicted_memory_gb")
+                storage.set_trial_user_attr(tid, SETTINGS, json.loads(json.dumps(values, default=str)))
+                for name in probes.probed_settings(self.space):
+                    dist = optuna.distributions.CategoricalDistribution(list(self.space.specs[name].options))  # type: ignore[union-attr]
+                    storage.set_trial_param(tid, name, dist.to_internal_repr(values[name]), dist)
         else:
-            curve: list[list[float]] = []
-            rung_metrics: list[list[Any]] = []
-            recipe = masked_recipe(self.recipe)
-            base_key = base_eval_key(recipe, values, self.data_fingerprint)
-            base_eval = self.study.user_attrs.get(base_key)
-
-            def on_event(event: dict[str, Any]) -> bool:
-                if self.progress:
-                    self.progress.trial_event(trial.number, event)
-                if event.get("event") != "eval":
-                    return False
-                curve.append([event["fraction"], event["eval_loss"]])
-                if event["fraction"] == 0.0 and base_eval is None and finite(event["eval_loss"]):
-                    # the next trials reuse it where they run on the same context
-                    self.study.set_user_attr(base_key, {"loss": event["eval_loss"], "context": event.get("context")})
-                # what the trial has measured so far of its other objectives: the pruner ranks on these too
-                measured = {k: float(v) for k, v in (event.get("metrics") or {}).items() if finite(v)}
-                rung_metrics.append([event["fraction"], measured])
-                try:
-                    storage.set_trial_user_attr(tid, CURVE, curve)
-                    storage.set_trial_user_attr(tid, RUNG_METRICS, rung_metrics)
-                    report_eval(self.study, tid, self.recipe, event["fraction"], event["eval_loss"])  # for optuna-dashboard
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    return True  # declared lost by another worker (missed heartbeats): its retry runs
-                return self.pruner.should_prune(self.study, trial.number, event["fraction"], event["eval_loss"],
-                                                measured)
-
-            job = TrialJob(recipe=recipe, values=values, out_dir=trial_dir, fractions=self._fractions(),
-                           trial_number=trial.number, timeout=self.recipe.study.trial_timeout, env=env,
-                           fork_server=self.fork_server, base_eval=base_eval if isinstance(base_eval, dict) else None)
-            result = run_trial_process(job, on_event=on_event, stop=self.stop)
+            reason, predicted = self.gate.check(self.study, values)
+            if reason:
+                result = TrialResult(status=OVER_BUDGET, reason=reason, settings=values)
+        if result is None:
+            result = self._train(trial, values, trial_dir, env)
         if predicted is not None:
             result.metrics["predicted_memory_gb"] = predicted
         try:
@@ -393,9 +383,71 @@ class Search:
             self.log(f"trial {trial.number}: another worker declared it lost (no heartbeat for longer than the "
                      f"grace period) and retried it; this result is dropped")
             return
+        if prober is not None:
+            added = prober.record(self.study, trial, chosen, result) if chosen is not None else []
+            if added:
+                self.log(f"trial {trial.number}: execution variants recorded as trial(s) {', '.join(map(str, added))}")
         if self.progress:
             self.progress.trial_finished(trial.number, result)
         self._fail_fast(result)
+
+    def _prober(self, trial: optuna.Trial, env: dict[str, str]) -> probes.Probes:
+        def run_probe(settings: dict[str, Any], folder: Path) -> TrialResult:
+            if self.progress:
+                self.progress.trial_event(trial.number, {"event": "phase", "phase": f"probing {folder.name}"})
+            job = TrialJob(recipe=masked_recipe(self.recipe), values=settings, out_dir=folder, fractions=[],
+                           trial_number=trial.number, timeout=self.recipe.study.trial_timeout, env=env,
+                           fork_server=self.fork_server, probe_steps=probes.PROBE_STEPS)
+            return run_trial_process(job, stop=self.stop)
+
+        return probes.Probes(self.recipe, run_probe, lambda settings: self.gate.check(self.study, settings))
+
+    def _no_variant(self, prober: probes.Probes, values: dict[str, Any]) -> TrialResult:
+        """The trial's ending when no execution variant can run: a crash if a probe crashed (so that
+        fail-fast sees it), else over budget or out of memory."""
+        statuses = [p.result.status for p in prober.found]
+        status = next((s for s in statuses if s not in (OVER_BUDGET, OOM, COMPLETE)), None)
+        if status is None:
+            status = OOM if OOM in statuses else OVER_BUDGET
+        crashed = next((p.result for p in prober.found if p.result.status == status and status not in (OVER_BUDGET, OOM)), None)
+        if crashed is not None:
+            return crashed
+        return TrialResult(status=status, reason=f"no execution variant fits: {prober.summary()}", settings=values)
+
+    def _train(self, trial: optuna.Trial, values: dict[str, Any], trial_dir: Path, env: dict[str, str]) -> TrialResult:
+        """The full trial, in its own process; the pruner answers each evaluation."""
+        storage, tid = self.study._storage, trial._trial_id
+        curve: list[list[float]] = []
+        rung_metrics: list[list[Any]] = []
+        recipe = masked_recipe(self.recipe)
+        base_key = base_eval_key(recipe, values, self.data_fingerprint)
+        base_eval = self.study.user_attrs.get(base_key)
+
+        def on_event(event: dict[str, Any]) -> bool:
+            if self.progress:
+                self.progress.trial_event(trial.number, event)
+            if event.get("event") != "eval":
+                return False
+            curve.append([event["fraction"], event["eval_loss"]])
+            if event["fraction"] == 0.0 and base_eval is None and finite(event["eval_loss"]):
+                # the next trials reuse it where they run on the same context
+                self.study.set_user_attr(base_key, {"loss": event["eval_loss"], "context": event.get("context")})
+            # what the trial has measured so far of its other objectives: the pruner ranks on these too
+            measured = {k: float(v) for k, v in (event.get("metrics") or {}).items() if finite(v)}
+            rung_metrics.append([event["fraction"], measured])
+            try:
+                storage.set_trial_user_attr(tid, CURVE, curve)
+                storage.set_trial_user_attr(tid, RUNG_METRICS, rung_metrics)
+                report_eval(self.study, tid, self.recipe, event["fraction"], event["eval_loss"])  # for optuna-dashboard
+            except optuna.exceptions.UpdateFinishedTrialError:
+                return True  # declared lost by another worker (missed heartbeats): its retry runs
+            return self.pruner.should_prune(self.study, trial.number, event["fraction"], event["eval_loss"],
+                                            measured)
+
+        job = TrialJob(recipe=recipe, values=values, out_dir=trial_dir, fractions=self._fractions(),
+                       trial_number=trial.number, timeout=self.recipe.study.trial_timeout, env=env,
+                       fork_server=self.fork_server, base_eval=base_eval if isinstance(base_eval, dict) else None)
+        return run_trial_process(job, on_event=on_event, stop=self.stop)
 
     def _fail_fast(self, result: TrialResult) -> None:
         """Stop when this process's first trials all crashed for the same reason: every further trial would

@@ -214,7 +214,7 @@ class PBTSearch(Search):
         if reason:
             result = TrialResult(status=OVER_BUDGET, reason=reason, settings=values)
         else:
-            result = self._train(trial, values, lineage, trial_dir, env)
+            result = self._train_segment(trial, values, lineage, trial_dir, env)
         if predicted is not None:
             result.metrics["predicted_memory_gb"] = predicted
         if result.status == COMPLETE and not (self.state_dir / state / "state.pt").is_file():
@@ -232,7 +232,7 @@ class PBTSearch(Search):
             self.progress.trial_finished(trial.number, result)
         self._fail_fast(result)
 
-    def _train(self, trial: optuna.Trial, values: dict[str, Any], lineage: dict[str, Any], trial_dir: Path,
+    def _train_segment(self, trial: optuna.Trial, values: dict[str, Any], lineage: dict[str, Any], trial_dir: Path,
                env: dict[str, str]) -> TrialResult:
         storage, tid = self.study._storage, trial._trial_id
         curve: list[list[float]] = []

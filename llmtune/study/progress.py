@@ -42,7 +42,8 @@ class PlainProgress:
         self.t0 = time.time()
 
     def trial_started(self, number: int, values: dict[str, Any]) -> None:
-        searched = self.search.space.searched if self.search else []
+        # Under probes the sampler's space is the learning settings; the execution variant comes after probing.
+        searched = getattr(self.search, "sample_space", self.search.space).searched if self.search else []
         self._print(f"trial {number} started: " + ", ".join(f"{k}={fmt_metric(k, values.get(k))}" for k in searched))
 
     def trial_event(self, number: int, event: dict[str, Any]) -> None:
@@ -50,6 +51,10 @@ class PlainProgress:
 
     def trial_finished(self, number: int, result: TrialResult) -> None:
         metrics = ", ".join(f"{k}={fmt_metric(k, result.metrics.get(k))}" for k in self.search.recipe.objectives)
+        if getattr(self.search, "probing", False) and result.settings:
+            from llmtune.study.probes import probed_settings
+
+            metrics += " in " + ", ".join(f"{k}={result.settings.get(k)}" for k in probed_settings(self.search.space))
         reason = f" ({result.reason})" if result.reason else ""
         self._print(f"trial {number} {result.status}{reason}: {metrics} [{_fmt_duration(time.time() - self.t0)} elapsed]")
 

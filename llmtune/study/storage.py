@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from llmtune.config.recipe import Recipe
 from llmtune.errors import SearchError
-from llmtune.study.attrs import OWNER, REASON, RETRY_OF, STATUS
+from llmtune.study.attrs import OWNER, REASON, RETRY_OF, STATUS, VARIANT_OF
 from llmtune.trial.endings import INTERRUPTED, counts
 
 # llmtune drives heartbeats itself around ask/tell (the trial runs in a child process), which is
@@ -272,6 +272,18 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     raise SearchError(f"study.storage {url!r} is not a database URL; use sqlite:///path.db or postgresql://user@host/db")
 
 
+def has_studies(url: str) -> bool:
+    """Whether the database at `url` holds Optuna's schema, looked up without creating it (reading a
+    search's results must not write tables into an empty database)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(_with_driver(url))
+    try:
+        return sqlalchemy.inspect(engine).has_table("studies")
+    finally:
+        engine.dispose()
+
+
 def _running_elsewhere(owner: str) -> bool:
     """False when `owner` (host:pid, see `worker_id`) is a dead process on this host."""
     host, _, pid = owner.rpartition(":")
@@ -311,6 +323,8 @@ def counted(study: optuna.Study) -> tuple[int, int]:
     """(finished trials that count towards n_trials, running trials)."""
     done = running = 0
     for t in study.get_trials(deepcopy=False):
+        if VARIANT_OF in t.user_attrs:
+            continue  # an execution variant measured by a probe (study/probes.py), not a trial of its own
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
             done += 1
         elif t.state == TrialState.FAIL and counts(t.user_attrs.get(STATUS)):
