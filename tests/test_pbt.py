@@ -194,6 +194,8 @@ def test_pbt_search_records_lineage_reports_it_and_its_schedule_replays_the_loss
     assert 'id="plot-lineage"' in (out / "report.html").read_text()
     doc = json.loads((out / "best" / "schedule.json").read_text())
     assert doc["trial"] == result.best.number and len(doc["schedule"]) == 2
+    exported = llmtune.export_adapter(out, tmp_path / "export")
+    assert json.loads((exported.path / "schedule.json").read_text()) == doc
     replay = llmtune.train(d, schedule=out / "best" / "schedule.json", output_dir=tmp_path / "replay", in_process=True)
     assert replay.status == "complete"
     assert replay.metrics["eval_loss"] == result.best.user_attrs["llmtune.metrics"]["eval_loss"] == doc["eval_loss"]
@@ -257,3 +259,25 @@ def test_pbt_killed_and_resumed_by_two_workers_loses_no_finished_segment(tmp_pat
         assert rerun.number > t.number and (not t.params or rerun.params == t.params)
     owners = {t.system_attrs[OWNER].rsplit(":", 1)[1] for t in complete if t.number not in done_before}
     assert owners == {str(p.pid) for p in survivors.values()}, owners  # both resumed workers ran segments
+
+
+def test_a_bad_schedule_file_is_refused_before_training(tmp_path):
+    import json
+
+    import pytest
+
+    import llmtune
+    from llmtune.errors import RecipeError
+
+    d = _pbt_dict(tmp_path)
+    bad = tmp_path / "schedule.json"
+    cases = [("{not json", "is not JSON"), (json.dumps({"schedule": []}), "is not a llmtune schedule"),
+             (json.dumps({"format": "llmtune.schedule/1", "settings": {},
+                          "schedule": [{"until": 0.5, "values": {"lora_r": 4}}]}),
+              "lora_r cannot change per segment")]
+    for text, expected in cases:
+        bad.write_text(text)
+        with pytest.raises(RecipeError, match=expected):
+            llmtune.train(d, schedule=bad, output_dir=tmp_path / "t", in_process=True)
+    with pytest.raises(RecipeError, match="cannot read"):
+        llmtune.train(d, schedule=tmp_path / "missing.json", in_process=True)

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 
 from optuna.trial import FrozenTrial
 
+from llmtune.deliver.lineage import schedule_document
 from llmtune.deliver.modelcard import hub_id, render_card
 from llmtune.errors import HubError
-from llmtune.study.attrs import DIR, METRICS_KEY, REASON, SETTINGS, STATUS
+from llmtune.study.attrs import DIR, FINGERPRINT, METRICS_KEY, REASON, SETTINGS, STATUS
 from llmtune.trial.endings import COMPLETE
 
 if TYPE_CHECKING:
@@ -188,6 +189,9 @@ def export_adapter(result: SearchResult, output_dir: str | Path, trial: int | No
         "selected_by": result.recipe.select.by, "chosen": result.best is not None and result.best.number == t.number,
         "settings": t.user_attrs.get(SETTINGS), "metrics": t.user_attrs.get(METRICS_KEY),
         "llmtune_version": __version__}, indent=2, default=str))
+    schedule = schedule_document(t, result.study.user_attrs.get(FINGERPRINT, {}).get("recipe_fingerprint"))
+    if schedule is not None:  # a PBT member: its settings per segment, for `llmtune train --schedule`
+        (to / "schedule.json").write_text(json.dumps(schedule, indent=2, default=str))
     files = sorted(str(p.relative_to(to)) for p in to.rglob("*") if p.is_file())
     return Export(path=to, trial=t.number, files=files, tokenizer_included=include_tok, merged=merge)
 
