@@ -281,3 +281,18 @@ def test_a_bad_schedule_file_is_refused_before_training(tmp_path):
             llmtune.train(d, schedule=bad, output_dir=tmp_path / "t", in_process=True)
     with pytest.raises(RecipeError, match="cannot read"):
         llmtune.train(d, schedule=tmp_path / "missing.json", in_process=True)
+
+
+def test_pbt_on_postgres_two_workers(tmp_path, tiny_model_path, tiny_data_path, pg_url):
+    """The same search on a PostgreSQL study (skips without LLMTUNE_TEST_POSTGRES_URL): two workers share
+    the queue of segments; every segment of every member finishes once, with its lineage."""
+    import uuid
+
+    import llmtune
+
+    result = llmtune.search(_pbt_dict(tmp_path, population=2), storage=pg_url, study_name=f"pbt-{uuid.uuid4().hex[:8]}",
+                            workers=2)
+    segments = _segments(result.study)
+    assert sorted(segments) == [(m, k) for m in range(2) for k in range(2)]
+    assert sum(t.user_attrs["llmtune.pbt.lineage"]["exploited"] for t in segments.values()) == 1
+    assert (tmp_path / "run" / "best" / "schedule.json").is_file()

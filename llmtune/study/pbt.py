@@ -31,6 +31,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from llmtune.config.space import PERTURBABLE, trial_settings
+from llmtune.errors import SearchError
 from llmtune.study import attrs
 from llmtune.study.loop import Search
 from llmtune.study.pbt_plan import Member, next_generation, pbt_settings
@@ -66,6 +67,8 @@ class PBTSearch(Search):
         self.bounds = self.pbt.bounds
         self.n_trials = self.pbt.population * len(self.bounds)  # what the progress display counts to
         self.state_root = Path(self.pbt.checkpoint_dir or Path(recipe.output_dir) / "pbt-state")
+        # Every setting is sampled per member, execution ones too: a member's segments run as it was sampled.
+        self.probing, self.sample_space = False, self.space
 
     def _enqueue_priors(self, study: optuna.Study) -> None:
         """No priors: the first generation is the sampler's spread of the space."""
@@ -74,8 +77,14 @@ class PBTSearch(Search):
         study = super().prepare()
         self.state_dir = (self.state_root / self.study_name).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if attrs.PBT not in study.user_attrs:
-            study.set_user_attr(attrs.PBT, {**vars(self.pbt), "bounds": self.bounds, "state_dir": str(self.state_dir)})
+        mine = json.loads(json.dumps({**vars(self.pbt), "bounds": self.bounds}))
+        stored = study.user_attrs.get(attrs.PBT)
+        if stored is None:
+            study.set_user_attr(attrs.PBT, {**mine, "state_dir": str(self.state_dir)})
+        elif {k: v for k, v in stored.items() if k not in ("state_dir", "checkpoint_dir")} != \
+                {k: v for k, v in mine.items() if k != "checkpoint_dir"}:
+            raise SearchError(f"study {self.study_name!r} was run with other study.pbt_settings ({stored}); its "
+                              "members would not continue. Start a new study: pass --study-name NEW")
         self.log(f"population-based training: {self.pbt.population} members x {len(self.bounds)} segments, "
                  f"perturbing {', '.join(self.pbt.perturb)}; states in {self.state_dir}")
         return study
