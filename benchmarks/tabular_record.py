@@ -168,6 +168,7 @@ def run_one(job: tuple[int, dict[str, Any], dict[str, Any], str] | tuple[int, di
         row[f"loss@{key:g}"] = curve.get(key)
         row[f"train_s@{key:g}"], row[f"wall_s@{key:g}"] = at_rung.get(key, (None, None))
     row["wall_time_s"] = result.info.get("wall_time_s")
+    row["train_cpu_s"] = result.info.get("train_cpu_s")  # CPU seconds: what other jobs on the machine blur less
     row["load_s"] = result.info.get("load_s")
     row["eval_s"] = result.info.get("eval_s")
     row["latency_s"] = result.info.get("latency_s")

@@ -168,7 +168,8 @@ def test_memory_gate_skips_configs_predicted_over_budget_without_running_them(tm
     assert big > small
     limit = (small + big) / 2
     data = fast_recipe(tmp_path, search=search, constraints={"peak_memory_gb": {"max": limit}},
-                       study={"n_trials": 4, "sampler": "grid", "trial_timeout": 300, "memory_gate": "on"})
+                       study={"n_trials": 4, "sampler": "grid", "trial_timeout": 300, "memory_gate": "on",
+                              "execution": "search"})
     result = llmtune.search(data)
     trials = result.study.trials
     assert len(trials) == 4
@@ -182,6 +183,19 @@ def test_memory_gate_skips_configs_predicted_over_budget_without_running_them(tm
     ran = [t for t in trials if t.user_attrs["llmtune.status"] == "complete"]
     assert ran and all(t.user_attrs["llmtune.metrics"]["predicted_memory_gb"] <= limit for t in ran)
     assert result.best.number in {t.number for t in ran}
+
+    # Under probes (the default) micro_batch_size is an execution setting: the gate skips the variant
+    # predicted over budget before its probe; the learning configuration trains in the one that fits.
+    data["study"]["execution"], data["output_dir"] = "probe", str(tmp_path / "probed")
+    result = llmtune.search(data)
+    full = [t for t in result.study.trials if "llmtune.variant_of" not in t.user_attrs]
+    assert len(full) == 2 and {t.params["sequence_len"] for t in full} == {64, 1024}
+    (big_probe,) = [p for t in full if t.params["sequence_len"] == 1024 for p in t.user_attrs["llmtune.probes"]
+                    if p["settings"]["micro_batch_size"] == 32]
+    assert big_probe["status"] == "over_budget" and "predicted peak memory" in big_probe["reason"]
+    assert all(t.params["micro_batch_size"] == 1 for t in full if t.params["sequence_len"] == 1024)
+    probe_dirs = sorted(p.name for p in (tmp_path / "probed" / "trials").glob("*/probe-*"))
+    assert len(probe_dirs) == 3  # 2 variants of sequence_len 64, 1 of 1024: the gated one never ran
 
 
 def test_asha_prunes_weak_trials_in_a_multi_objective_study(tmp_path):
