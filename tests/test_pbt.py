@@ -222,8 +222,11 @@ def test_pbt_killed_and_resumed_by_two_workers_loses_no_finished_segment(tmp_pat
     url = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
     logs = {name: tmp_path / f"{name}.log" for name in "abc"}
 
+    # a short heartbeat interval makes an idle worker look for queued segments every ~0.5 s
+    env = {**os.environ, "LLMTUNE_HEARTBEAT_INTERVAL": "1", "LLMTUNE_HEARTBEAT_GRACE": "10"}
+
     def start(name):
-        return subprocess.Popen([sys.executable, "-m", "llmtune.cli", "search", str(recipe_path), "--quiet"],
+        return subprocess.Popen([sys.executable, "-m", "llmtune.cli", "search", str(recipe_path), "--quiet"], env=env,
                                 stdout=logs[name].open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def trials():
