@@ -190,6 +190,12 @@ def test_pbt_search_records_lineage_reports_it_and_its_schedule_replays_the_loss
             assert lineage["parent"]["member"] == m and not changed
     assert copies == 1  # quantile 0.34 of 3: the worst copies the best
     assert any(k.startswith("dashboard:plot_data:llmtune-pbt-lineage:") for k in result.study._storage.get_study_system_attrs(result.study._study_id))
+    from llmtune.deliver.lineage import lineage_figure
+
+    figure = lineage_figure(result.study.get_trials(), list(d["objectives"]), result.best.number)
+    names = [trace.name for trace in figure.data]
+    assert {"continued", "copied (exploit)", f"chosen #{result.best.number}", "segment"} == set(names)
+    assert len(figure.data[-1].x) == 6  # a marker per segment
     out = tmp_path / "run"
     assert 'id="plot-lineage"' in (out / "report.html").read_text()
     doc = json.loads((out / "best" / "schedule.json").read_text())

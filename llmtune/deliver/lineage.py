@@ -41,7 +41,7 @@ def ancestry(trials: list[FrozenTrial], trial: FrozenTrial) -> list[FrozenTrial]
 def lineage_figure(trials: list[FrozenTrial], objectives: list[str], chosen: int | None = None) -> Any:
     """A plotly figure: one marker per finished segment (x: the fraction of the budget it ended at, y: its
     member, colour: its eval loss); grey lines where a member went on with its own state, red dashed
-    where it copied another member (exploit); the chosen trial's ancestry drawn bold. None without PBT."""
+    where it copied another member (exploit); the chosen trial's ancestry underneath, wide and pale. None without PBT."""
     import plotly.graph_objects as go
 
     segments = _segments(trials)
@@ -61,8 +61,8 @@ def lineage_figure(trials: list[FrozenTrial], objectives: list[str], chosen: int
                          hoverinfo="skip") for exploited, (xs, ys) in lines.items() if xs]
     if chosen is not None and chosen in where:
         path = [where[t.number] for t in ancestry([t for t, _ in segments], next(t for t, _ in segments if t.number == chosen))]
-        traces.append(go.Scatter(x=[p[0] for p in path], y=[p[1] for p in path], mode="lines", name=f"chosen #{chosen}",
-                                 line={"color": "#1f77b4", "width": 4}, hoverinfo="skip"))
+        traces.insert(0, go.Scatter(x=[p[0] for p in path], y=[p[1] for p in path], mode="lines", opacity=0.35,
+                                    name=f"chosen #{chosen}", line={"color": "#1f77b4", "width": 8}, hoverinfo="skip"))
     losses = [float((t.user_attrs.get(METRICS_KEY) or {}).get("eval_loss", math.nan)) for t, _ in segments]
     hover = []
     for (t, lin), loss in zip(segments, losses, strict=True):
