@@ -59,6 +59,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"  probed (execution settings, study.execution: probe): "
               f"{', '.join(f'{n} {space.specs[n].describe()}' for n in probes.probed_settings(space))}: "
               f"{len(variants)} variants measured by short probes per learning configuration")
+    if recipe.study.strategy == "pbt":
+        from llmtune.study.pbt_plan import pbt_settings
+
+        pbt = pbt_settings(recipe)
+        print(f"  population-based training: {pbt.population} members x {len(pbt.bounds)} segments "
+              f"({pbt.population * len(pbt.bounds)} trials), perturbing {', '.join(pbt.perturb)}; "
+              f"the worst {pbt.cut} copy the best {pbt.cut} after each segment")
     size = learning.grid_size()
     if size is not None:
         print(f"  grid size: {size}" + (" learning configurations" if learning is not space else ""))
