@@ -101,6 +101,13 @@ def test_pbt_settings_are_checked_with_the_recipe(tmp_path):
                      "pbt_settings.perturb: 'lora_r' cannot change during training",
                      "object storage URLs are not supported", "study.pruner: 'asha': population-based training "):
         assert expected in text, text
+    short = _pbt_dict(tmp_path)
+    short["train"]["budget"] = {"examples": 8}
+    try:
+        recipe_from_dict(short)
+        raise AssertionError("accepted")
+    except RecipeError as e:
+        assert "0.5 cuts a trial into 2 segments, but it has only 1 optimizer step(s)" in str(e), str(e)
     fixed = _pbt_dict(tmp_path)
     fixed["search"].update(learning_rate=1e-3, lora_dropout=0.1)
     try:

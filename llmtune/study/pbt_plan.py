@@ -110,6 +110,8 @@ def check_pbt(recipe: Recipe) -> list[Problem]:
         space = SearchSpace.from_dict(recipe.search)
     except Exception:  # the search section's own problems are reported by check_search
         return problems
+    if not problems:
+        problems += _too_short(recipe, space, float(v["interval"]))
     perturb = v["perturb"]
     if perturb is None:
         if not _searched_perturbable(space):
@@ -128,6 +130,29 @@ def check_pbt(recipe: Recipe) -> list[Problem]:
                 problems.append(Problem(f"{path}.perturb", f"{fmt(name)} is fixed in search; give it a range or "
                                                            "choices to perturb it"))
     return problems
+
+
+def _largest(spec: Any) -> Any:
+    if isinstance(spec, Choice):
+        return max(spec.options)
+    return spec.high if isinstance(spec, Range) else spec.value
+
+
+def _too_short(recipe: Recipe, space: SearchSpace, interval: float) -> list[Problem]:
+    """A budget in examples fixes a trial's optimizer steps: each segment needs at least one, with the
+    largest global batch the space allows (budgets in tokens or epochs are checked when a segment runs)."""
+    budget = recipe.train.budget
+    if budget.kind != "examples" or not budget.amount or budget.amount <= 0:
+        return []
+    batch = _largest(space.specs["batch_size"]) if "batch_size" in space.specs else None
+    if batch is None:
+        batch = _largest(space.specs["micro_batch_size"]) * recipe.train.gradient_accumulation_steps
+    steps, segments = math.ceil(budget.amount / batch), math.ceil(1.0 / interval - 1e-9)
+    if steps >= segments:
+        return []
+    return [Problem("study.pbt_settings.interval", f"{interval:g} cuts a trial into {segments} segments, but it has only "
+                    f"{steps} optimizer step(s) ({budget.amount:g} examples in batches of up to {batch}); raise "
+                    f"train.budget.examples or the interval")]
 
 
 def pbt_settings(recipe: Recipe) -> PBTSettings:
