@@ -273,6 +273,8 @@ def test_pbt_killed_and_resumed_by_two_workers_loses_no_finished_segment(tmp_pat
         rerun = next(c for c in complete if c.user_attrs[LINEAGE]["member"] == t.user_attrs[LINEAGE]["member"]
                      and c.user_attrs[LINEAGE]["segment"] == t.user_attrs[LINEAGE]["segment"])
         assert rerun.number > t.number and (not t.params or rerun.params == t.params)
+    for log in (tmp_path / "run" / "trials").glob("*/trial.log"):  # no queued segment ran in both processes
+        assert log.read_text().count("trial finished") <= 1, log
     owners = {t.system_attrs[OWNER].rsplit(":", 1)[1] for t in complete if t.number not in done_before}
     assert owners == {str(p.pid) for p in survivors.values()}, owners  # both resumed workers ran segments
 

@@ -42,6 +42,10 @@ from llmtune.trial.result import TrialResult, finite
 from llmtune.trial.runner import TrialJob, run_trial_process
 
 MAX_ATTEMPTS = 3  # a segment lost this many times (interrupted, killed, environment) counts as a dead member
+# On SQLite, Optuna's pop of a waiting trial is not atomic across processes (the read runs outside the write
+# transaction), so two processes can both take one queued segment. Each writes itself as the owner and reads
+# the owner back after this pause: the later writer runs it, the other lets it go. PostgreSQL locks the row.
+SQLITE_SETTLE_S = 1.0
 LINEAGE_PLOT_ID = "llmtune-pbt-lineage"
 
 
@@ -186,8 +190,9 @@ class PBTSearch(Search):
                         _key(t) == key and t.number < trial.number and t.state != TrialState.FAIL
                         for t in self.study.get_trials(deepcopy=False))
                     if key is not None and not twin:
+                        if not self._owns(trial._trial_id):
+                            continue  # another process took the same queued segment and runs it
                         self.study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
-                        self.study._storage.set_trial_system_attr(trial._trial_id, attrs.OWNER, worker_id())
                         return trial
                     # a fresh trial (another worker took the queued one), a house retry without lineage
                     # (PBT queues its lost segments itself) or a second copy of a segment: counts for nothing
@@ -199,6 +204,16 @@ class PBTSearch(Search):
             if state == "done":
                 return None
             self.stop.wait(min(5.0, max(0.5, interval / 4)) * random.uniform(0.5, 1.5))
+
+    def _owns(self, trial_id: int) -> bool:
+        """Write this process as the trial's owner; on SQLite, whether it still is after `SQLITE_SETTLE_S`."""
+        storage = self.study._storage
+        storage.set_trial_system_attr(trial_id, attrs.OWNER, worker_id())
+        if not self.url.startswith("sqlite"):
+            return True
+        time.sleep(SQLITE_SETTLE_S)
+        backend = getattr(storage, "_backend", storage)  # past any cache: what the database holds now
+        return bool(backend.get_trial_system_attrs(trial_id).get(attrs.OWNER) == worker_id())
 
     # -- one segment ---------------------------------------------------------------------------------
     def _run_one(self, trial: optuna.Trial, env: dict[str, str]) -> None:
