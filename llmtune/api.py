@@ -32,6 +32,10 @@ def _silent(message: str) -> None:
     return None
 
 
+# One trial is no search: a PBT recipe's strategy (which needs a setting left to explore) does not apply to it.
+ONE_TRIAL = ["study.strategy=search", "study.pbt_settings={}"]
+
+
 def load(recipe: RecipeLike, overrides: list[str] | None = None, values: dict[str, Any] | None = None) -> Recipe:
     """The validated recipe (a new one), with ``overrides`` and fixed ``values`` of searchable settings applied.
 
@@ -141,8 +145,7 @@ def train(recipe: RecipeLike, values: dict[str, Any] | None = None, *, output_di
     from llmtune.study.storage import masked_recipe
     from llmtune.trial.runner import TrialJob, run_trial_process
 
-    # one trial is no search: a PBT recipe's strategy (which needs settings left to explore) does not apply
-    overrides = [*(overrides or []), "study.strategy=search", "study.pbt_settings={}"]
+    overrides = [*(overrides or []), *ONE_TRIAL]
     segment = None
     if schedule is not None:
         from llmtune.deliver.lineage import read_schedule

@@ -82,10 +82,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from llmtune.api import load, train
+    from llmtune.api import ONE_TRIAL, load, train
 
     # --set lora_r=8 fixes that setting; the other searched settings take their midpoints / first choices
-    recipe = load(args.recipe, _with_threads(args))
+    recipe = load(args.recipe, [*_with_threads(args), *ONE_TRIAL])
     settings = recipe.space.complete({})
     out = Path(args.output_dir or Path(recipe.output_dir) / "train")
     print(f"training one trial of {recipe.model.name} on {recipe.data.source} -> {out}", file=sys.stderr)
@@ -93,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = dict(result.metrics)
     base = result.base_eval_loss
     searched = load(args.recipe).space.searched  # what the recipe searches, before --set fixed any of it
-    rows = [{"setting": k, "value": settings[k]} for k in searched]
+    rows = [{"setting": k, "value": result.settings.get(k, settings[k])} for k in searched]  # a schedule's own
     con = _console()
     if rows:
         con.print(_table("searched settings used", rows))
@@ -102,7 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         mrows.insert(0, {"metric": "base eval_loss (untrained)", "value": base})
     con.print(_table(f"trial {result.status}" + (f": {result.reason}" if result.reason else ""), mrows))
     print(json.dumps({"status": result.status, "reason": result.reason, "metrics": metrics,
-                      "base_eval_loss": base, "settings": settings, "output_dir": str(out)}, default=str))
+                      "base_eval_loss": base, "settings": result.settings or settings, "output_dir": str(out)},
+                     default=str))
     if result.status != COMPLETE:
         tail = result.info.get("log_tail") or result.info.get("traceback")
         if tail:

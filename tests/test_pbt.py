@@ -134,6 +134,11 @@ def test_explore_changes_only_the_settings_it_may_and_exploit_copies_the_best(tm
         assert 5e-4 <= new["learning_rate"] <= 5e-3 and 0.0 <= new["lora_dropout"] <= 0.2
         changed |= {k for k in params if new[k] != params[k]}
     assert changed == {"learning_rate", "lora_dropout"}
+    choices = _pbt_dict(tmp_path)
+    choices["search"]["learning_rate"] = [1e-4, 3e-4, 1e-3, 3e-3]
+    choice_recipe = recipe_from_dict(choices)
+    steps = {explore(params, pbt_settings(choice_recipe), choice_recipe.space, rng)["learning_rate"] for _ in range(100)}
+    assert {3e-4, 3e-3} <= steps <= {1e-4, 3e-4, 1e-3, 3e-3}  # one step either way, or drawn afresh from the list
 
     def member(i, loss, memory, alive=True):
         return Member(i, 10 + i, alive, loss, {"peak_memory_gb": memory}, {**params, "lora_r": 4 + i},
