@@ -416,7 +416,7 @@ class Search:
 
     def _train(self, trial: optuna.Trial, values: dict[str, Any], trial_dir: Path, env: dict[str, str]) -> TrialResult:
         """The full trial, in its own process; the pruner answers each evaluation."""
-        storage, tid = self.study._storage, trial._trial_id
+        tid = trial._trial_id
         curve: list[list[float]] = []
         rung_metrics: list[list[Any]] = []
         recipe = masked_recipe(self.recipe)
@@ -428,18 +428,11 @@ class Search:
                 self.progress.trial_event(trial.number, event)
             if event.get("event") != "eval":
                 return False
-            curve.append([event["fraction"], event["eval_loss"]])
             if event["fraction"] == 0.0 and base_eval is None and finite(event["eval_loss"]):
                 # the next trials reuse it where they run on the same context
                 self.study.set_user_attr(base_key, {"loss": event["eval_loss"], "context": event.get("context")})
-            # what the trial has measured so far of its other objectives: the pruner ranks on these too
-            measured = {k: float(v) for k, v in (event.get("metrics") or {}).items() if finite(v)}
-            rung_metrics.append([event["fraction"], measured])
-            try:
-                storage.set_trial_user_attr(tid, CURVE, curve)
-                storage.set_trial_user_attr(tid, RUNG_METRICS, rung_metrics)
-                report_eval(self.study, tid, self.recipe, event["fraction"], event["eval_loss"])  # for optuna-dashboard
-            except optuna.exceptions.UpdateFinishedTrialError:
+            measured = self._store_eval(tid, event, curve, rung_metrics)
+            if measured is None:
                 return True  # declared lost by another worker (missed heartbeats): its retry runs
             return self.pruner.should_prune(self.study, trial.number, event["fraction"], event["eval_loss"],
                                             measured)
@@ -448,6 +441,23 @@ class Search:
                        trial_number=trial.number, timeout=self.recipe.study.trial_timeout, env=env,
                        fork_server=self.fork_server, base_eval=base_eval if isinstance(base_eval, dict) else None)
         return run_trial_process(job, on_event=on_event, stop=self.stop)
+
+    def _store_eval(self, tid: int, event: dict[str, Any], curve: list[list[float]],
+                    rung_metrics: list[list[Any]]) -> dict[str, float] | None:
+        """Store one evaluation on the running trial: its curve, what it has measured so far of its other
+        objectives (which the pruner ranks on too), the dashboard's intermediate value. Returns what was
+        measured, or None when the trial was declared lost meanwhile (another worker runs its retry)."""
+        curve.append([event["fraction"], event["eval_loss"]])
+        measured = {k: float(v) for k, v in (event.get("metrics") or {}).items() if finite(v)}
+        rung_metrics.append([event["fraction"], measured])
+        storage = self.study._storage
+        try:
+            storage.set_trial_user_attr(tid, CURVE, curve)
+            storage.set_trial_user_attr(tid, RUNG_METRICS, rung_metrics)
+            report_eval(self.study, tid, self.recipe, event["fraction"], event["eval_loss"])  # for optuna-dashboard
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return None
+        return measured
 
     def _fail_fast(self, result: TrialResult) -> None:
         """Stop when this process's first trials all crashed for the same reason: every further trial would

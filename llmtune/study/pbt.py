@@ -35,7 +35,7 @@ from llmtune.errors import SearchError
 from llmtune.study import attrs
 from llmtune.study.loop import Search
 from llmtune.study.pbt_plan import Member, next_generation, pbt_settings
-from llmtune.study.record import report_eval, save_dashboard_plot, tell
+from llmtune.study.record import save_dashboard_plot, tell
 from llmtune.study.storage import fail_stale, heartbeat_settings, masked_recipe, worker_id
 from llmtune.trial.endings import COMPLETE, CRASHED, ENDINGS, OVER_BUDGET, RUNNING, SEGMENT, SURPLUS
 from llmtune.trial.result import TrialResult, finite
@@ -258,7 +258,7 @@ class PBTSearch(Search):
 
     def _train_segment(self, trial: optuna.Trial, values: dict[str, Any], lineage: dict[str, Any], trial_dir: Path,
                env: dict[str, str]) -> TrialResult:
-        storage, tid = self.study._storage, trial._trial_id
+        tid = trial._trial_id
         curve: list[list[float]] = []
         rung_metrics: list[list[Any]] = []
 
@@ -267,14 +267,7 @@ class PBTSearch(Search):
                 self.progress.trial_event(trial.number, event)
             if event.get("event") != "eval":
                 return False
-            curve.append([event["fraction"], event["eval_loss"]])
-            rung_metrics.append([event["fraction"], {k: float(v) for k, v in (event.get("metrics") or {}).items()
-                                                     if finite(v)}])
-            try:
-                storage.set_trial_user_attr(tid, attrs.CURVE, curve)
-                storage.set_trial_user_attr(tid, attrs.RUNG_METRICS, rung_metrics)
-                report_eval(self.study, tid, self.recipe, event["fraction"], event["eval_loss"])
-            except optuna.exceptions.UpdateFinishedTrialError:
+            if self._store_eval(tid, event, curve, rung_metrics) is None:
                 return True  # declared lost by another worker: its copy runs
             return False  # never pruned: the exploit step between segments decides
 
