@@ -42,6 +42,7 @@ from replay_report import (  # noqa: E402
     hv_at_seconds,
     markdown,
     plot,
+    probe_accuracy,
     quantiles,
     ratios,
     rung_correlations,
@@ -137,6 +138,9 @@ def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trial
     spent, front = 0.0, []
     out: dict[str, list] = {"seconds": [], "hv_ratio": [], "pruned": [], "cost": [], "rung": [], "key": [],
                             "probe_s": []}
+    if base.startswith("llmtune") or base == "grid":
+        # These never repeat a configuration: past the grid's size they would only spin on repeats.
+        n_trials = min(n_trials, sample_space.grid_size() or n_trials)
     for _ in range(n_trials):
         trial = study.ask()
         values = sample_space.suggest(trial)
@@ -226,7 +230,7 @@ def variant_metrics(row: dict[str, Any], chosen: dict[str, Any]) -> dict[str, An
     measured / probed ratio."""
     out = dict(row)
     out.update({k: chosen[k] for k in probes.FROM_FULL if k in chosen})
-    out["peak_memory_gb"] = row.get("probe_peak_memory_gb", row.get("peak_memory_gb"))
+    out["peak_memory_gb"] = row.get("probe_peak_memory_gb") or row.get("peak_memory_gb")
     for k in probes.SCALED:
         mine, theirs, measured = row.get(f"probe_{k}"), chosen.get(f"probe_{k}"), chosen.get(k)
         if mine is not None and theirs and measured is not None:
@@ -411,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     policies = {"one configuration a trial": False, **({"probes (a learning configuration a trial)": True}
                                                        if any(m.startswith("llmtune-probes") for m in methods) else {})}
     meta["rung_rank_correlation"] = rung_correlations(table, [1 / 9, 1 / 3])
+    meta["probe_accuracy"] = probe_accuracy(table) if table.execution else {}
     meta["oracle"] = {name: {f"{int(lv * 100)}%": cheapest_to(table, lv, probing) for lv in (0.9, 0.95)}
                       for name, probing in policies.items()}
     text = markdown(summary, rat, budgets, meta)

@@ -97,7 +97,7 @@ def targets(rat: dict[str, dict[str, float | None]], ours: str) -> list[str]:
             continue
         r = rat[key]["seconds_to_90"]
         verdict = "MISSED (one never reached 90%)" if r is None else ("MET" if r <= limit else "MISSED")
-        out.append(f"{what} <= {limit}x: {'—' if r is None else f'{r:.2f}x'} -> {verdict}")
+        out.append(f"{what} <= {limit}x: {'—' if r is None else f'{r:.3f}x'} -> {verdict}")
     return out
 
 
@@ -139,6 +139,13 @@ def markdown(summary: dict[str, dict[str, Any]], rat: dict[str, Any], budgets: l
     if meta.get("rung_rank_correlation"):
         lines += ["", "Rank correlation (Spearman) of the eval loss at a rung with the final eval loss, over the table's "
                   "distinct curves: " + ", ".join(f"{f}: {c:.2f}" for f, c in meta["rung_rank_correlation"].items())]
+    if meta.get("probe_accuracy"):
+        a = meta["probe_accuracy"]
+        lines += ["", f"Probes in the table: projected training seconds within {a['median_abs_error']:.0%} of the "
+                  f"recorded ones (median); the variant its probe finds fastest is the fastest recorded one for "
+                  f"{a['right_pick']:.0%} of learning configurations, and trains {a['picked_over_fastest']:.2f}x the "
+                  f"fastest's seconds on average; a probe costs {a['probe_s_per_variant']:.2g} s a variant (median), a "
+                  f"full run of the fastest variant {a['train_s_of_fastest']:.3g} s."]
     lines += ["", "Targets:", ""] + [f"- {t}" for t in meta["targets"]]
     return "\n".join(lines) + "\n"
 
@@ -245,3 +252,25 @@ def rung_correlations(table: Any, rungs: list[float]) -> dict[str, float]:
             ranks = pairs.argsort(0).argsort(0).astype(float)
             out[f"{f:.4g}"] = float(np.corrcoef(ranks[:, 0], ranks[:, 1])[0, 1])
     return out
+
+
+def probe_accuracy(table: Any) -> dict[str, float]:
+    """How well the table's probes stand in for full runs: the median |projected / recorded - 1| of the
+    training seconds, how often the variant a probe finds fastest is the fastest recorded one, and the
+    mean of its recorded seconds over the fastest's (1.0: always the right one)."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    learn = [list(table.grid).index(n) for n in table.learning]
+    for key, row in table.rows.items():
+        if row["status"] == "complete" and row.get("probe_train_time_s") is not None:
+            groups.setdefault(tuple(key[j] for j in learn), []).append(row)
+    if not groups:
+        return {}
+    errors = [abs(float(r["probe_train_time_s"]) / float(r["train_time_s"]) - 1) for g in groups.values() for r in g]
+    picked = [min(g, key=lambda r: float(r["probe_train_time_s"])) for g in groups.values()]
+    fastest = [min(g, key=lambda r: float(r["train_time_s"])) for g in groups.values()]
+    return {"median_abs_error": float(np.median(errors)),
+            "right_pick": float(np.mean([p is f for p, f in zip(picked, fastest, strict=True)])),
+            "picked_over_fastest": float(np.mean([float(p["train_time_s"]) / float(f["train_time_s"])
+                                                  for p, f in zip(picked, fastest, strict=True)])),
+            "probe_s_per_variant": float(np.median([float(r.get("probe_s") or 0.0) for g in groups.values() for r in g])),
+            "train_s_of_fastest": float(np.median([float(f["train_time_s"]) for f in fastest]))}
