@@ -13,7 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import replay as R  # noqa: E402
 
-from llmtune.study.attrs import CURVE  # noqa: E402
+from llmtune.config.space import SearchSpace  # noqa: E402
+from llmtune.study.attrs import CURVE, VARIANT_OF  # noqa: E402
 from llmtune.study.pruners import make_pruner  # noqa: E402
 
 GRID = {"learning_rate": [1e-3, 3e-3, 1e-2], "lora_r": [4, 16], "sample_packing": [False, True]}
@@ -95,7 +96,6 @@ def test_quantiles_keep_never_as_never():
 
 
 def test_default_sampler_never_repeats_a_configuration_of_a_discrete_space():
-    from llmtune.config.space import SearchSpace
     from llmtune.study.samplers import UniqueSampler, default_sampler
 
     space = SearchSpace.from_dict(GRID)
@@ -112,3 +112,110 @@ def test_default_sampler_never_repeats_a_configuration_of_a_discrete_space():
     # With a float range repeats cannot happen: plain TPE.
     mixed = SearchSpace.from_dict({**GRID, "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}})
     assert isinstance(default_sampler(mixed, 2, 40, 0)[0], optuna.samplers.TPESampler)
+
+
+# ------------------------------------------------------------------ the documented table format (README)
+
+LEARN = {"learning_rate": [1e-3, 1e-2], "lora_r": [4, 16]}
+EXEC = {"sample_packing": [False, True], "gradient_checkpointing": [False, True]}
+
+
+def _generic_rows(steps: int = 40) -> list[dict]:
+    """A table recorded elsewhere: curves at optimizer steps, every (learning, execution) pair, probes."""
+    rows = []
+    for lr in LEARN["learning_rate"]:
+        for r in LEARN["lora_r"]:
+            final = 3.0 + (0.5 if lr == 1e-3 else 0.0) - (0.2 if r == 16 else 0.0)
+            for packing in EXEC["sample_packing"]:
+                for ckpt in EXEC["gradient_checkpointing"]:
+                    seconds = (10.0 if packing else 20.0) * (2.0 if ckpt else 1.0) * (1.5 if r == 16 else 1.0)
+                    row = {"learning_rate": lr, "lora_r": r, "sample_packing": packing, "gradient_checkpointing": ckpt,
+                           "status": "complete", "eval_loss": final, "train_time_s": seconds, "steps": steps,
+                           "train_throughput": 1000.0 / seconds, "peak_memory_gb": 2.0 if ckpt else 3.0,
+                           "probe_s": 1.0, "probe_train_time_s": seconds * 1.1,
+                           "probe_train_throughput": 1000.0 / seconds / 1.1, "probe_peak_memory_gb": 2.0 if ckpt else 3.0}
+                    for step in (4, 20, 40):  # no point at the rungs 1/9, 1/3: interpolated
+                        row[f"loss@step:{step}"] = final + 2.0 * (1 - step / steps)
+                        row[f"train_s@step:{step}"] = seconds * step / steps
+                    rows.append(row)
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_generic_table_without_meta_infers_settings_and_converts_steps(tmp_path):
+    _write_csv(tmp_path / "elsewhere.csv", _generic_rows())
+    table = R.load_table(tmp_path / "elsewhere.csv", OBJECTIVES)
+    assert table.grid == {**LEARN, **EXEC} and table.execution == []  # probe_*, *_s, steps, loss@...: not settings
+    row = table.rows[(1e-2, 16, True, False)]
+    assert row["loss@0.1"] == pytest.approx(2.8 + 1.8) and row["train_s@1"] == pytest.approx(15.0)
+    # Rung 1/9 lies between steps 4 (0.1) and 20 (0.5): linear interpolation of loss and seconds.
+    assert R.at_rung(row, "loss", 1 / 9) == pytest.approx(2.8 + 2.0 * (1 - 1 / 9))
+    assert table.charge(row, 1 / 9) == pytest.approx(15.0 / 9)
+    run = R.replay(table, "random", "asha", seed=0, n_trials=16)
+    assert run["seconds"][-1] == pytest.approx(sum(run["cost"]))
+
+
+def test_generic_table_with_meta_and_json_rows(tmp_path):
+    rows = _generic_rows(steps=80)
+    for r in rows:
+        r["batch_note"] = "b8"  # a text column the meta does not name: not a setting
+    meta = {"settings": [*LEARN, *EXEC], "execution": list(EXEC), "rungs": [1 / 9, 1 / 3]}
+    (tmp_path / "t.json").write_text(json.dumps(rows))
+    (tmp_path / "t.meta.json").write_text(json.dumps(meta))
+    table = R.load_table(tmp_path / "t.json", OBJECTIVES)
+    assert list(table.grid) == meta["settings"] and table.execution == list(EXEC) and table.learning == list(LEARN)
+    assert table.rows[(1e-3, 4, False, False)]["loss@0.25"] == pytest.approx(3.5 + 1.5)  # step 20 of 80
+    with pytest.raises(ValueError, match="no column"):
+        R.load_table(tmp_path / "t.json", [("nonexistent", "minimize")])
+
+
+def test_probe_policy_charges_probes_and_the_fastest_variant_and_reveals_every_pair():
+    table = R.synthetic_table({**LEARN, **EXEC}, OBJECTIVES, seed=4, execution=tuple(EXEC))
+    study = optuna.create_study(directions=["minimize", "maximize"])
+    options = [{"sample_packing": p, "gradient_checkpointing": c} for p in (False, True) for c in (False, True)]
+    study.enqueue_trial({"learning_rate": 1e-2, "lora_r": 16})
+    trial = study.ask()
+    values = R.learning_space(table, SearchSpace.from_dict(table.grid)).suggest(trial)
+    cost, rung, key, found, probe_s = R.probe_trial(study, trial, table, values, options, make_pruner("none"))
+    rows = [table.rows[table.key({**values, **o})] for o in options]
+    fastest = min(rows, key=lambda r: r["probe_train_time_s"])
+    assert probe_s == pytest.approx(sum(r["probe_s"] for r in rows))
+    assert cost == pytest.approx(probe_s + fastest["train_time_s"]) and rung is None
+    assert table.rows[key] is fastest and len(found) == 4
+    trials = study.get_trials()
+    assert len(trials) == 4 and [t.user_attrs.get(VARIANT_OF) for t in trials] == [None, 0, 0, 0]
+    assert trials[0].params["sample_packing"] == dict(zip(table.grid, key, strict=True))["sample_packing"]
+    # A variant that did not train is told its probe's speed scaled by the trained one's measured / probed.
+    other = trials[1]
+    row = table.rows[table.key(other.params)]
+    scale = fastest["train_throughput"] / fastest["probe_train_throughput"]
+    assert other.values == pytest.approx([fastest["eval_loss"], row["probe_train_throughput"] * scale])
+
+
+def test_probe_policy_replay_on_a_synthetic_table():
+    table = R.synthetic_table({**LEARN, "warmup_ratio": [0.0, 0.1], **EXEC}, OBJECTIVES, seed=5, execution=tuple(EXEC))
+    run = R.replay(table, "llmtune-probes", "none", seed=0, n_trials=8, planned=4)
+    # 8 learning configurations, each revealing its 4 variants: the whole grid, so the whole front.
+    assert len(set(run["key"])) == 8 and run["hv_ratio"][-1] == pytest.approx(1.0)
+    assert all(p > 0 for p in run["probe_s"]) and run["seconds"][-1] == pytest.approx(sum(run["cost"]))
+    pruned = R.replay(table, "llmtune-probes", "asha", seed=0, n_trials=8, planned=4)
+    assert any(pruned["pruned"]) and pruned["seconds"][-1] < run["seconds"][-1]
+    for key, cost, at, probe_s in zip(pruned["key"], pruned["cost"], pruned["rung"], pruned["probe_s"], strict=True):
+        assert cost == pytest.approx(probe_s + table.charge(table.rows[key], at))
+
+
+def test_cli_replays_a_generic_table(tmp_path):
+    _write_csv(tmp_path / "g.csv", _generic_rows())
+    (tmp_path / "g.json").write_text(json.dumps({"execution": list(EXEC)}))
+    assert R.main(["--table", str(tmp_path / "g.csv"), "--seeds", "2", "--trials", "6", "--budgets", "2,4",
+                   "--methods", "llmtune-probes+asha,llmtune-probes+none,random+none,tpe+none",
+                   "--out", str(tmp_path), "--tag", "r"]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["meta"]["ours"] == "llmtune-probes+asha"
+    assert "llmtune-probes: asha / none" in result["ratios"] and (tmp_path / "r_hv.png").exists()
