@@ -88,6 +88,7 @@ def test_the_fastest_variant_that_fits_trains_and_every_other_pair_is_recorded(t
     assert list(over.constraints.values())[1] > 0 and over.user_attrs[STATUS] == "complete"  # recorded, kept off the front
     oom = by_layout[(True, False)]  # out of memory in its probe: recorded infeasible, with penalty values
     assert oom.user_attrs[STATUS] == "oom" and list(oom.constraints.values())[0] > 0 and oom.values[0] >= 3.5
+    assert "eval_loss" not in oom.user_attrs[METRICS_KEY]  # that layout never trained: no loss is claimed for it
 
 
 def test_no_variant_fits_and_nothing_trains(tmp_path):

@@ -145,7 +145,11 @@ class Probes:
         return numbers
 
     def _variant_result(self, p: Probed, chosen: Probed, full: TrialResult) -> TrialResult:
-        metrics = {k: full.metrics[k] for k in FROM_FULL if k in full.metrics}
+        if p.result.status != COMPLETE:  # this layout never trained: only what does not depend on it
+            known = {"trainable_params": full.metrics.get("trainable_params", float("nan")), **p.result.metrics}
+            metrics = {k: float(v) for k, v in known.items() if finite(v)}
+        else:
+            metrics = {k: full.metrics[k] for k in FROM_FULL if k in full.metrics}
         if p.result.status == COMPLETE:
             metrics["peak_memory_gb"] = p.result.metrics["peak_memory_gb"]
             for k in SCALED:
