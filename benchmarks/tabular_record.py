@@ -181,6 +181,13 @@ def _key(row: dict[str, Any], names: list[str]) -> tuple[Any, ...]:
     return tuple(str(row[n]) for n in names)
 
 
+def _group(rows: list[dict[str, Any]], names: list[str]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(_key(r, names), []).append(r)
+    return groups
+
+
 def _mean(values: list[Any]) -> float | None:
     vals = [float(v) for v in values if v not in (None, "")]
     return sum(vals) / len(vals) if vals else None
@@ -215,17 +222,15 @@ def expand_long(raw: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[s
     curves = {_key(r, lnames): r for r in raw if r["kind"] == "curve"}
     full = [r for r in raw if r["kind"] in ("curve", "cost") and r["status"] == "complete"]
     probes = [r for r in raw if r["kind"] == "probe" and r["status"] == "complete"]
+    measured = ("train_time_s", "train_throughput", "peak_memory_gb")
+    by_computation, probed, by_class = _group(full, cnames + enames), _group(probes, cnames + enames), _group(full, cnames)
     cost: dict[tuple[Any, ...], dict[str, float | None]] = {}
-    for r in full:
-        cost.setdefault(_key(r, cnames + enames), {})
-    for k in cost:
-        same = [r for r in full if _key(r, cnames + enames) == k]
-        cost[k] = {m: _mean([r[m] for r in same]) for m in ("train_time_s", "train_throughput", "peak_memory_gb")}
-        cost[k]["runs"] = len(same)
-        mine = [r for r in probes if _key(r, cnames + enames) == k]
-        cost[k].update({f"probe_{m}": _mean([r[m] for r in mine]) for m in ("train_time_s", "train_throughput", "peak_memory_gb")})
-        cost[k]["probe_s"] = _mean([r["wall_time_s"] for r in mine])
-    latency = {_key(r, cnames): _mean([x["latency_ms"] for x in full if _key(x, cnames) == _key(r, cnames)]) for r in full}
+    for k, same in by_computation.items():
+        mine = probed.get(k, [])
+        cost[k] = {**{m: _mean([r[m] for r in same]) for m in measured}, "runs": len(same),
+                   **{f"probe_{m}": _mean([r[m] for r in mine]) for m in measured},
+                   "probe_s": _mean([r["wall_time_s"] for r in mine])}
+    latency = {k: _mean([r["latency_ms"] for r in same]) for k, same in by_class.items()}
     # The identity check: every cost run's curve against the curve run of the same learning configuration.
     diffs = []
     for r in raw:

@@ -343,14 +343,9 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
     stopped = False
     probe = probe_indices(plan, probe_steps) if probe_steps else None
     with track_peak_memory(device) as train_peak:
-        for i, step in enumerate(plan.steps):
-            if probe is not None and i not in probe:
-                continue
+        for i in probe if probe is not None else range(first, last):
+            step = plan.steps[i]
             if seg is not None:
-                if i < first:
-                    continue
-                if i >= last:
-                    break
                 seg.before_step(i)
             if probe is not None and len(probe) > 1 and i == probe[1]:  # the probe's first step warmed up: time the rest
                 train_s = cpu_s = 0.0
@@ -405,7 +400,6 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
                               train_time_s=totals["real_tokens"] / throughput if throughput else float("inf"))
         info.update(probe_steps=probe, peak_memory=vars(train_peak), train_cpu_s=cpu_s)
         return
-    i = min(i, last - 1)  # the last step run (a segment breaks at its end)
     result.metrics.update(
         eval_loss=result.curve[-1][1] if result.curve else float("nan"),
         peak_memory_gb=train_peak.gb,

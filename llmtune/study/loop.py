@@ -405,13 +405,10 @@ class Search:
     def _no_variant(self, prober: probes.Probes, values: dict[str, Any]) -> TrialResult:
         """The trial's ending when no execution variant can run: a crash if a probe crashed (so that
         fail-fast sees it), else over budget or out of memory."""
-        statuses = [p.result.status for p in prober.found]
-        status = next((s for s in statuses if s not in (OVER_BUDGET, OOM, COMPLETE)), None)
-        if status is None:
-            status = OOM if OOM in statuses else OVER_BUDGET
-        crashed = next((p.result for p in prober.found if p.result.status == status and status not in (OVER_BUDGET, OOM)), None)
-        if crashed is not None:
-            return crashed
+        failed = next((p.result for p in prober.found if p.result.status not in (OVER_BUDGET, OOM, COMPLETE)), None)
+        if failed is not None:
+            return failed
+        status = OOM if any(p.result.status == OOM for p in prober.found) else OVER_BUDGET
         return TrialResult(status=status, reason=f"no execution variant fits: {prober.summary()}", settings=values)
 
     def _train(self, trial: optuna.Trial, values: dict[str, Any], trial_dir: Path, env: dict[str, str]) -> TrialResult:

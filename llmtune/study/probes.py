@@ -150,7 +150,6 @@ class Probes:
             metrics = {k: float(v) for k, v in known.items() if finite(v)}
         else:
             metrics = {k: full.metrics[k] for k in FROM_FULL if k in full.metrics}
-        if p.result.status == COMPLETE:
             metrics["peak_memory_gb"] = p.result.metrics["peak_memory_gb"]
             for k in SCALED:
                 mine, theirs, measured = (float(r.metrics.get(k, float("nan"))) for r in (p.result, chosen.result, full))
@@ -192,5 +191,6 @@ def _add_variant(study: optuna.Study, recipe: Recipe, parent: optuna.trial.Froze
                     VARIANT_OF: parent.number, INFO: json.loads(json.dumps(result.info, default=str)),
                     CONSTRAINTS: constraints},
         system_attrs={"constraints": [float(v) for v in constraints.values()]})
-    study.add_trial(frozen)
-    return max(t.number for t in study.get_trials(deepcopy=False))  # for the log only
+    # Study.add_trial does this, but returns nothing: the number comes with the id, not from re-reading the study
+    trial_id = study._storage.create_new_trial(study._study_id, template_trial=frozen)
+    return study._storage.get_trial_number_from_id(trial_id)
