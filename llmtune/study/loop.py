@@ -366,8 +366,7 @@ class Search:
             else:
                 values, predicted = chosen.settings, chosen.result.metrics.get("predicted_memory_gb")
                 storage.set_trial_user_attr(tid, SETTINGS, json.loads(json.dumps(values, default=str)))
-                for name in probes.probed_settings(self.space):
-                    dist = optuna.distributions.CategoricalDistribution(list(self.space.specs[name].options))  # type: ignore[union-attr]
+                for name, dist in probes.distributions(self.space).items():
                     storage.set_trial_param(tid, name, dist.to_internal_repr(values[name]), dist)
         else:
             reason, predicted = self.gate.check(self.study, values)

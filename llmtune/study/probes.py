@@ -66,6 +66,11 @@ def variants(space: SearchSpace) -> list[dict[str, Any]]:
     return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*options)]
 
 
+def distributions(space: SearchSpace) -> dict[str, CategoricalDistribution]:
+    """The probed settings as Optuna parameters: how a trial's chosen variant is recorded on it."""
+    return {n: CategoricalDistribution(list(space.specs[n].options)) for n in probed_settings(space)}  # type: ignore[union-attr]
+
+
 def learning_space(space: SearchSpace) -> SearchSpace:
     """The space the sampler sees under probes: the probed settings fixed at their first choice (a
     placeholder; each trial's variant replaces it)."""
@@ -173,12 +178,9 @@ def _add_variant(study: optuna.Study, recipe: Recipe, parent: optuna.trial.Froze
                  result: TrialResult) -> int:
     """One variant as a finished trial: the parent's learning params plus its execution settings."""
     result.reason = result.reason.replace("{parent}", str(parent.number))
-    names = probed_settings(recipe.space)
-    params = {k: v for k, v in parent.params.items() if k not in names}
-    dists = {k: v for k, v in parent.distributions.items() if k not in names}
-    for n in names:
-        params[n] = settings[n]
-        dists[n] = CategoricalDistribution(list(recipe.space.specs[n].options))  # type: ignore[union-attr]
+    probed = distributions(recipe.space)
+    params = {**{k: v for k, v in parent.params.items() if k not in probed}, **{n: settings[n] for n in probed}}
+    dists = {**{k: v for k, v in parent.distributions.items() if k not in probed}, **probed}
     values = ([result.metrics[m] for m in recipe.objectives] if result.status == COMPLETE
               and all(finite(result.metrics.get(m)) for m in recipe.objectives) else penalty_values(study, recipe, result))
     constraints = constraint_values(recipe, result)
