@@ -130,7 +130,7 @@ def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trial
     pruner = replay_pruner(pruner_name, table)
     study = optuna.create_study(directions=[d for _, d in table.objectives], sampler=sampler)
     if sampler_name in PRIORS_SAMPLERS and not isinstance(sampler, optuna.samplers.GridSampler):
-        # As Search._enqueue_priors does for `sampler: auto`: 2 known-good points (a quarter of a small budget).
+        # As Strategy.created does for `sampler: auto`: 2 known-good points (a quarter of a small budget).
         for config in prior_configs(sample_space, min(2, max(1, budget // 4))):
             study.enqueue_trial(config, user_attrs={PRIOR: True}, skip_if_exists=True)
     options = [dict(zip(table.execution, combo, strict=True))

@@ -9,6 +9,7 @@ seconds spent up to each rung, so a pruned replay is charged what stopping there
     python3 benchmarks/tabular_record.py --workers 14 --out benchmarks/results
     python3 benchmarks/tabular_record.py --device cuda --workers 1 --model PATH --grid gpu --out DIR
     python3 benchmarks/tabular_record.py --long --workers 2 --eval-examples 64 --eval-max-length 192
+    python3 benchmarks/tabular_record.py --real --workers 1 --threads 1     # resumable; run it in the background
 
 ``--long`` records the long-curve table (`LONG`, issue 15): each learning configuration trained once for
 >= 150 optimizer steps with >= 8 evaluations, in the reference execution variant; every execution variant
@@ -84,6 +85,33 @@ LONG: dict[str, Any] = {
     "eval_points": 8,
     "micro_batch_size": 4,
     "probe_steps": 2,
+}
+# The real-model tables (issue 21): SmolLM2-135M-Instruct, offline, on two unlike tasks; every learning
+# configuration trained for 150 optimizer steps with 8 evaluations plus the pruners' rungs, in one execution
+# layout (packed rows). Recorded in a shuffled order that alternates the tasks, so a partial table is a
+# uniform sample of each grid; resumable: runs already in the raw file are skipped.
+REAL: dict[str, Any] = {
+    "model": "llmtune/smollm2-135m",
+    # 6 x 3 x 2 x 2 x 2 = 144 learning configurations per task.
+    "learning": {
+        "learning_rate": [1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+        "lora_r": [4, 16, 128],
+        "lora_target_modules": ["attention", "all-linear"],
+        "lora_alpha_ratio": [1.0, 2.0],
+        "warmup_ratio": [0.0, 0.1],
+    },
+    "fixed": {"batch_size": 4, "micro_batch_size": 4, "sequence_len": 96, "sample_packing": True,
+              "gradient_checkpointing": False, "lora_dropout": 0.0},
+    "tasks": {
+        # the tiny tasks as chat conversations: loss on the assistant's short answers only
+        "chat": {"source": "llmtune/tiny-chat", "format": "chat", "train_on": "completions"},
+        # continued pretraining on generated English-like prose: loss on every token
+        "text": {"source": "<generated>", "format": "text"},
+    },
+    "examples": 600,  # 150 optimizer steps of 4 examples
+    "eval_points": 8,
+    "eval_examples": 32,
+    "eval_max_length": 96,
 }
 METRICS = ("eval_loss", "peak_memory_gb", "train_throughput", "latency_ms", "ttft_ms", "trainable_params",
            "train_time_s")
@@ -308,6 +336,106 @@ def record_long(args: argparse.Namespace) -> int:
     return 0
 
 
+def text_task_data(folder: Path) -> Path:
+    """The second real task's data: generated prose documents (the tiny model's pretraining corpus, which
+    SmolLM2 never saw), as ``{"text": ...}`` rows, train and eval apart. Deterministic (seeded)."""
+    from llmtune.builtin.tiny_data import SEED, corpus_documents
+
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = corpus_documents(random.Random(SEED + 21), 2400)
+    for name, part in (("train.jsonl", docs[200:]), ("eval.jsonl", docs[:200])):
+        path = folder / name
+        if not path.is_file():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+            tmp.replace(path)
+    return folder
+
+
+def real_recipe(args: argparse.Namespace, task: str) -> dict[str, Any]:
+    data = dict(REAL["tasks"][task])
+    if data["source"] == "<generated>":
+        data["source"] = str(text_task_data(Path(tempfile.gettempdir()) / "llmtune-tabular-text"))
+    return {
+        "name": f"tabular-smollm2-{task}",
+        "model": {"name": REAL["model"], "dtype": "auto"},
+        "data": {**data, "eval_max_length": REAL["eval_max_length"], "max_eval_examples": REAL["eval_examples"]},
+        "train": {"budget": {"examples": REAL["examples"]}, "eval_points": REAL["eval_points"], "eval_batch_size": 16,
+                  "device": args.device, "seed": 42, "lr_scheduler": "cosine"},
+        "measure": {"latency_prompts": 2, "max_new_tokens": 8},
+        "search": {**REAL["fixed"]},
+        "objectives": {"eval_loss": "minimize", "peak_memory_gb": "minimize"},
+        "output_dir": str(Path(tempfile.gettempdir()) / "llmtune-tabular"),
+    }
+
+
+def real_jobs(args: argparse.Namespace, work: str) -> list[tuple[Any, ...]]:
+    """Every (task, learning configuration) run, each task's grid shuffled (seed 21), the tasks alternating."""
+    points = grid_points(REAL["learning"])
+    per_task = []
+    for t, task in enumerate(REAL["tasks"]):
+        recipe = real_recipe(args, task)
+        order = list(range(len(points)))
+        random.Random(21 + t).shuffle(order)
+        per_task.append([(i, {**points[i], **REAL["fixed"]}, recipe, work, {"kind": task, "rungs": RUNGS})
+                         for i in order])
+    return [job for group in itertools.zip_longest(*per_task) for job in group if job is not None]
+
+
+def record_real(args: argparse.Namespace) -> int:
+    """Record (or go on recording) the real-model tables; rebuild each task's CSV from the raw runs."""
+    from llmtune.builtin.names import resolve_data_source, resolve_model_name
+
+    resolve_model_name(REAL["model"], log=print)
+    for task in REAL["tasks"]:
+        resolve_data_source(real_recipe(args, task)["data"]["source"], log=print)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or "smollm2"
+    raw_path = out / f"tabular_{tag}_raw.jsonl"
+    raw = [json.loads(line) for line in raw_path.read_text().splitlines() if line.strip()] if raw_path.is_file() else []
+    done = {(r["kind"], r["config_id"]) for r in raw}
+    jobs = [j for j in real_jobs(args, tempfile.mkdtemp(prefix="llmtune-tabular-")) if (j[4]["kind"], j[0]) not in done]
+    if args.limit:
+        jobs = jobs[: args.limit]
+    if not args.expand_only and jobs:
+        print(f"recording {len(jobs)} runs ({len(done)} already in {raw_path}) with {args.workers} worker(s)", flush=True)
+        t0 = time.time()
+        with mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(args.threads,)) as pool, \
+                open(raw_path, "a") as f:
+            for row in pool.imap_unordered(run_one, jobs):
+                row["recorded"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                f.write(json.dumps(row, default=str) + "\n")
+                f.flush()
+                raw.append(row)
+                print(f"[{len(raw)} {time.time() - t0:.0f}s] {row['kind']} {row['config_id']} {row['status']} "
+                      f"loss {row['eval_loss']} train {row['train_time_s']} wall {row['wall_time_s']}", flush=True)
+                write_real_tables(args, out, tag, raw)
+    write_real_tables(args, out, tag, raw)
+    return 0
+
+
+def write_real_tables(args: argparse.Namespace, out: Path, tag: str, raw: list[dict[str, Any]]) -> None:
+    """One replayable CSV per task (the table format) and its meta, from the raw runs recorded so far."""
+    names = list(REAL["learning"])
+    for task in REAL["tasks"]:
+        rows = [{k: v for k, v in r.items() if k not in ("kind", "recorded")} for r in raw if r["kind"] == task]
+        rows.sort(key=lambda r: r["config_id"])
+        csv_path, meta_path = out / f"tabular_{tag}-{task}.csv", out / f"tabular_{tag}-{task}.json"
+        if rows:
+            fields = list(dict.fromkeys(k for r in rows for k in r))
+            with open(csv_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "task": task, "real": REAL,
+                "grid": REAL["learning"], "settings": names, "execution": [], "rungs": RUNGS,
+                "recipe": real_recipe(args, task), "machine": machine(args), "format": "benchmarks/README.md#table-format",
+                "recorded": len(rows), "of": len(grid_points(REAL["learning"])),
+                "statuses": {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}}
+        meta_path.write_text(json.dumps(meta, indent=1, default=str))
+
+
 def machine(args: argparse.Namespace) -> dict[str, Any]:
     import importlib.metadata as md
 
@@ -345,9 +473,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-prompts", type=int, default=2)
     p.add_argument("--long", action="store_true", help="the long-curve table (LONG): >= 150 steps, >= 8 evals, "
                    "execution variants measured by cost runs and probes")
+    p.add_argument("--real", action="store_true", help="the real-model tables (REAL): SmolLM2-135M on two tasks, "
+                   "resumable (runs already in the raw file are skipped)")
     p.add_argument("--repeats", type=int, default=2, help="--long: cost runs and probes per computation")
     p.add_argument("--expand-only", action="store_true", help="--long: rebuild the table from the raw runs file")
     args = p.parse_args(argv)
+    if args.real:
+        return record_real(args)
     if args.long:
         return record_long(args)
     if args.device == "cuda" and args.workers != 1:

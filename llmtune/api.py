@@ -118,8 +118,6 @@ def search(recipe: RecipeLike, *, n_trials: int | None = None, storage: str | No
     for message in checked.warnings:
         _warn_stderr(message)
     say = log or (_silent if quiet else print)
-    if r.study.strategy == "pbt":  # population-based training: the same loop, with its own claim and run
-        from llmtune.study.pbt import PBTSearch as Search  # noqa: N814
     run = Search(r, storage=storage, n_trials=n_trials, workers=workers, gpus=parse_gpus(gpus),
                  study_name=study_name, progress=make_progress(quiet), log=say,
                  data_fingerprint=checked.data_fingerprint)

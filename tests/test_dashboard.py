@@ -67,6 +67,7 @@ def build_study(url: str, name: str, recipe: Recipe) -> dict[str, int]:
     }
     # The sampler still works with these trials in the study (TPE reads pruned trials' intermediate values).
     study.ask().suggest_int("lora_r", 2, 16)
+    record.save_curves_plot(study)  # as the search loop redraws it (Search.redraw)
     return numbers
 
 

@@ -1,4 +1,10 @@
-"""The search: an Optuna study driven by ask/tell, one child process per trial.
+"""The search loop: an Optuna study driven by ask/tell, one child process per trial.
+
+One loop for every strategy (ARCHITECTURE decision 10), as Optuna's `_optimize_sequential` is one loop
+around `_run_trial`: `Search` claims a trial against the study's budget, hands it to its strategy
+(`llmtune.study.strategy`: a plain search, probes + a full trial, a PBT segment), records how it ended
+through the one recorder (`llmtune.study.record.tell`, after `trial.endings.decide`), and redraws the
+dashboard's figures. A strategy says which trial runs next and what job it is; nothing else.
 
 What llmtune adds to Optuna (ARCHITECTURE decisions 1-3): trials run isolated in processes;
 out-of-memory and over-budget trials are told as *infeasible* (constraint values > 0) so samplers
@@ -24,26 +30,22 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
-from optuna.trial import TrialState
 
 from llmtune._version import __version__
 from llmtune.config.recipe import Recipe
 from llmtune.config.space import SearchSpace
 from llmtune.errors import SearchError
 from llmtune.hardware import trial_threads
-from llmtune.study import attrs, probes
-from llmtune.study.attrs import CURVE, DIR, OWNER, PRIOR, REASON, RUNG_METRICS, SETTINGS, STATUS
+from llmtune.study import attrs, engine, record
+from llmtune.study.attrs import CURVE, OWNER, RUNG_METRICS
 from llmtune.study.gate import MemoryGate
-from llmtune.study.priors import prior_configs
 from llmtune.study.pruners import make_pruner
-from llmtune.study.record import report_eval, tell
 from llmtune.study.samplers import study_sampler
 from llmtune.study.storage import (
     Heartbeat,
-    counted,
     fail_stale,
     heartbeat_settings,
     join_study,
@@ -53,7 +55,8 @@ from llmtune.study.storage import (
     storage_url,
     worker_id,
 )
-from llmtune.trial.endings import COMPLETE, CRASHED, OOM, OVER_BUDGET, RUNNING, SURPLUS
+from llmtune.study.strategy import Job, Strategy, make_strategy
+from llmtune.trial.endings import CRASHED, ENVIRONMENT
 from llmtune.trial.fork_server import ForkServer, prewarm
 from llmtune.trial.result import TrialResult, finite
 from llmtune.trial.runner import TrialJob, run_trial_process
@@ -163,24 +166,36 @@ def _physical_gpus(entry: str) -> str:
 FAIL_FAST_TRIALS = 3
 
 
+class Progress(Protocol):
+    """What the loop tells a progress display (`llmtune.study.progress`)."""
+
+    def start(self, search: Any) -> None: ...
+    def trial_started(self, number: int, values: dict[str, Any]) -> None: ...
+    def trial_event(self, number: int, event: dict[str, Any]) -> None: ...
+    def trial_finished(self, number: int, result: TrialResult) -> None: ...
+    def stop(self) -> None: ...
+
+
 class Search:
     """One search process: any number of worker threads, each running trial processes in turn.
 
     `gpus` pins each worker to one GPU (CUDA_VISIBLE_DEVICES); an entry may name a group, "0+1", which
-    the trial sees whole (the harness still loads the model on the group's first GPU). Many search processes may share
-    one study (same storage and study name): together they run n_trials trials.
+    the trial sees whole (the harness still loads the model on the group's first GPU). Many search processes
+    may share one study (same storage and study name): together they run n_trials trials. `strategy`
+    defaults to the recipe's (`make_strategy`).
     """
 
     def __init__(self, recipe: Recipe, *, storage: str | None = None, n_trials: int | None = None,
                  workers: int = 1, gpus: list[str] | None = None, study_name: str | None = None,
-                 progress: Any = None, log: Callable[[str], None] = print, data_fingerprint: str | None = None):
+                 progress: Progress | None = None, log: Callable[[str], None] = print,
+                 data_fingerprint: str | None = None, strategy: Strategy | None = None):
         self.recipe = recipe
         self._known_fingerprint = data_fingerprint  # the preflight's, when it ran: the data is not read twice
         self.space = recipe.space
-        # Under probes the sampler sees the learning settings only (study/probes.py).
-        self.probing = probes.enabled(recipe)
-        self.sample_space = probes.learning_space(self.space) if self.probing else self.space
-        self.n_trials = n_trials or recipe.study.n_trials
+        self.strategy = strategy or make_strategy(recipe)
+        self.sample_space = self.strategy.sample_space(self.space)
+        self.probing = self.strategy.probing  # read by the progress display
+        self.n_trials = self.strategy.planned_trials() or n_trials or recipe.study.n_trials
         self.gpus = [_physical_gpus(g) for g in gpus or []]
         self.workers = len(self.gpus) if self.gpus else max(1, workers)
         self.url, self.storage_given = storage_url(recipe, storage), storage
@@ -192,6 +207,7 @@ class Search:
         self.stop = threading.Event()
         self.output_dir = Path(recipe.output_dir)
         self._lock = threading.Lock()
+        self._drawn, self._draw_lock = 0.0, threading.Lock()
         self.started = time.time()
         self.errors: list[BaseException] = []
         self.finished: list[tuple[str, str]] = []  # (status, reason) of this process's trials, in order
@@ -228,31 +244,22 @@ class Search:
         if isinstance(self.sampler, optuna.samplers.GridSampler) and grid is not None and (self.n_trials or grid) > grid:
             self.log(f"the grid has {grid} point(s): running {grid} trial(s), not {self.n_trials}")
             self.n_trials = grid
-        if created and study_cfg.sampler == "auto" and not isinstance(self.sampler, optuna.samplers.GridSampler):
-            self._enqueue_priors(study)
+        self.study = study
+        if created:
+            self.strategy.created(self)
         lost = recover_lost_trials(study)
         if lost:
             self.log(f"retrying trial(s) {', '.join(map(str, lost))} that a stopped search left unfinished")
-        self.study = study
+        self.strategy.prepare(self)
         return study
-
-    def _enqueue_priors(self, study: optuna.Study) -> None:
-        """Queue known-good starting points (`prior_configs`) as a new study's first trials: only the
-        process that created the study does, so neither a resumed search nor a joining process adds
-        them again. Few (2, or a quarter of a small n_trials): they anchor the sampler, not replace it."""
-        n = 2 if self.n_trials is None else min(2, max(1, self.n_trials // 4))
-        for config in prior_configs(self.sample_space, n):
-            study.enqueue_trial(config, user_attrs={PRIOR: True}, skip_if_exists=True)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> optuna.Study:
         study = self.prepare()
         self.log(f"study {self.study_name!r} in {mask_url(self.url)}; sampler {self.sampler_why}; "
                  f"pruner {self.pruner.describe()}; {self.workers} worker(s)")
-        if self.probing:
-            names = ", ".join(probes.probed_settings(self.space))
-            self.log(f"execution settings ({names}): {len(probes.variants(self.space))} variants probed per learning "
-                     "configuration, which trains once, in the fastest that fits")
+        for line in self.strategy.describe(self):
+            self.log(line)
         # Trials fork from one warm interpreter (llmtune.trial.fork_server): the imports are paid once, not per trial.
         self.fork_server = prewarm()
         if self.progress:
@@ -275,15 +282,16 @@ class Search:
                 self.progress.stop()
         if self.errors:
             raise self.errors[0]
+        self.redraw(force=True)
         if self.failed_fast:
             raise SearchError(f"the first {FAIL_FAST_TRIALS} trials all crashed with the same reason, so the search "
                               f"stopped: {self.failed_fast}. Fix that and run the same command again (the study "
                               "keeps its trials); each trial's trial.log has the details", code=1)
         return study
 
-    def _budget(self) -> str:
-        """"start" a trial, "wait" (every slot is taken, but a running trial may still be lost and need
-        a retry) or "done". Counted from the storage, so all processes on the study share n_trials."""
+    def _next(self) -> str:
+        """"start" a trial, "wait" (nothing to start now, but a running trial may still end or be lost)
+        or "done": the stop and timeout here, then the strategy's own budget or queue."""
         if self.stop.is_set():
             return "done"
         if self.recipe.study.timeout and time.time() - self.started > self.recipe.study.timeout:
@@ -291,42 +299,32 @@ class Search:
         lost = fail_stale(self.study)
         if lost:
             self.log(f"trial(s) {', '.join(map(str, lost))} lost their worker (no heartbeat): retrying")
-        if self.n_trials is None:
-            return "start"
-        done, running = counted(self.study)
-        if done + running < self.n_trials:
-            return "start"
-        return "wait" if done < self.n_trials else "done"
+        return self.strategy.next_state(self)
 
     def _claim(self) -> optuna.Trial | None:
-        """The next trial to run, or None when the study has its n_trials.
+        """The next trial to run, or None when the strategy has nothing left.
 
-        Several processes may ask at once for the last slot. Each checks again after `ask`, when its
-        own trial is in the storage: if finished + running trials now exceed n_trials, it gives the
-        trial up and tries later. A queued retry goes back to WAITING (params and all) for the next
-        ask; a fresh trial, whose settings are not sampled yet, is ended as FAIL with status
-        ``surplus`` (it counts for nothing), so that WAITING trials are always retries or priors and run first. Of two racing asks, the one that checks second sees both trials and gives back, so
-        n_trials is never exceeded; if both give back, random backoff breaks the tie. Storage reads
-        see every committed trial (Optuna creates trials under a lock on the study row).
-        """
+        `ask` gives the next queued trial (a retry, a prior, a PBT segment) or a fresh one; the strategy
+        then says whether this process runs it (`Strategy.claim`). A trial it does not run is given up
+        (`record.give_up`): a queued one goes back to WAITING for the next `ask`, a fresh one ends as
+        `surplus`, counted nowhere. Threads of one process never race each other (the lock); processes
+        race on the storage, which every strategy's claim accounts for."""
         interval = heartbeat_settings()[0]
         while True:
-            with self._lock:  # within one process, threads never race each other
-                state = self._budget()
+            with self._lock:
+                state = self._next()
                 if state == "start":
                     trial = self.study.ask()
-                    done, running = counted(self.study)
-                    storage, tid = self.study._storage, trial._trial_id
-                    if self.n_trials is None or done + running <= self.n_trials:
-                        storage.record_heartbeat(tid)  # type: ignore[attr-defined]  # found from now on if it dies
-                        storage.set_trial_system_attr(tid, OWNER, worker_id())
+                    claim = self.strategy.claim(self, trial)
+                    if claim.run:
+                        engine.record_heartbeat(self.study, trial)  # found from now on if it dies
+                        engine.storage(self.study).set_trial_system_attr(engine.trial_id(trial), OWNER, worker_id())
                         return trial
-                    if "fixed_params" in trial._cached_frozen_trial.system_attrs:  # a retry or a prior
-                        storage.set_trial_state_values(tid, TrialState.WAITING)  # keep it queued
-                    else:
-                        storage.set_trial_user_attr(tid, STATUS, SURPLUS)
-                        storage.set_trial_user_attr(tid, REASON, "another worker took the last of n_trials")
-                        storage.set_trial_state_values(tid, TrialState.FAIL)
+                    if claim.surplus:
+                        record.surplus(self.study, trial, claim.give_up)
+                    elif claim.give_up:
+                        record.give_up(self.study, trial, claim.give_up)
+                    continue
             if state == "done":
                 return None
             self.stop.wait(min(5.0, max(0.5, interval / 4)) * random.uniform(0.5, 1.5))
@@ -345,98 +343,73 @@ class Search:
         # each trial's share of the CPU: trials x threads fit the cores (hardware.trial_threads)
         env["LLMTUNE_THREADS"] = str(trial_threads(self.workers, self.recipe.train.threads))
         while (trial := self._claim()) is not None:
-            with Heartbeat(self.study._storage, trial, self.log):
+            with Heartbeat(self.study, trial, self.log):
                 self._run_one(trial, env)
 
     def _run_one(self, trial: optuna.Trial, env: dict[str, str]) -> None:
-        values = self.sample_space.suggest(trial)
-        storage, tid = self.study._storage, trial._trial_id
+        """One claimed trial: the strategy's job, then the one recorder, then what follows a told trial."""
+        values = self.strategy.settings(self, trial)
         trial_dir = (self.output_dir / "trials" / f"{trial.number:04d}").resolve()
-        storage.set_trial_user_attr(tid, SETTINGS, json.loads(json.dumps(values, default=str)))
-        storage.set_trial_user_attr(tid, DIR, str(trial_dir))
-        storage.set_trial_user_attr(tid, STATUS, RUNNING)
+        record.started(self.study, trial, values, trial_dir)
         if self.progress:
             self.progress.trial_started(trial.number, values)
-        result, predicted, prober, chosen = None, None, None, None
-        if self.probing:
-            prober = self._prober(trial, env)
-            chosen = prober.probe(self.study, trial, values, trial_dir)
-            if chosen is None:
-                result = self._no_variant(prober, values)
-            else:
-                values, predicted = chosen.settings, chosen.result.metrics.get("predicted_memory_gb")
-                storage.set_trial_user_attr(tid, SETTINGS, json.loads(json.dumps(values, default=str)))
-                for name, dist in probes.distributions(self.space).items():
-                    storage.set_trial_param(tid, name, dist.to_internal_repr(values[name]), dist)
-        else:
-            reason, predicted = self.gate.check(self.study, values)
-            if reason:
-                result = TrialResult(status=OVER_BUDGET, reason=reason, settings=values)
-        if result is None:
-            result = self._train(trial, values, trial_dir, env)
-        if predicted is not None:
-            result.metrics["predicted_memory_gb"] = predicted
+        job = Job(trial, values, trial_dir, env)
+        result = self.strategy.run(self, job)
         try:
-            tell(self.study, trial, self.recipe, result)
+            result = record.tell(self.study, trial, self.recipe, result, segment=self.strategy.segment_end(self, job))
         except optuna.exceptions.UpdateFinishedTrialError:
             self.log(f"trial {trial.number}: another worker declared it lost (no heartbeat for longer than the "
                      f"grace period) and retried it; this result is dropped")
             return
-        if prober is not None:
-            added = prober.record(self.study, trial, chosen, result) if chosen is not None else []
-            if added:
-                self.log(f"trial {trial.number}: execution variants recorded as trial(s) {', '.join(map(str, added))}")
+        self.strategy.after(self, job, result)
         if self.progress:
             self.progress.trial_finished(trial.number, result)
         self._fail_fast(result)
+        self.redraw()
+        if result.status == ENVIRONMENT:  # not the settings' fault: wait, and let a worker elsewhere retry it
+            self.stop.wait(record.environment_wait(self.study, trial))
 
-    def _prober(self, trial: optuna.Trial, env: dict[str, str]) -> probes.Probes:
-        def run_probe(settings: dict[str, Any], folder: Path) -> TrialResult:
-            if self.progress:
-                self.progress.trial_event(trial.number, {"event": "phase", "phase": f"probing {folder.name}"})
-            job = TrialJob(recipe=masked_recipe(self.recipe), values=settings, out_dir=folder, fractions=[],
-                           trial_number=trial.number, timeout=self.recipe.study.trial_timeout, env=env,
-                           fork_server=self.fork_server, probe_steps=probes.PROBE_STEPS)
-            return run_trial_process(job, stop=self.stop)
-
-        return probes.Probes(self.recipe, run_probe, lambda settings: self.gate.check(self.study, settings))
-
-    def _no_variant(self, prober: probes.Probes, values: dict[str, Any]) -> TrialResult:
-        """The trial's ending when no execution variant can run: a crash if a probe crashed (so that
-        fail-fast sees it), else over budget or out of memory."""
-        failed = next((p.result for p in prober.found if p.result.status not in (OVER_BUDGET, OOM, COMPLETE)), None)
-        if failed is not None:
-            return failed
-        status = OOM if any(p.result.status == OOM for p in prober.found) else OVER_BUDGET
-        return TrialResult(status=status, reason=f"no execution variant fits: {prober.summary()}", settings=values)
-
-    def _train(self, trial: optuna.Trial, values: dict[str, Any], trial_dir: Path, env: dict[str, str]) -> TrialResult:
-        """The full trial, in its own process; the pruner answers each evaluation."""
-        tid = trial._trial_id
+    # -- what strategies run -------------------------------------------------------------------
+    def train(self, job: Job, *, fractions: list[float] | None = None, prune: bool = True,
+              segment: dict[str, Any] | None = None) -> TrialResult:
+        """The trial's training run, in its own process; each evaluation is stored on the trial and, with
+        `prune`, answered by the pruner. `fractions`: where to evaluate (default: the eval points and
+        the pruner's rungs); `segment`: part of a run, from and to a saved state (PBT)."""
+        trial, tid = job.trial, engine.trial_id(job.trial)
         curve: list[list[float]] = []
         rung_metrics: list[list[Any]] = []
         recipe = masked_recipe(self.recipe)
-        base_key = base_eval_key(recipe, values, self.data_fingerprint)
-        base_eval = self.study.user_attrs.get(base_key)
+        base_key = base_eval_key(recipe, job.values, self.data_fingerprint)
+        base_eval = self.study.user_attrs.get(base_key) if segment is None else None
 
         def on_event(event: dict[str, Any]) -> bool:
             if self.progress:
                 self.progress.trial_event(trial.number, event)
             if event.get("event") != "eval":
                 return False
-            if event["fraction"] == 0.0 and base_eval is None and finite(event["eval_loss"]):
+            if segment is None and event["fraction"] == 0.0 and base_eval is None and finite(event["eval_loss"]):
                 # the next trials reuse it where they run on the same context
                 self.study.set_user_attr(base_key, {"loss": event["eval_loss"], "context": event.get("context")})
             measured = self._store_eval(tid, event, curve, rung_metrics)
             if measured is None:
                 return True  # declared lost by another worker (missed heartbeats): its retry runs
-            return self.pruner.should_prune(self.study, trial.number, event["fraction"], event["eval_loss"],
-                                            measured)
+            return prune and self.pruner.should_prune(self.study, trial.number, event["fraction"], event["eval_loss"],
+                                                      measured)
 
-        job = TrialJob(recipe=recipe, values=values, out_dir=trial_dir, fractions=self._fractions(),
-                       trial_number=trial.number, timeout=self.recipe.study.trial_timeout, env=env,
-                       fork_server=self.fork_server, base_eval=base_eval if isinstance(base_eval, dict) else None)
-        return run_trial_process(job, on_event=on_event, stop=self.stop)
+        tj = TrialJob(recipe=recipe, values=job.values, out_dir=job.trial_dir,
+                      fractions=self._fractions() if fractions is None else fractions, trial_number=trial.number,
+                      timeout=self.recipe.study.trial_timeout, env=job.env, fork_server=self.fork_server,
+                      base_eval=base_eval if isinstance(base_eval, dict) else None, segment=segment)
+        return run_trial_process(tj, on_event=on_event, stop=self.stop)
+
+    def probe(self, job: Job, settings: dict[str, Any], folder: Path, steps: int) -> TrialResult:
+        """A short probe of one execution variant (`study/probes.py`), in its own process."""
+        if self.progress:
+            self.progress.trial_event(job.trial.number, {"event": "phase", "phase": f"probing {folder.name}"})
+        tj = TrialJob(recipe=masked_recipe(self.recipe), values=settings, out_dir=folder, fractions=[],
+                      trial_number=job.trial.number, timeout=self.recipe.study.trial_timeout, env=job.env,
+                      fork_server=self.fork_server, probe_steps=steps)
+        return run_trial_process(tj, stop=self.stop)
 
     def _store_eval(self, tid: int, event: dict[str, Any], curve: list[list[float]],
                     rung_metrics: list[list[Any]]) -> dict[str, float] | None:
@@ -446,14 +419,29 @@ class Search:
         curve.append([event["fraction"], event["eval_loss"]])
         measured = {k: float(v) for k, v in (event.get("metrics") or {}).items() if finite(v)}
         rung_metrics.append([event["fraction"], measured])
-        storage = self.study._storage
+        storage = engine.storage(self.study)
         try:
             storage.set_trial_user_attr(tid, CURVE, curve)
             storage.set_trial_user_attr(tid, RUNG_METRICS, rung_metrics)
-            report_eval(self.study, tid, self.recipe, event["fraction"], event["eval_loss"])  # for optuna-dashboard
+            record.report_eval(self.study, tid, self.recipe, event["fraction"], event["eval_loss"])  # for optuna-dashboard
         except optuna.exceptions.UpdateFinishedTrialError:
             return None
         return measured
+
+    # -- after a trial -------------------------------------------------------------------------
+    def redraw(self, force: bool = False) -> None:
+        """Redraw the dashboard's figures (learning curves, the strategy's own) at most every
+        `record.PLOT_EVERY_S`, by one process of the study at a time (`record.take_plot_lease`)."""
+        with self._draw_lock:
+            now = time.monotonic()
+            if not force and now - self._drawn < record.PLOT_EVERY_S:
+                return
+            self._drawn = now
+            if not record.take_plot_lease(self.study, worker_id()):
+                return
+            record.save_curves_plot(self.study)
+            for plot_id, figure_json in self.strategy.figures(self).items():
+                record.save_dashboard_plot(self.study, plot_id, figure_json)
 
     def _fail_fast(self, result: TrialResult) -> None:
         """Stop when this process's first trials all crashed for the same reason: every further trial would

@@ -132,11 +132,40 @@ _SHAPE_CACHE: dict[str, _Shape] = {}
 _LAYER_RE = re.compile(r"\.\d+\.")
 
 
+def _check_arguments(**given: Any) -> None:
+    """Every bad argument of `estimate_memory` at once, as a user error (RecipeError, a ValueError too)."""
+    from llmtune.errors import Problem, RecipeError
+
+    choices = {"dtype": sorted(_DTYPE_BYTES), "quantization": ["none", "8bit", "4bit"],
+               "bnb_4bit_quant_type": ["nf4", "fp4"], "optimizer": list(OPTIMIZERS)}
+    problems = [Problem(name, one_of(given[name], options)) for name, options in choices.items()
+                if given[name] not in options]
+    if given["quantization"] in ("nf4", "fp4"):
+        problems[-1:] = [Problem("quantization", f"{given['quantization']!r} is a 4-bit type, not a quantization: use "
+                                 f"quantization='4bit', bnb_4bit_quant_type={given['quantization']!r}")]
+    for name in ("lora_r", "micro_batch_size", "sequence_len"):
+        value = given[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(Problem(name, f"{value!r} is not a whole number >= 1"))
+    if problems:
+        raise RecipeError(problems, source="estimate_memory")
+
+
 def _load_config(model: Any) -> PretrainedConfig:
     if isinstance(model, (str, os.PathLike)):
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(os.fspath(model))
+        from llmtune.builtin.names import resolve_model_name
+        from llmtune.errors import Problem, RecipeError
+
+        name = resolve_model_name(os.fspath(model), log=lambda _: None)  # a built-in name: its local folder
+        try:
+            return AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RecipeError([Problem("model", f"{os.fspath(model)!r}: its config could not be read ({first[:300]}); "
+                                                "give a local model folder, a Hub name (online or cached) or a "
+                                                "transformers config")], source="estimate_memory") from None
     return model
 
 
@@ -336,12 +365,8 @@ def estimate_memory(
     ``autocast=True`` models 16-bit autocast mixed precision (the HF Trainer's ``bf16=True``) instead of llmtune's
     harness, which runs the base in ``dtype`` without autocast.
     """
-    if dtype not in _DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPE_BYTES)}, got {dtype!r}")
-    if quantization not in ("none", "8bit", "4bit"):
-        raise ValueError(f"quantization must be 'none', '8bit' or '4bit', got {quantization!r}")
-    if bnb_4bit_quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"bnb_4bit_quant_type must be 'nf4' or 'fp4', got {bnb_4bit_quant_type!r}")
+    _check_arguments(dtype=dtype, quantization=quantization, bnb_4bit_quant_type=bnb_4bit_quant_type,
+                     optimizer=optimizer, lora_r=lora_r, micro_batch_size=micro_batch_size, sequence_len=sequence_len)
     config = _load_config(model)
     shape = _model_shape(config)
     c = _DTYPE_BYTES[dtype]

@@ -33,19 +33,10 @@ from optuna.distributions import CategoricalDistribution
 
 from llmtune.config.recipe import Recipe
 from llmtune.config.space import EXECUTION, Choice, Fixed, SearchSpace
-from llmtune.study.attrs import (
-    CONSTRAINTS,
-    DIR,
-    INFO,
-    METRICS_KEY,
-    PROBES,
-    REASON,
-    SETTINGS,
-    STATUS,
-    VARIANT_OF,
-)
-from llmtune.study.record import KEPT_INFO, constraint_values, penalty_values
-from llmtune.trial.endings import COMPLETE, ENDINGS, OVER_BUDGET
+from llmtune.study import engine
+from llmtune.study.attrs import DIR, PROBES, SETTINGS, VARIANT_OF
+from llmtune.study.record import KEPT_INFO, add_variant, constraint_values
+from llmtune.trial.endings import COMPLETE, ENDINGS, OVER_BUDGET, not_run
 from llmtune.trial.result import TrialResult, finite
 
 PROBE_STEPS = 2  # timed steps after the warm-up step; the largest step comes on top
@@ -115,9 +106,7 @@ class Probes:
             settings = {**values, **variant}
             reason, predicted = self.gate(settings)
             if reason:
-                probed = Probed(settings, TrialResult(status=OVER_BUDGET, reason=reason, settings=settings))
-                if predicted is not None:
-                    probed.result.metrics["predicted_memory_gb"] = predicted
+                probed = Probed(settings, not_run(OVER_BUDGET, reason, settings, predicted))
             else:
                 probed = Probed(settings, self.run_probe(settings, folder / f"probe-{i}"))
                 violated = {k: v for k, v in constraint_values(self.recipe, probed.result).items()
@@ -128,7 +117,7 @@ class Probes:
                         f"{k} {probed.result.metrics[k]:.4g}" for k in violated) + " (over the constraint)"
             self.found.append(probed)
         fits = [p for p in self.found if p.feasible]
-        study._storage.set_trial_user_attr(trial._trial_id, PROBES, [p.as_record() for p in self.found])
+        engine.storage(study).set_trial_user_attr(engine.trial_id(trial), PROBES, [p.as_record() for p in self.found])
         return min(fits, key=lambda p: p.result.metrics.get("train_time_s", float("inf"))) if fits else None
 
     def summary(self) -> str:
@@ -138,7 +127,7 @@ class Probes:
 
     def record(self, study: optuna.Study, trial: optuna.Trial, chosen: Probed, full: TrialResult) -> list[int]:
         """Record every variant but ``chosen`` as a trial of its own; returns their numbers."""
-        parent = study._storage.get_trial(trial._trial_id)
+        parent = engine.storage(study).get_trial(engine.trial_id(trial))
         if full.status != COMPLETE:
             return []  # pruned, diverged or failed: its variants learned the same and would end the same
         numbers = []
@@ -176,23 +165,12 @@ def _describe(settings: dict[str, Any]) -> str:
 
 def _add_variant(study: optuna.Study, recipe: Recipe, parent: optuna.trial.FrozenTrial, settings: dict[str, Any],
                  result: TrialResult) -> int:
-    """One variant as a finished trial: the parent's learning params plus its execution settings."""
+    """One variant as a finished trial (`record.add_variant`): the parent's learning params plus its
+    execution settings."""
     result.reason = result.reason.replace("{parent}", str(parent.number))
     probed = distributions(recipe.space)
     params = {**{k: v for k, v in parent.params.items() if k not in probed}, **{n: settings[n] for n in probed}}
     dists = {**{k: v for k, v in parent.distributions.items() if k not in probed}, **probed}
-    values = ([result.metrics[m] for m in recipe.objectives] if result.status == COMPLETE
-              and all(finite(result.metrics.get(m)) for m in recipe.objectives) else penalty_values(study, recipe, result))
-    constraints = constraint_values(recipe, result)
-    if result.status == COMPLETE and not all(finite(result.metrics.get(m)) for m in recipe.objectives):
-        constraints["infeasible"] = 1.0  # an objective could not be measured for this layout
-    frozen = optuna.trial.create_trial(
-        params=params, distributions=dists, values=values,
-        user_attrs={STATUS: result.status, REASON: result.reason, METRICS_KEY: result.metrics,
-                    SETTINGS: json.loads(json.dumps(settings, default=str)), DIR: parent.user_attrs.get(DIR),
-                    VARIANT_OF: parent.number, INFO: json.loads(json.dumps(result.info, default=str)),
-                    CONSTRAINTS: constraints},
-        system_attrs={"constraints": [float(v) for v in constraints.values()]})
-    # Study.add_trial does this, but returns nothing: the number comes with the id, not from re-reading the study
-    trial_id = study._storage.create_new_trial(study._study_id, template_trial=frozen)
-    return study._storage.get_trial_number_from_id(trial_id)
+    extra = {SETTINGS: json.loads(json.dumps(settings, default=str)), DIR: parent.user_attrs.get(DIR),
+             VARIANT_OF: parent.number}
+    return add_variant(study, recipe, params, dists, result, extra)

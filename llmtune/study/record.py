@@ -15,15 +15,35 @@ import json
 import math
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from llmtune.config.recipe import Recipe
-from llmtune.study.attrs import CONSTRAINTS, CURVE, INFO, METRICS_KEY, REASON, STATUS
-from llmtune.study.storage import retries, retry
-from llmtune.trial.endings import COMPLETE, CRASHED, ENDINGS, ENVIRONMENT, check_measured
+from llmtune.study import engine
+from llmtune.study.attrs import (
+    CONSTRAINTS,
+    CURVE,
+    DIR,
+    INFO,
+    METRICS_KEY,
+    REASON,
+    RETRY_OF,
+    SETTINGS,
+    STATUS,
+)
+from llmtune.trial.endings import (
+    COMPLETE,
+    ENDINGS,
+    ENVIRONMENT,
+    INTERRUPTED,
+    RUNNING,
+    SURPLUS,
+    SegmentEnd,
+    decide,
+)
 from llmtune.trial.result import TrialResult, finite
 
 # Optuna's constraints in the format every reader understands: a list under the trial system attribute
@@ -42,6 +62,12 @@ CURVES_PLOT_ID = "llmtune-learning-curves"
 _PLOT_PREFIX = "dashboard:plot_data:"
 _PLOT_PIECE = 2045
 _plot_lock = threading.Lock()  # the workers of one process write the pieces one figure at a time
+# Across processes (several search processes on one study) one process at a time draws: the one holding
+# the lease below, a study system attribute {"owner", "at"} it renews at each draw and another process
+# takes over once it is older than PLOT_LEASE_S (its holder stopped). So two processes never interleave
+# the pieces of two figures. The loop redraws at most every PLOT_EVERY_S, and once when it ends.
+PLOT_WRITER = "llmtune.plot_writer"
+PLOT_EVERY_S, PLOT_LEASE_S = 10.0, 60.0
 
 # After an `environment` ending the worker that saw it waits before it claims another trial, twice as
 # long each time the same settings failed so (up to ENVIRONMENT_WAIT_MAX_S): a full disk or a lost
@@ -126,7 +152,7 @@ def record_constraints(study: optuna.Study, trial: optuna.Trial, recipe: Recipe,
     and by name as a user attribute. Every COMPLETE or PRUNED trial carries the same ones, in one order:
     "infeasible", then the recipe's constraints."""
     values = constraint_values(recipe, result)
-    storage, tid = study._storage, trial._trial_id
+    storage, tid = engine.storage(study), engine.trial_id(trial)
     storage.set_trial_user_attr(tid, CONSTRAINTS, values)
     if _named_constraints(study):
         for key, value in values.items():
@@ -155,7 +181,7 @@ def report_eval(study: optuna.Study, trial_id: int, recipe: Recipe, fraction: fl
     whether it was written. Raises UpdateFinishedTrialError when the trial is already finished."""
     if not curve_is_objective(recipe) or not finite(eval_loss):
         return False
-    study._storage.set_trial_intermediate_value(trial_id, eval_step(fraction), float(eval_loss))
+    engine.storage(study).set_trial_intermediate_value(trial_id, eval_step(fraction), float(eval_loss))
     return True
 
 
@@ -183,7 +209,7 @@ def curves_figure(trials: list[FrozenTrial]) -> Any:
 def save_dashboard_plot(study: optuna.Study, plot_id: str, figure_json: str) -> None:
     """Store a plotly figure's JSON as optuna-dashboard's custom plot `plot_id` (see _PLOT_PREFIX),
     replacing the one stored before under that id."""
-    storage, sid = study._storage, study._study_id
+    storage, sid = engine.storage(study), engine.study_id(study)
     prefix = f"{_PLOT_PREFIX}{plot_id}:"
     pieces = [figure_json[i:i + _PLOT_PIECE] for i in range(0, len(figure_json), _PLOT_PIECE)]
     with _plot_lock:
@@ -194,21 +220,66 @@ def save_dashboard_plot(study: optuna.Study, plot_id: str, figure_json: str) -> 
             storage.set_study_system_attr(sid, f"{prefix}{i}", "")
 
 
+def take_plot_lease(study: optuna.Study, owner: str, lease_s: float = PLOT_LEASE_S) -> bool:
+    """Whether `owner` (a search process) may draw the study's dashboard figures now: it holds the lease,
+    or the lease is free or expired, in which case it takes it. Of two processes taking an expired lease
+    at the same moment, the later write wins and the earlier sees it on reading back."""
+    storage, sid = engine.uncached(study), engine.study_id(study)
+    held = storage.get_study_system_attrs(sid).get(PLOT_WRITER)
+    now = time.time()
+    if isinstance(held, dict) and held.get("owner") != owner and now - float(held.get("at", 0)) < lease_s:
+        return False
+    storage.set_study_system_attr(sid, PLOT_WRITER, {"owner": owner, "at": now})
+    mine = storage.get_study_system_attrs(sid).get(PLOT_WRITER)
+    return isinstance(mine, dict) and mine.get("owner") == owner
+
+
 def save_curves_plot(study: optuna.Study) -> None:
     """Redraw the dashboard's learning-curves plot (`CURVES_PLOT_ID`) from every trial's stored curve."""
     save_dashboard_plot(study, CURVES_PLOT_ID, curves_figure(study.get_trials(deepcopy=False)).to_json())
 
 
-def tell(study: optuna.Study, trial: optuna.Trial, recipe: Recipe, result: TrialResult) -> None:
-    """Record the result on the trial and finish it in the study; a retried ending queues its settings."""
-    storage, tid = study._storage, trial._trial_id
-    result.metrics = {k: v for k, v in result.metrics.items() if finite(v)}
-    check_measured(result, list(recipe.objectives))
+def started(study: optuna.Study, trial: optuna.Trial, values: dict[str, Any], trial_dir: Path) -> None:
+    """A claimed trial starts: its settings, its folder and the status `running`."""
+    storage, tid = engine.storage(study), engine.trial_id(trial)
+    storage.set_trial_user_attr(tid, SETTINGS, json.loads(json.dumps(values, default=str)))
+    storage.set_trial_user_attr(tid, DIR, str(trial_dir))
+    storage.set_trial_user_attr(tid, STATUS, RUNNING)
+
+
+def retries(study: optuna.Study, trial: FrozenTrial | optuna.Trial, status: str) -> int:
+    """How many times the settings of `trial` ended `status` before it: counted back along the trials it
+    retries (each retry names the trial it retries, RETRY_OF)."""
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    count, seen = 0, set()
+    number = trial.user_attrs.get(RETRY_OF)
+    while isinstance(number, int) and number in by_number and number not in seen:
+        seen.add(number)
+        earlier = by_number[number].user_attrs
+        count += earlier.get(STATUS) == status
+        number = earlier.get(RETRY_OF)
+    return count
+
+
+def retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> None:
+    """Queue a trial's exact settings again (the retry counts towards no n_trials). Queued trials are the
+    only WAITING ones (a surplus trial is ended, not given back: `give_up`), so the next `ask` of any
+    worker runs it."""
+    study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, recipe: Recipe, result: TrialResult, *,
+         segment: SegmentEnd | None = None) -> TrialResult:
+    """Record how a trial ended and finish it in the study: the one recorder every finished trial passes.
+
+    The ending is decided first (`endings.decide`: a missing objective, a PBT segment, the retry limits),
+    then written: status, reason, metrics, curve, kept info, constraints, Optuna's state and values; a
+    retried ending queues its settings again. Returns the decided result. It neither waits nor draws:
+    back-off is the loop's, the dashboard's figures are redrawn by the loop (`save_curves_plot`)."""
+    storage, tid = engine.storage(study), engine.trial_id(trial)
+    result = decide(result, list(recipe.objectives), earlier=lambda status: retries(study, trial, status),
+                    segment=segment)
     row = ENDINGS[result.status]
-    before = retries(study, trial, result.status) if row.retried else 0
-    if row.retry_limit is not None and before >= row.retry_limit:
-        result.reason = f"{result.reason}; its settings ended {result.status} {before} time(s) before: final"
-        result.status, row = CRASHED, ENDINGS[CRASHED]
     storage.set_trial_user_attr(tid, STATUS, result.status)
     storage.set_trial_user_attr(tid, REASON, result.reason)
     storage.set_trial_user_attr(tid, METRICS_KEY, result.metrics)
@@ -226,7 +297,68 @@ def tell(study: optuna.Study, trial: optuna.Trial, recipe: Recipe, result: Trial
     else:
         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     if row.retried:
-        retry(study, trial, None)  # status and reason were recorded above
-    save_curves_plot(study)
-    if result.status == ENVIRONMENT:
-        time.sleep(min(ENVIRONMENT_WAIT_MAX_S, ENVIRONMENT_WAIT_S * 2 ** before))
+        retry(study, trial)
+    return result
+
+
+def give_up(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+    """A claimed trial that will not run here: a queued one (a retry, a prior) goes back to WAITING,
+    params and all, for the next `ask`; a fresh one ends as `surplus` (FAIL, counted nowhere)."""
+    storage, tid = engine.storage(study), engine.trial_id(trial)
+    if engine.is_queued(trial):
+        storage.set_trial_state_values(tid, TrialState.WAITING)
+        return
+    storage.set_trial_user_attr(tid, STATUS, SURPLUS)
+    storage.set_trial_user_attr(tid, REASON, reason)
+    storage.set_trial_state_values(tid, TrialState.FAIL)
+
+
+def surplus(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+    """A claimed trial that must not run, queued or not (PBT runs only its own queued segments): `surplus`."""
+    storage, tid = engine.storage(study), engine.trial_id(trial)
+    storage.set_trial_user_attr(tid, STATUS, SURPLUS)
+    storage.set_trial_user_attr(tid, REASON, reason)
+    storage.set_trial_state_values(tid, TrialState.FAIL)
+
+
+def lost(study: optuna.Study, trial_id: int, reason: str) -> bool:
+    """A running trial whose worker is gone: mark it `interrupted` (while it is unfinished: Optuna freezes
+    finished trials), fail it and queue its settings again. Several workers may find it at once: the
+    change to FAIL succeeds for exactly one of them (the storage locks the row and refuses to update a
+    finished trial), and only that one queues the retry. Returns whether this call did."""
+    storage = engine.storage(study)
+    try:
+        storage.set_trial_user_attr(trial_id, STATUS, INTERRUPTED)
+        storage.set_trial_user_attr(trial_id, REASON, reason)
+        if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False  # another worker failed it first and queued the retry
+    retry(study, storage.get_trial(trial_id))
+    return True
+
+
+def add_variant(study: optuna.Study, recipe: Recipe, params: dict[str, Any],
+                distributions: dict[str, Any], result: TrialResult, extra: dict[str, Any]) -> int:
+    """An execution variant of a full trial (study/probes.py) as a finished trial of its own; returns its number."""
+    measured = all(finite(result.metrics.get(m)) for m in recipe.objectives)
+    values = ([result.metrics[m] for m in recipe.objectives] if result.status == COMPLETE and measured
+              else penalty_values(study, recipe, result))
+    constraints = constraint_values(recipe, result)
+    if result.status == COMPLETE and not measured:
+        constraints["infeasible"] = 1.0  # an objective could not be measured for this layout
+    frozen = optuna.trial.create_trial(
+        params=params, distributions=distributions, values=values,
+        user_attrs={STATUS: result.status, REASON: result.reason, METRICS_KEY: result.metrics,
+                    INFO: json.loads(json.dumps(result.info, default=str)), CONSTRAINTS: constraints, **extra},
+        system_attrs={_OPTUNA_CONSTRAINTS: [float(v) for v in constraints.values()]})
+    # Study.add_trial does this, but returns nothing: the number comes with the id, not from re-reading the study
+    storage = engine.storage(study)
+    trial_id = storage.create_new_trial(engine.study_id(study), template_trial=frozen)
+    return storage.get_trial_number_from_id(trial_id)
+
+
+def environment_wait(study: optuna.Study, trial: optuna.Trial) -> float:
+    """Seconds the worker that saw an `environment` ending waits before its next trial: twice as long each
+    time the same settings failed so (up to ENVIRONMENT_WAIT_MAX_S)."""
+    return min(ENVIRONMENT_WAIT_MAX_S, ENVIRONMENT_WAIT_S * 2 ** retries(study, trial, ENVIRONMENT))

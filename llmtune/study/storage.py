@@ -21,13 +21,14 @@ from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy.exc
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from llmtune.config.recipe import Recipe
 from llmtune.errors import SearchError
-from llmtune.study.attrs import OWNER, REASON, RETRY_OF, STATUS, VARIANT_OF
-from llmtune.trial.endings import INTERRUPTED, counts
+from llmtune.study import engine
+from llmtune.study.attrs import OWNER, STATUS, VARIANT_OF
+from llmtune.study.record import lost, retry
+from llmtune.trial.endings import counts
 
 # llmtune drives heartbeats itself around ask/tell (the trial runs in a child process), which is
 # what these warnings are about; they would only confuse users.
@@ -178,62 +179,25 @@ def storage_url(recipe: Recipe, override: str | None = None) -> str:
     return f"sqlite:///{out / 'study.db'}"
 
 
-def retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str | None) -> None:
-    """Queue a lost trial's exact settings again (it does not count towards n_trials). With a reason,
-    also mark it interrupted: only possible while it is unfinished, as Optuna freezes finished trials.
-    Queued trials are the only WAITING ones (a surplus trial is ended, not given back: `Search._claim`),
-    so the next `ask` of any worker runs it."""
-    storage = study._storage
-    if reason is not None:
-        storage.set_trial_user_attr(trial._trial_id, STATUS, INTERRUPTED)
-        storage.set_trial_user_attr(trial._trial_id, REASON, reason)
-    study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
-
-
-def retries(study: optuna.Study, trial: FrozenTrial | optuna.Trial, status: str) -> int:
-    """How many times the settings of `trial` ended `status` before it: counted back along the trials it
-    retries (each retry names the trial it retries, RETRY_OF)."""
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    count, seen = 0, set()
-    number = trial.user_attrs.get(RETRY_OF)
-    while isinstance(number, int) and number in by_number and number not in seen:
-        seen.add(number)
-        earlier = by_number[number].user_attrs
-        count += earlier.get(STATUS) == status
-        number = earlier.get(RETRY_OF)
-    return count
-
-
 def _retry_failed(study: optuna.Study, trial: FrozenTrial) -> None:
     """Heartbeat callback, for when Optuna's own `fail_stale_trials` (e.g. in `study.optimize`) found the
     trial first: it is retried. Optuna calls it after failing the trial, so it can no longer be annotated."""
-    retry(study, trial, None)
+    retry(study, trial)
 
 
 def fail_stale(study: optuna.Study) -> list[int]:
     """Fail the trials whose worker stopped sending heartbeats (it died, or lost the database for longer
-    than the grace period), mark them interrupted and queue each for a retry. Several workers may run
-    this at once: the state change to FAIL succeeds for exactly one of them (the storage locks the
-    trial's row and refuses to update a finished trial), and only that one queues the retry."""
-    storage = study._storage
-    if not is_heartbeat_enabled(storage):
+    than the grace period), mark them interrupted and queue each for a retry (`record.lost`: of several
+    workers doing this at once, exactly one fails and requeues each)."""
+    if not engine.heartbeat_enabled(study):
         return []
-    grace = getattr(getattr(storage, "_backend", storage), "grace_period", None)
-    lost = []
-    for tid in storage._get_stale_trial_ids(study._study_id):  # type: ignore[attr-defined]
-        try:
-            # Annotate while it is still RUNNING: Optuna freezes finished trials.
-            storage.set_trial_user_attr(tid, STATUS, INTERRUPTED)
-            storage.set_trial_user_attr(tid, REASON, f"its worker sent no heartbeat for {grace}s (it died or lost "
-                                                     "the database); retried")
-            if not storage.set_trial_state_values(tid, TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker failed it first and queued the retry
-        trial = storage.get_trial(tid)
-        retry(study, trial, None)
-        lost.append(trial.number)
-    return lost
+    grace = engine.grace_period(study)
+    reason = f"its worker sent no heartbeat for {grace}s (it died or lost the database); retried"
+    numbers = []
+    for tid in engine.stale_trial_ids(study):
+        if lost(study, tid, reason):
+            numbers.append(engine.storage(study).get_trial(tid).number)
+    return numbers
 
 
 def _with_driver(url: str) -> str:
@@ -301,22 +265,14 @@ def _running_elsewhere(owner: str) -> bool:
 def recover_lost_trials(study: optuna.Study) -> list[int]:
     """At start: fail and requeue RUNNING trials whose search process on this host is gone (at once),
     and those of other hosts whose heartbeat stopped."""
-    lost = []
+    numbers = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.system_attrs.get(OWNER)
-        if owner and not _running_elsewhere(owner):
-            # several processes restarting on this host may find it at once: the FAIL transition succeeds
-            # for one of them, and only that one queues the retry (as in fail_stale)
-            try:
-                study._storage.set_trial_user_attr(t._trial_id, STATUS, INTERRUPTED)
-                study._storage.set_trial_user_attr(t._trial_id, REASON, "the search stopped while it ran; retried")
-                if not study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                    continue
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue
-            retry(study, t, None)
-            lost.append(t.number)
-    return lost + fail_stale(study)
+        # several processes restarting on this host may find it at once: one of them fails and requeues it
+        if owner and not _running_elsewhere(owner) and lost(study, engine.trial_id(t),
+                                                            "the search stopped while it ran; retried"):
+            numbers.append(t.number)
+    return numbers + fail_stale(study)
 
 
 def counted(study: optuna.Study) -> tuple[int, int]:
@@ -338,8 +294,8 @@ class Heartbeat:
     """Records a running trial's heartbeat every interval from a thread of its own, so that no slow
     step of the search process (memory estimate, telling) makes a live worker look dead."""
 
-    def __init__(self, storage: optuna.storages.BaseStorage, trial: optuna.Trial, log: Callable[[str], None]):
-        self.storage, self.trial, self.log = storage, trial, log
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, log: Callable[[str], None]):
+        self.study, self.trial, self.log = study, trial, log
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True)
 
@@ -355,6 +311,6 @@ class Heartbeat:
         interval = heartbeat_settings()[0]
         while not self.done.wait(interval):
             try:
-                self.storage.record_heartbeat(self.trial._trial_id)  # type: ignore[attr-defined]
+                engine.record_heartbeat(self.study, self.trial)
             except Exception as e:  # a database hiccup must not stop the trial; the next beat retries
                 self.log(f"trial {self.trial.number}: heartbeat not recorded ({type(e).__name__}); retrying")

@@ -6,17 +6,22 @@ settings are queued again (and how often), and whether the pruner may rank other
 curve. Adding or changing an ending is one row here; `classify` decides which row a finished trial
 process gets, and the marker lists below say what text in an error or a log means.
 
-Imports nothing heavy: the trial process, the search loop, the pruner and the readers all use it.
+It is also the one place that *decides* how a trial ended (ARCHITECTURE decision 10): the child writes
+what it saw (`result.json`), the parent what it saw (`classify`, `conclude`), and `decide` settles the
+rest (a missing objective, a PBT segment, the retry limits) before `llmtune.study.record` records it.
+
+Imports nothing heavy (no optuna, no torch): the trial process, the search loop, the pruner and the
+readers all use it.
 """
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:  # pragma: no cover
-    from llmtune.trial.result import TrialResult
+from llmtune.trial.result import TrialResult, finite
 
 
 @dataclass(frozen=True)
@@ -156,8 +161,74 @@ def classify(returncode: int | None, result: TrialResult | None, tail: str, *, t
     return CRASHED, f"trial process exited with code {returncode}: {last[:300]}"
 
 
-def check_measured(result: TrialResult, objectives: list[str]) -> None:
-    """A trial that says complete but did not measure every objective has crashed (it cannot be ranked)."""
+def conclude(returncode: int | None, result: TrialResult | None, tail: str, settings: dict[str, Any], *,
+             timed_out: bool, interrupted: bool, timeout: float, memory_evidence: str | None = None,
+             disk_full: str | None = None) -> TrialResult:
+    """The trial process's result with the ending `classify` gives it (a new result when it wrote none)."""
+    status, reason = classify(returncode, result, tail, timed_out=timed_out, interrupted=interrupted,
+                              timeout=timeout, memory_evidence=memory_evidence, disk_full=disk_full)
+    if result is None:
+        result = TrialResult(status=status, reason=reason, settings=settings)
+    result.status, result.reason = status, reason
+    if status != COMPLETE and tail:
+        result.info.setdefault("log_tail", tail)
+    return result
+
+
+def not_run(status: str, reason: str, settings: dict[str, Any], predicted_memory_gb: float | None = None) -> TrialResult:
+    """A trial (or a probe) that never ran: predicted over the memory budget, or no layout of it fits."""
+    result = TrialResult(status=status, reason=reason, settings=settings)
+    if predicted_memory_gb is not None:
+        result.metrics["predicted_memory_gb"] = predicted_memory_gb
+    return result
+
+
+def no_layout_fits(found: Sequence[TrialResult], summary: str, settings: dict[str, Any]) -> TrialResult:
+    """The ending of a learning configuration none of whose execution variants could run (study/probes.py):
+    a probe's crash when one crashed (so that fail-fast sees it), else out of memory or over budget."""
+    failed = next((r for r in found if r.status not in (OVER_BUDGET, OOM, COMPLETE)), None)
+    if failed is not None:
+        return failed
+    status = OOM if any(r.status == OOM for r in found) else OVER_BUDGET
+    return not_run(status, f"no execution variant fits: {summary}", settings)
+
+
+@dataclass(frozen=True)
+class SegmentEnd:
+    """What a PBT segment's ending depends on beyond its result (study/pbt.py)."""
+
+    member: int
+    index: int       # 0-based segment
+    count: int       # segments per member
+    state_dir: str   # where it had to save its state
+    saved: bool      # whether it did
+
+
+def decide(result: TrialResult, objectives: Sequence[str], *, earlier: Callable[[str], int] = lambda status: 0,
+           segment: SegmentEnd | None = None) -> TrialResult:
+    """Settle a trial's ending, once, before it is recorded; returns the result, changed where needed.
+
+    - a PBT segment that trained: `segment` unless it is the member's last (then `complete`); `crashed`
+      when it saved no state to go on from;
+    - a trial that says complete (or segment) but did not measure every objective crashed: it cannot be ranked;
+    - a retried ending (`Ending.retried`) whose settings already ended so `retry_limit` times
+      (`earlier(status)`: counted along the trial's retry chain) is final: `crashed`.
+    Non-finite metrics are dropped first (they are no measurement)."""
+    result.metrics = {k: v for k, v in result.metrics.items() if finite(v)}
+    if segment is not None and result.status == COMPLETE:
+        if not segment.saved:
+            result.status, result.reason = CRASHED, f"the segment saved no state in {segment.state_dir}"
+        elif segment.index < segment.count - 1:
+            result.status = SEGMENT
+            result.reason = (f"member {segment.member}, segment {segment.index + 1} of {segment.count}: "
+                             "continued by a later trial")
     missing = [m for m in objectives if m not in result.metrics]
     if result.status in (COMPLETE, SEGMENT) and missing:
         result.status, result.reason = CRASHED, f"the trial did not measure {', '.join(missing)}"
+    row = ENDINGS[result.status]
+    if row.retried and row.retry_limit is not None:
+        before = earlier(result.status)
+        if before >= row.retry_limit:
+            result.reason = f"{result.reason}; its settings ended {result.status} {before} time(s) before: final"
+            result.status = CRASHED
+    return result

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from llmtune import hardware
-from llmtune.trial.endings import COMPLETE, classify
+from llmtune.trial.endings import conclude
 from llmtune.trial.fork_server import ForkedProcess, ForkServer, kill_group
 from llmtune.trial.result import TrialResult
 
@@ -273,15 +273,10 @@ class TrialProcess:
         result = TrialResult.load(self.result_path) if self.result_path.exists() else None
         tail = log_tail(self.log_path)
         killed = self.proc.returncode is not None and self.proc.returncode < 0
-        status, reason = classify(self.proc.returncode, result, tail, timed_out=timed_out,
-                                  interrupted=interrupted, timeout=self.job.timeout,
-                                  memory_evidence=self.memory.evidence() if killed and result is None else None,
-                                  disk_full=disk_full(self.job.out_dir) if result is None else None)
-        if result is None:
-            result = TrialResult(status=status, reason=reason, settings=self.job.values)
-        result.status, result.reason = status, reason
-        if status != COMPLETE and tail:
-            result.info.setdefault("log_tail", tail)
+        result = conclude(self.proc.returncode, result, tail, self.job.values, timed_out=timed_out,
+                          interrupted=interrupted, timeout=self.job.timeout,
+                          memory_evidence=self.memory.evidence() if killed and result is None else None,
+                          disk_full=disk_full(self.job.out_dir) if result is None else None)
         result.info["process_wall_s"] = time.time() - self.started
         result.info["launch"] = self.launch
         return result
