@@ -39,6 +39,7 @@ from optuna.trial import FrozenTrial, TrialState
 from llmtune.config.problems import one_of
 from llmtune.config.space import PARAMS, Choice, Fixed, SearchSpace
 from llmtune.errors import SearchError
+from llmtune.study import engine
 from llmtune.study.attrs import PROPOSAL
 
 # Trials whose configuration counts as tried. A crash (FAIL) counts too: a trial is deterministic
@@ -141,7 +142,7 @@ class UniqueSampler(optuna.samplers.BaseSampler):
                 return params
             # Claim it where every process looks, then look again: of two processes that took the same
             # configuration at the same moment, at least one sees the other's claim and picks again.
-            study._storage.set_trial_system_attr(trial._trial_id, PROPOSAL, active_params(self.space, params))
+            engine.storage(study).set_trial_system_attr(engine.trial_id(trial), PROPOSAL, active_params(self.space, params))
             if not _Tried(_configurations(study, trial), names).covers(params):
                 return params
         return params
