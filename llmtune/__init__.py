@@ -39,7 +39,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(__all__)  # the public names, not this module's helpers (importlib, Any, ...)
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly

@@ -143,9 +143,17 @@ def bnb_cpu_packs_4bit() -> bool:
         return False
 
 
+def installed(module: str) -> bool:
+    """Whether an optional library can be imported here (found without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module with no spec
+        return False
+
+
 def module_ready(module: str, why: str, pip_name: str | None = None) -> None:
     """Raise a clear error when an optional library a setting needs (``why``) is not installed."""
-    if importlib.util.find_spec(module) is None:
+    if not installed(module):
         raise MissingDependency(f"{why}, which needs {module}: pip install {pip_name or module}")
 
 

@@ -29,7 +29,6 @@ knowing but does not stop a search (rows dropped) is returned as warnings.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import tempfile
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmtune import hardware
 from llmtune.config.recipe import Recipe
 from llmtune.config.space import Choice, Fixed
 from llmtune.errors import LlmtuneError, Problem, RecipeError
@@ -55,7 +55,6 @@ def _options(recipe: Recipe, name: str) -> list[Any]:
 
 
 def _machine(recipe: Recipe) -> list[Problem]:
-    from llmtune import hardware
     from llmtune.harness.optimizers import OPTIMIZERS
     from llmtune.harness.trackers import TRACKERS
 
@@ -65,12 +64,12 @@ def _machine(recipe: Recipe) -> list[Problem]:
                                                 "torch, or set train.device: auto (or cpu)"))
     quantized = [q for q in _options(recipe, "quantization") if q != "none"]
     needs_bnb = quantized or OPTIMIZERS[recipe.train.optimizer].eight_bit
-    if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
+    if needs_bnb and not hardware.installed("bitsandbytes"):
         what = f"search.quantization {quantized}" if quantized else f"train.optimizer {recipe.train.optimizer!r}"
         problems.append(Problem(what.split(" ")[0], f"{what.split(' ', 1)[1]} needs bitsandbytes: pip install bitsandbytes"))
     for i, name in enumerate(recipe.train.report_to):
         module = TRACKERS[name][0]
-        if importlib.util.find_spec(module) is None:
+        if not hardware.installed(module):
             problems.append(Problem(f"train.report_to[{i}]", f"{name!r} is not installed: pip install {module}"))
     return problems
 
@@ -168,7 +167,7 @@ def _model(recipe: Recipe) -> list[Problem]:
     except AttentionError as e:
         problems.append(Problem("model.attn_implementation", str(e).removeprefix("model.attn_implementation: ")))
         attn = "eager"
-    if attn.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
+    if attn.startswith("flash_attention") and not hardware.installed("flash_attn"):
         problems.append(Problem("model.attn_implementation", f"{attn!r} needs flash-attn: pip install flash-attn "
                                                              "(CUDA only), or use auto"))
     try:

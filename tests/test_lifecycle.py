@@ -224,3 +224,12 @@ def test_estimate_memory_names_an_unknown_model():
 
     with pytest.raises(LlmtuneError, match="no-such/model"):
         estimate_memory("no-such/model")
+
+
+@pytest.mark.parametrize("model, kwargs, named", [(42, {}, "model"), ("llmtune/tiny", {"device": "tpu"}, "device"),
+                                                  ("llmtune/tiny", {"lora_target_modules": ["nonsense"]}, "lora_target_modules")])
+def test_estimate_memory_names_every_other_bad_argument(model, kwargs, named):
+    from llmtune import estimate_memory
+
+    with pytest.raises(LlmtuneError, match=named):
+        estimate_memory(model, **kwargs)

