@@ -70,7 +70,6 @@ def test_no_private_optuna_name_outside_the_engine():
 
 def test_pinned_optuna_range_holds_the_installed_one():
     import tomllib
-
     from packaging.requirements import Requirement
 
     deps = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["dependencies"]

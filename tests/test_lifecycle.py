@@ -18,8 +18,17 @@ from llmtune.study import engine, record
 from llmtune.study.attrs import RETRY_OF, STATUS
 from llmtune.study.strategy import Claim, Job, Strategy
 from llmtune.trial import endings
-from llmtune.trial.endings import (COMPLETE, CRASHED, ENVIRONMENT, INTERRUPTED, KILLED, SEGMENT, SURPLUS,
-                                   SegmentEnd, decide)
+from llmtune.trial.endings import (
+    COMPLETE,
+    CRASHED,
+    ENVIRONMENT,
+    INTERRUPTED,
+    KILLED,
+    SEGMENT,
+    SURPLUS,
+    SegmentEnd,
+    decide,
+)
 from llmtune.trial.result import TrialResult
 
 OBJECTIVES = ["eval_loss", "peak_memory_gb"]
