@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import optuna
+import pytest
 from conftest import tiny_recipe_dict
 from optuna.trial import TrialState
 
@@ -79,21 +80,55 @@ PRIOR_SPACE = {"learning_rate": {"low": 5e-5, "high": 5e-4, "log": True}, "lora_
 
 def test_prior_configs_are_snapped_into_the_space() -> None:
     from llmtune.config.space import SearchSpace
-    from llmtune.study.priors import prior_configs
+    from llmtune.study.priors import ModelFacts, prior_configs
 
     space = SearchSpace.from_dict(PRIOR_SPACE)
-    configs = prior_configs(space, 5)
-    # 2e-4 fits; 1e-3 is clipped to the top (5e-4), as is the third prior, a repeat: dropped
-    assert configs == [{"learning_rate": 2e-4, "lora_r": 16, "lora_target_modules": "all-linear"},
-                       {"learning_rate": 5e-4, "lora_r": 16, "lora_target_modules": "all-linear"}]
-    assert prior_configs(space, 1) == configs[:1] and prior_configs(space, 0) == []
+    seven_b = ModelFacts(hidden_size=4096, parameters=7e9, steps=2000)
+    configs = prior_configs(space, 5, seven_b)
+    # lr x alpha 3.2e-3 at width 4096 (QLoRA's 2e-4 x 16), alpha 32: 1e-4, then 3x, then a third (clipped to 5e-5)
+    assert configs == [{"learning_rate": 1e-4, "lora_r": 32, "lora_target_modules": "all-linear"},
+                       {"learning_rate": 3e-4, "lora_r": 32, "lora_target_modules": "all-linear"},
+                       {"learning_rate": 5e-5, "lora_r": 32, "lora_target_modules": "all-linear"}]
+    assert prior_configs(space, 1, seven_b) == configs[:1] and prior_configs(space, 0, seven_b) == []
     stepped = SearchSpace.from_dict({"learning_rate": [1e-4, 3e-4, 2e-3], "lora_r": {"low": 4, "high": 64, "step": 4},
                                      "quantization": ["none", "4bit"]})
-    # nearest options on a log scale: 2e-4 -> 3e-4, 1e-3 -> 2e-3; 5e-4 -> 3e-4 again (alpha is not searched)
-    assert [c["learning_rate"] for c in prior_configs(stepped, 3)] == [3e-4, 2e-3]
-    for c in prior_configs(stepped, 3):
+    # alpha = 2 x r 32 = 64: 5e-5 snaps to 1e-4; the second (1.5e-5) would snap there too: the option above
+    assert [c["learning_rate"] for c in prior_configs(stepped, 2, seven_b)] == [1e-4, 3e-4]
+    for c in prior_configs(stepped, 3, seven_b):
         assert c["lora_r"] % 4 == 0 and 4 <= c["lora_r"] <= 64 and c["quantization"] == "none"
         assert "bnb_4bit_quant_type" not in c  # inactive without 4bit
+
+
+def test_priors_follow_the_model_width_size_and_budget() -> None:
+    from llmtune.config.space import SearchSpace
+    from llmtune.study.priors import ModelFacts, prior_configs
+
+    space = SearchSpace.from_dict({"learning_rate": {"low": 1e-6, "high": 1e-1, "log": True}, "lora_r": [4, 8, 16, 32, 64, 128],
+                                   "lora_alpha": 32})
+    first = {name: prior_configs(space, 1, facts)[0] for name, facts in {
+        "135M": ModelFacts(576, 1.35e8, steps=2000), "8B": ModelFacts(4096, 8e9, steps=2000),
+        "70B": ModelFacts(8192, 7e10, steps=2000), "135M short": ModelFacts(576, 1.35e8, steps=150)}.items()}
+    assert [first[n]["lora_r"] for n in ("135M", "8B", "70B")] == [16, 32, 64]  # the rank grows with the model
+    assert first["135M"]["learning_rate"] > first["8B"]["learning_rate"] > first["70B"]["learning_rate"]
+    assert first["8B"]["learning_rate"] == pytest.approx(1e-4) and first["70B"]["learning_rate"] == pytest.approx(5e-5)
+    assert first["135M short"]["learning_rate"] == pytest.approx(1.5 * first["135M"]["learning_rate"], rel=0.05)
+    rs = SearchSpace.from_dict({"learning_rate": {"low": 1e-6, "high": 1e-1, "log": True}, "lora_r": 64,
+                                "lora_alpha": 32, "use_rslora": True})
+    # rsLoRA scales by alpha / sqrt(r): the same update needs sqrt(64) = 8x less learning rate
+    assert prior_configs(rs, 1, ModelFacts(4096, 8e9, steps=2000))[0]["learning_rate"] == pytest.approx(1.25e-5, rel=0.05)
+
+
+def test_model_facts_from_real_configs() -> None:
+    from transformers import LlamaConfig, Qwen2Config
+
+    from llmtune.study.priors import facts_from_config
+
+    llama = facts_from_config(LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                          vocab_size=128256))
+    assert llama.hidden_size == 4096 and 7e9 < llama.parameters < 9e9  # Llama-3-8B
+    qwen = facts_from_config(Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                         vocab_size=151936))
+    assert 4e8 < qwen.parameters < 6e8  # Qwen2.5-0.5B
 
 
 def test_a_new_study_queues_the_priors_first_and_a_resumed_one_does_not(tiny_model_path, tiny_data_path,
@@ -106,9 +141,10 @@ def test_a_new_study_queues_the_priors_first_and_a_resumed_one_does_not(tiny_mod
     search = Search(recipe, log=lambda _: None)
     study = search.prepare()
     waiting = study.get_trials(states=(TrialState.WAITING,))
+    # the tiny model (width 128, 6 steps) wants more than the space's top: 5e-4, then the third start's 1.7e-4
     assert [t.system_attrs["fixed_params"] for t in waiting] == [
-        {"learning_rate": 2e-4, "lora_r": 16, "lora_target_modules": "all-linear"},
-        {"learning_rate": 5e-4, "lora_r": 16, "lora_target_modules": "all-linear"}]
+        {"learning_rate": 5e-4, "lora_r": 16, "lora_target_modules": "all-linear"},
+        {"learning_rate": 1.7e-4, "lora_r": 16, "lora_target_modules": "all-linear"}]
     assert all(t.user_attrs[PRIOR] for t in waiting)
     space = distributions(recipe.space)
     for t in waiting:
@@ -116,7 +152,7 @@ def test_a_new_study_queues_the_priors_first_and_a_resumed_one_does_not(tiny_mod
             assert space[name]._contains(space[name].to_internal_repr(value))
     first = study.ask()  # the next trial runs the first prior
     assert first.number == waiting[0].number
-    assert first.suggest_float("learning_rate", 5e-5, 5e-4, log=True) == 2e-4
+    assert first.suggest_float("learning_rate", 5e-5, 5e-4, log=True) == 5e-4
 
     again = Search(recipe, log=lambda _: None).prepare()  # resumed: nothing more queued
     assert len(again.get_trials(states=(TrialState.WAITING,))) == 1

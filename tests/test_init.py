@@ -24,13 +24,15 @@ def test_init_writes_a_commented_recipe_that_validates(tiny_model_path, tmp_path
     out = tmp_path / "r.yaml"
     assert main(["init", "llmtune/tiny", "--data", str(data), "--output", str(out)]) == 0
     text = out.read_text()
-    assert text.count("#") >= 8 and "3e-3 diverges" in text
+    assert text.count("#") >= 8 and "diverges" in text and "width 128" in text
     assert main(["validate", str(out)]) == 0
     recipe = load_recipe(out)
     assert recipe.data.format == "instruction"
     space = recipe.space
     lr = space.specs["learning_rate"]
-    assert lr.log and 1e-4 <= lr.low < lr.high < 3e-3  # type: ignore[union-attr]
+    # the tiny model (width 128, 2 steps): the rule's first start 4.8e-3, the range a quarter of it to 6x
+    assert lr.log and lr.low == pytest.approx(1e-3) and lr.high == pytest.approx(3e-2)  # type: ignore[union-attr]
+    assert space.specs["lora_r"].options == (8, 16, 32, 64)  # type: ignore[union-attr]
     assert set(space.specs["lora_target_modules"].options) == {"attention", "all-linear"}  # type: ignore[union-attr]
     assert space.specs["lora_alpha"].value == 32  # type: ignore[union-attr]
     assert main(["init", "llmtune/tiny", "--data", str(data), "--output", str(out)]) == 2  # exists: not overwritten
@@ -62,3 +64,21 @@ def test_unreadable_data_is_one_clear_error(tmp_path: Path) -> None:
         recipe_text("llmtune/tiny", tmp_path / "missing.jsonl")
     with pytest.raises(RecipeError, match="cannot tell the format"):
         guess_format({"n": 1})
+
+
+def test_the_learning_rate_range_follows_the_model(tmp_path: Path) -> None:
+    """A wider, larger model gets a lower learning-rate range and a higher rank (study/priors.py's rule)."""
+    from transformers import LlamaConfig
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello world " * 20}] * 2000)
+    big = tmp_path / "llama-8b-config"
+    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=128256).save_pretrained(big)
+    load_recipe_text = recipe_text(str(big), data, gpu_memory_gb=80)
+    out = tmp_path / "big.yaml"
+    out.write_text(load_recipe_text)
+    space = load_recipe(out).space
+    lr = space.specs["learning_rate"]
+    # lr x alpha 3.2e-3 at width 4096, alpha 32, 112 steps (short: x1.5): first start 1.5e-4
+    assert lr.low == pytest.approx(4e-5) and lr.high == pytest.approx(9e-4)  # type: ignore[union-attr]
+    assert space.specs["lora_r"].options == (16, 32, 64, 128)  # type: ignore[union-attr]
+    assert "width 4096" in load_recipe_text

@@ -1,10 +1,11 @@
 """`llmtune init`: a first recipe for a model and a data file, its search space drawn from published priors.
 
-The priors (the same ones `llmtune.study.priors.PRIORS` queues first): the best LoRA learning rate is
-about 10x a full fine-tune's and nearly independent of the rank at a fixed alpha, so alpha is fixed at 32
-and only the rank is searched; adapters on all linear layers beat attention-only ones at equal
-parameters (both are offered, so the search can show it); QLoRA's recipe is lr 2e-4, r 64, alpha 16;
-3e-3 diverges for most models, so the learning rate range stops below it.
+The priors are the rule a new search starts from (`llmtune.study.priors`, which cites its sources): the
+best LoRA learning rate x alpha shrinks with the model's width and is nearly independent of the rank at a
+fixed alpha, so alpha is fixed at 32, only the rank is searched (around the rank for the model's size),
+and the learning-rate range is centred on the rule's first start for this model and budget (from a
+quarter of it to 6x, short of the ~10x where runs diverge); adapters on all linear layers beat
+attention-only ones at equal parameters (both are offered, so the search can show it).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any
 
 from llmtune.errors import Problem, RecipeError
 
-LEARNING_RATE = (1e-4, 2e-3)  # around the priors (2e-4, 1e-3), below the 3e-3 that diverges for most models
-LORA_R = [8, 16, 32, 64]
+LR_BELOW, LR_ABOVE = 0.25, 6.0  # the learning-rate range around the rule's first start
 LORA_ALPHA = 32
+BATCH_SIZE = 16
 TARGETS = ["attention", "all-linear"]
 CHARS_PER_TOKEN = 4  # a rough English average: enough to pick a sequence_len without loading a tokenizer
 SAMPLE_ROWS = 200    # rows read to guess the format and the lengths
@@ -80,8 +81,36 @@ def sequence_len(rows: list[dict[str, Any]]) -> int:
     return min(2048, max(128, 2 ** math.ceil(math.log2(max(p90, 1)))))
 
 
-def fitting_quantizations(model: str, gpu_memory_gb: float | None, seq_len: int) -> tuple[list[str], str]:
-    """The quantizations whose largest configuration (r 64, all linear layers, micro batch 1) fits the GPU,
+def lora_ranks(rank: int) -> list[int]:
+    """The ranks searched around the prior's: half of it to four times it."""
+    return [max(4, rank // 2), rank, 2 * rank, 4 * rank]
+
+
+def model_facts(model: str, examples: int) -> Any:
+    """The priors' `ModelFacts` for a model folder or name and the budget, or None when its config is unreadable."""
+    from llmtune.study.priors import facts_from_config
+
+    try:
+        from transformers import AutoConfig
+
+        return facts_from_config(AutoConfig.from_pretrained(model), steps=max(1, examples // BATCH_SIZE))
+    except Exception:  # unreadable here (offline, a typo: `llmtune validate` says which): the rule's default
+        return None
+
+
+def learning_rates(facts: Any, rank: int) -> tuple[float, float, str]:
+    """The learning-rate range (low, high) around the priors' first start for this model and budget, and why."""
+    from llmtune.study.priors import lr_alpha_product
+
+    first = lr_alpha_product(facts) / LORA_ALPHA
+    low, high = float(f"{first * LR_BELOW:.1g}"), float(f"{first * LR_ABOVE:.1g}")
+    seen = (f"width {facts.hidden_size}, ~{facts.parameters / 1e9:.2g}B parameters, {facts.steps} steps" if facts
+            else "its config was not readable here: a 7B-class model assumed")
+    return low, high, f"first start {first:.2g} for this model ({seen}, r {rank})"
+
+
+def fitting_quantizations(model: str, gpu_memory_gb: float | None, seq_len: int, rank: int = 64) -> tuple[list[str], str]:
+    """The quantizations whose largest configuration (`rank`, all linear layers, micro batch 1) fits the GPU,
     and why. None on a machine without CUDA and no --gpu-memory: bitsandbytes' CPU paths are slow."""
     from llmtune import hardware
     from llmtune.study.memory import estimate_memory
@@ -94,13 +123,13 @@ def fitting_quantizations(model: str, gpu_memory_gb: float | None, seq_len: int)
     fits, sizes = [], []
     for q in ("none", "8bit", "4bit"):
         try:
-            gb = estimate_memory(model, quantization=q, lora_r=max(LORA_R), sequence_len=seq_len).total_gb
+            gb = estimate_memory(model, quantization=q, lora_r=rank, sequence_len=seq_len).total_gb
         except Exception as e:  # an unreadable config: say so and offer what surely runs
             return ["none", "4bit"], f"could not estimate memory ({type(e).__name__}); check with llmtune estimate"
         sizes.append(f"{q} {gb:.1f}")
         if gb <= gpu_memory_gb * 0.9:  # a tenth kept back: CUDA context, fragmentation
             fits.append(q)
-    why = f"predicted GiB at r 64: {', '.join(sizes)}; GPU {gpu_memory_gb:g} GiB"
+    why = f"predicted GiB at r {rank}: {', '.join(sizes)}; GPU {gpu_memory_gb:g} GiB"
     return fits or ["4bit"], why if fits else why + " (nothing fits: 4bit is the smallest)"
 
 
@@ -120,9 +149,15 @@ def recipe_text(model: str, data: str | Path, *, gpu_memory_gb: float | None = N
         raise RecipeError([Problem("--data", f"{str(path)!r} has no rows")])
     fmt, fields, seen = guess_format(rows[0])
     seq = sequence_len(rows)
-    quant, quant_why = fitting_quantizations(resolve_model_name(model, log=lambda _: None), gpu_memory_gb, seq)
-    name = name or f"{model.rsplit('/', 1)[-1]}-{path.stem}".lower().replace(".", "-")
+    from llmtune.study.priors import prior_rank
+
+    path_or_name = resolve_model_name(model, log=lambda _: None)
     examples = max(1, min(2000, int(n_rows * 0.9)))
+    facts = model_facts(path_or_name, examples)
+    ranks = lora_ranks(prior_rank(facts))
+    lr_low, lr_high, lr_why = learning_rates(facts, ranks[1])
+    quant, quant_why = fitting_quantizations(path_or_name, gpu_memory_gb, seq, max(ranks))
+    name = name or f"{model.rsplit('/', 1)[-1]}-{path.stem}".lower().replace(".", "-")
     field_lines = "".join(f"  {k}: {_yaml(v)}\n" for k, v in fields.items())
     return f"""# Written by `llmtune init`; check it with `llmtune validate`, run it with `llmtune search`.
 # The search space follows published LoRA priors: see the comments on each setting.
@@ -139,17 +174,18 @@ train:
   eval_points: 4                 # a diverging trial stops at the next of these
   lr_scheduler: cosine
 search:
-  # LoRA's best learning rate is ~10x full fine-tuning's; 2e-4 (QLoRA) and 1e-3 are tried first.
-  # 3e-3 diverges for most models: the range stops below it.
-  learning_rate: {{low: {LEARNING_RATE[0]:g}, high: {LEARNING_RATE[1]:g}, log: true}}
-  # With alpha fixed the best learning rate barely moves with the rank, so the rank is searched alone.
-  lora_r: {_yaml(LORA_R)}
+  # LoRA's best learning rate x alpha shrinks with the model's width (llmtune/study/priors.py);
+  # {lr_why}; the search tries it and 3x it first. About 10x it diverges: the range stops below.
+  learning_rate: {{low: {lr_low:g}, high: {lr_high:g}, log: true}}
+  # With alpha fixed the best learning rate barely moves with the rank, so the rank is searched alone,
+  # around the rank for the model's size.
+  lora_r: {_yaml(ranks)}
   lora_alpha: {LORA_ALPHA}
   lora_dropout: 0.05
   # All linear layers beat attention-only at equal parameters; both are here to show it on your data.
   lora_target_modules: {_yaml(TARGETS)}
   sequence_len: {seq}              # ~90% of the sampled rows fit (about {CHARS_PER_TOKEN} characters a token)
-  batch_size: 16                 # examples per optimizer step (the global batch: a learning setting)
+  batch_size: {BATCH_SIZE}                 # examples per optimizer step (the global batch: a learning setting)
   # Execution settings: they change memory and speed, not what is learned, so each is probed for a few
   # steps per configuration (study.execution: probe), not searched with full trials.
   micro_batch_size: [4, 8]

@@ -1,27 +1,84 @@
-"""Known-good starting points for a new search: published LoRA settings, snapped into the recipe's space.
+"""Known-good starting points for a new search, from the model, the budget and published LoRA findings.
 
-A new study with `sampler: auto` runs these first (queued by the search loop), instead of uniform random
-start-up trials.
+A new study with `sampler: auto` runs these first (queued by the search loop's strategy), instead of
+uniform random start-up trials; `llmtune init` centres the learning-rate range it writes on the same rule.
+
+The rule (`lora_prior`), and where each part comes from:
+
+- **The learning rate times alpha is what matters, and it shrinks with the model's width.** With peft's
+  alpha / r scaling, LoRA's early training is independent of the rank at a fixed alpha, so its best
+  learning rate is too (Schulman et al., "LoRA Without Regret", Thinking Machines Lab 2025); with
+  rsLoRA's alpha / sqrt(r) the invariant is lr x alpha x sqrt(r). QLoRA (Dettmers et al. 2023, appendix)
+  used lr 2e-4 with alpha 16 for LLaMA 7B/13B (hidden 4096/5120) and 1e-4 for 33B/65B (6656/8192): a
+  product of 3.2e-3 at width 4096 falling about as 1/width, which is how learning rates scale with width
+  in muP (Yang et al. 2022) and in GPT-3's sizes (Brown et al. 2020, table 2.1). So
+  `lr x alpha = 3.2e-3 x 4096 / hidden_size`.
+- **Short runs want more**: "about 10x full fine-tuning's learning rate, about 15x in very short runs"
+  (Schulman et al.): x1.5 under `SHORT_RUN_STEPS` optimizer steps.
+- **The second start is 3x the first**: the best learning rate is known to within a few times, and a
+  run at 3x the product is still well short of divergence (which starts around 10x in llmtune's own
+  SmolLM2-135M table, benchmarks/results/tabular_smollm2-*.csv).
+- **All linear layers** (both papers), **alpha 32** where alpha itself is searched (Schulman et al.),
+  and a **rank that grows with the model**: 16 below 1B parameters, 32 below 10B, 64 above (QLoRA's 64
+  at 7B-65B; small models have less to adapt and train on small data, where a low rank loses nothing).
+
+Without a readable model config the rule assumes a 7B-class model (hidden 4096).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from llmtune.config.space import PARAMS, Choice, Fixed, SearchSpace
 from llmtune.study.samplers import active_params
 
-# Known-good starting points, from published LoRA results: the best LoRA learning rate is about 10x a
-# full fine-tune's and nearly independent of the rank at a fixed alpha (e.g. 32) or with rsLoRA; adapters
-# on all linear layers beat attention-only ones at equal parameters; QLoRA's recipe is lr 2e-4, r 64,
-# alpha 16 on all linear layers; 3e-3 diverges for most models. Each prior is snapped into the recipe's
-# space; the first ones are tried first (`prior_configs`).
-PRIORS: tuple[dict[str, Any], ...] = (
-    {"learning_rate": 2e-4, "lora_target_modules": "all-linear", "lora_alpha": 32.0},
-    {"learning_rate": 1e-3, "lora_target_modules": "all-linear", "lora_alpha": 32.0},
-    {"learning_rate": 5e-4, "lora_target_modules": "all-linear", "lora_alpha": 16.0},
-)
+REFERENCE_WIDTH = 4096          # LLaMA-7B's hidden size, where QLoRA's lr 2e-4 x alpha 16 was tuned
+REFERENCE_PRODUCT = 2e-4 * 16   # lr x alpha there
+SHORT_RUN_STEPS = 500           # fewer optimizer steps than this: a short run (x SHORT_RUN_FACTOR)
+SHORT_RUN_FACTOR = 1.5
+SECOND_FACTOR = 3.0             # the second start's learning rate over the first's
+ALPHA = 32.0                    # where lora_alpha itself is searched
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the priors know of the model and the run."""
+
+    hidden_size: int
+    parameters: float           # total, approximate
+    steps: int | None = None    # optimizer steps of one trial, when the budget says
+
+
+def facts_from_config(config: Any, steps: int | None = None) -> ModelFacts | None:
+    """`ModelFacts` from a transformers config (its text config for a multimodal one), or None when it
+    names no width. Parameters are counted from the shape (embeddings + 12 d^2 per layer, or the MLP's
+    own size where the config gives it): enough to place the model in a size class."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    width = next((getattr(text, k) for k in ("hidden_size", "n_embd", "d_model") if isinstance(getattr(text, k, None), int)), None)
+    if not width:
+        return None
+    layers = next((getattr(text, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(getattr(text, k, None), int)), 0)
+    vocab = getattr(text, "vocab_size", 0) or 0
+    mlp = getattr(text, "intermediate_size", None) or 4 * width
+    experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or 1
+    per_layer = 4 * width * width + 3 * width * mlp * experts
+    return ModelFacts(hidden_size=width, parameters=float(layers * per_layer + vocab * width), steps=steps)
+
+
+def lr_alpha_product(facts: ModelFacts | None) -> float:
+    """The learning rate x alpha the first start uses (see the module docstring)."""
+    width = facts.hidden_size if facts else REFERENCE_WIDTH
+    product = REFERENCE_PRODUCT * REFERENCE_WIDTH / width
+    if facts and facts.steps is not None and facts.steps < SHORT_RUN_STEPS:
+        product *= SHORT_RUN_FACTOR
+    return product
+
+
+def prior_rank(facts: ModelFacts | None) -> int:
+    params = facts.parameters if facts else 7e9
+    return 16 if params < 1e9 else 32 if params < 1e10 else 64
 
 
 def _snap(spec: Choice | Any, value: Any, log: bool) -> Any:
@@ -54,24 +111,78 @@ def _middle(spec: Choice | Any) -> Any:
     return _snap(spec, math.sqrt(spec.low * spec.high) if spec.log else (spec.low + spec.high) / 2, False)
 
 
-def prior_configs(space: SearchSpace, n: int) -> list[dict[str, Any]]:
-    """Up to `n` distinct configurations of `space` from `PRIORS`, each a value for every searched setting
-    it activates: the prior's value snapped into the space, a middle rank, and the setting's default
-    (snapped) or the middle of its range for the rest. What a new study runs first (`Search.prepare`)."""
+def prior_configs(space: SearchSpace, n: int, facts: ModelFacts | None = None) -> list[dict[str, Any]]:
+    """Up to `n` distinct configurations of `space`, each a value for every searched setting it activates:
+    the first at the rule's learning rate (`lr_alpha_product` over the configuration's alpha), the second
+    at `SECOND_FACTOR` times it, a third at a third of it; all linear layers, the rank for the model's size,
+    alpha 32 (or the ratio's default); the setting's default (snapped) or the middle of its range for the
+    rest. Each value is snapped into the space. What a new study runs first (`Strategy.created`)."""
     out: list[dict[str, Any]] = []
-    for prior in PRIORS:
+    product = lr_alpha_product(facts)
+    for factor in (1.0, SECOND_FACTOR, 1 / SECOND_FACTOR):
         if len(out) >= max(0, n):
             break
         values = {name: spec.value for name, spec in space.specs.items() if isinstance(spec, Fixed)}
+        wanted = {"lora_target_modules": "all-linear", "lora_r": prior_rank(facts), "lora_alpha": ALPHA}
         for name in space.searched:
             spec, param = space.specs[name], PARAMS[name]
-            if name in prior:
-                values[name] = _snap(spec, prior[name], param.log)
-            elif name == "lora_r" or param.default is None:
-                values[name] = _middle(spec)
-            else:
-                values[name] = _snap(spec, param.default, param.log)
+            if name in wanted:
+                values[name] = _snap(spec, wanted[name], param.log)
+            elif name != "learning_rate":
+                values[name] = _middle(spec) if param.default is None else _snap(spec, param.default, param.log)
+        if "learning_rate" in space.searched:
+            spec = space.specs["learning_rate"]
+            lr = _snap(spec, float(f"{product * factor / _effective_alpha(values):.2g}"), True)  # 1.1e-3, not 0.0010666
+            first = out[0].get("learning_rate") if out else None
+            if factor != 1.0 and lr == first:  # snapped or clipped onto the first start's: step away from it
+                lr = (_next_option(spec, lr, up=factor > 1) if isinstance(spec, Choice)
+                      else _snap(spec, float(f"{first * factor:.2g}"), True))
+            values["learning_rate"] = lr
         config = active_params(space, {name: values[name] for name in space.searched})
         if config not in out:
             out.append(config)
     return out
+
+
+def _next_option(spec: Choice, value: Any, up: bool) -> Any:
+    """The option just above (or below) `value` in a numeric choice, else `value` itself."""
+    numeric = sorted(o for o in spec.options if isinstance(o, int | float) and not isinstance(o, bool))
+    beyond = [o for o in numeric if o > value] if up else [o for o in reversed(numeric) if o < value]
+    return beyond[0] if beyond else value
+
+
+def _effective_alpha(values: dict[str, Any]) -> float:
+    """alpha, or alpha x sqrt(r) under rsLoRA: what the learning rate multiplies (module docstring)."""
+    r = int(values.get("lora_r") or PARAMS["lora_r"].default)
+    alpha = values.get("lora_alpha")
+    if alpha is None:
+        alpha = float(values.get("lora_alpha_ratio") or PARAMS["lora_alpha_ratio"].default) * r
+    return float(alpha) * (math.sqrt(r) if values.get("use_rslora") else 1.0)
+
+
+def recipe_facts(recipe: Any, space: SearchSpace | None = None) -> ModelFacts | None:
+    """`ModelFacts` for a recipe's model (its config, read offline-safe as the preflight does) and budget
+    (steps from examples or tokens at the space's fixed or default batch; epochs leave it unknown). None
+    when the config cannot be read: the rule then assumes a 7B-class model."""
+    from llmtune.builtin.names import resolve_model_name
+    from llmtune.config.space import global_batch
+
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve_model_name(recipe.model.name, log=None), revision=recipe.model.revision,
+                                            trust_remote_code=recipe.model.trust_remote_code)
+    except Exception:  # unreadable here (the preflight has said why, where it matters): no facts
+        return None
+    space = space or recipe.space
+    fixed = {n: s.value for n, s in space.specs.items() if isinstance(s, Fixed)}
+    batch_settings = {"batch_size": fixed.get("batch_size"),
+                      "micro_batch_size": fixed.get("micro_batch_size") or PARAMS["micro_batch_size"].default}
+    batch = global_batch(batch_settings, recipe.train.gradient_accumulation_steps)
+    budget, steps = recipe.train.budget, None
+    if budget.kind == "examples":
+        steps = max(1, int(budget.amount) // batch)
+    elif budget.kind == "tokens":
+        seq = fixed.get("sequence_len") or PARAMS["sequence_len"].default
+        steps = max(1, int(budget.amount) // (batch * int(seq)))
+    return facts_from_config(config, steps)

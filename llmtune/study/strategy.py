@@ -29,7 +29,7 @@ from llmtune.config.recipe import Recipe
 from llmtune.config.space import SearchSpace
 from llmtune.study import engine, probes
 from llmtune.study.attrs import PRIOR, SETTINGS
-from llmtune.study.priors import prior_configs
+from llmtune.study.priors import prior_configs, recipe_facts
 from llmtune.study.storage import counted
 from llmtune.trial.endings import COMPLETE, OVER_BUDGET, SegmentEnd, no_layout_fits, not_run
 from llmtune.trial.result import TrialResult
@@ -79,13 +79,19 @@ class Strategy:
         return None
 
     def created(self, search: Search) -> None:
-        """The study was created by this process: queue known-good starting points (`prior_configs`)
-        first, with `sampler: auto` (not the grid). Few (2, or a quarter of a small n_trials): they
-        anchor the sampler, not replace it; a resumed or joined study gets none."""
+        """The study was created by this process: queue known-good starting points first (`prior_configs`:
+        from the model's width and size and the budget), with `sampler: auto` (not the grid). Few (2, or a
+        quarter of a small n_trials): they anchor the sampler, not replace it; a resumed or joined study
+        gets none."""
         if self.recipe.study.sampler != "auto" or isinstance(search.sampler, optuna.samplers.GridSampler):
             return
         n = 2 if search.n_trials is None else min(2, max(1, search.n_trials // 4))
-        for config in prior_configs(search.sample_space, n):
+        facts = recipe_facts(self.recipe, search.space)
+        search.log("first trials: " + (f"the learning rate for width {facts.hidden_size}, ~{facts.parameters / 1e9:.2g}B "
+                                       f"parameters{f', {facts.steps} steps' if facts.steps else ''}" if facts else
+                                       "the model's config could not be read: priors for a 7B-class model")
+                   + " (study/priors.py)")
+        for config in prior_configs(search.sample_space, n, facts):
             search.study.enqueue_trial(config, user_attrs={PRIOR: True}, skip_if_exists=True)
 
     def prepare(self, search: Search) -> None:
