@@ -369,14 +369,32 @@ def real_recipe(args: argparse.Namespace, task: str) -> dict[str, Any]:
     }
 
 
+def prior_ids(args: argparse.Namespace, task: str) -> list[int]:
+    """The grid points a new search on this task starts from (`llmtune.study.priors`, for SmolLM2-135M and
+    this budget): recorded first, so that the priors' regret can be read off a partial table."""
+    from llmtune.config.recipe import recipe_from_dict
+    from llmtune.config.space import SearchSpace
+    from llmtune.study.priors import prior_configs, recipe_facts
+
+    space = SearchSpace.from_dict({**REAL["learning"], **REAL["fixed"]})
+    facts = recipe_facts(recipe_from_dict(real_recipe(args, task)), space)
+    points = grid_points(REAL["learning"])
+    names = list(REAL["learning"])
+    return [i for c in prior_configs(space, 3, facts) for i, p in enumerate(points)
+            if all(p[n] == c.get(n, p[n]) for n in names)]
+
+
 def real_jobs(args: argparse.Namespace, work: str) -> list[tuple[Any, ...]]:
-    """Every (task, learning configuration) run, each task's grid shuffled (seed 21), the tasks alternating."""
+    """Every (task, learning configuration) run: the priors' starts first, then each task's grid shuffled
+    (seed 21), the tasks alternating."""
     points = grid_points(REAL["learning"])
     per_task = []
     for t, task in enumerate(REAL["tasks"]):
         recipe = real_recipe(args, task)
         order = list(range(len(points)))
         random.Random(21 + t).shuffle(order)
+        first = prior_ids(args, task)
+        order = first + [i for i in order if i not in first]
         per_task.append([(i, {**points[i], **REAL["fixed"]}, recipe, work, {"kind": task, "rungs": RUNGS})
                          for i in order])
     return [job for group in itertools.zip_longest(*per_task) for job in group if job is not None]
