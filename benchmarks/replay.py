@@ -75,7 +75,10 @@ __all__ = ["REF", "Table", "at_rung", "exclude", "hv_at_seconds", "hypervolume",
 # queued first (the search with `study.execution: search`); "-probes" also searching the learning settings
 # only, execution variants probed (`study.execution: probe`, llmtune's default).
 PRIORS_SAMPLERS = ("llmtune-priors", "llmtune-probes")
-SAMPLERS = ("llmtune", "llmtune-new", *PRIORS_SAMPLERS, "random", "grid", "nsga2", "tpe")
+SAMPLERS = ("llmtune", "llmtune-new", *PRIORS_SAMPLERS, "random", "grid", "nsga2", "tpe", "gp")
+# The baselines as a real llmtune search runs them (`study.sampler: random` and so on): in a discrete space
+# wrapped in `UniqueSampler`, so that no sampler, ours or theirs, pays twice for one configuration.
+BASELINES = ("random", "nsga2", "tpe", "gp")
 DEFAULT_OBJECTIVES = "eval_loss:minimize,train_throughput:maximize"
 
 
@@ -89,16 +92,18 @@ def make_sampler(name: str, table: Table, space: SearchSpace, seed: int, n_trial
         from llmtune.study.samplers import default_sampler
 
         return default_sampler(space, n_objectives=len(table.objectives), n_trials=n_trials, seed=seed)[0]
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+    if name in BASELINES:  # Optuna's sampler with its defaults (tpe: llmtune's `tpe` is multivariate; this is not)
+        from llmtune.study.samplers import UniqueSampler
+
+        base = {"random": lambda: optuna.samplers.RandomSampler(seed=seed),
+                "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+                "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+                "gp": lambda: optuna.samplers.GPSampler(seed=seed)}[name]()
+        return UniqueSampler(base, space=space, seed=seed) if space.grid() is not None else base
     if name == "grid":  # llmtune's `sampler: grid` (Optuna's grid sampler): every grid point once, seeded order
         from llmtune.study.samplers import SAMPLERS
 
         return SAMPLERS["grid"].build(space, len(table.objectives), n_trials, seed, False)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if name == "tpe":  # Optuna's default sampler, with its default settings
-        return optuna.samplers.TPESampler(seed=seed)
     raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
 
 
@@ -113,12 +118,14 @@ def replay_pruner(spec: str, table: Table) -> Any:
 
 
 def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trials: int,
-           planned: int | None = None, variant_values: str = "probe", stop_at_front: bool = False) -> dict[str, list]:
+           planned: int | None = None, variant_values: str = "probe", stop_at_front: bool = False,
+           facts: Any = None) -> dict[str, list]:
     """One replayed search. Per trial: cumulative training seconds, HV ratio, whether it was pruned,
     its own cost, the rung it was pruned at (None: it completed), its configuration's key and the
     seconds of that cost spent on probes. ``planned`` is the n_trials llmtune's samplers are configured
     for (default: n_trials); ``variant_values``: see `probe_trial`; ``stop_at_front``: stop once the whole
-    true front is found (nothing after that changes a result about seconds)."""
+    true front is found (nothing after that changes a result about seconds); ``facts``: the model and
+    budget the priors start from (`llmtune.study.priors.ModelFacts`; None: the rule's 7B-class default)."""
     probing = sampler_name == "llmtune-probes"
     if probing and not table.execution:
         raise ValueError("llmtune-probes needs a table with execution settings (the meta's \"execution\")")
@@ -131,7 +138,7 @@ def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trial
     study = optuna.create_study(directions=[d for _, d in table.objectives], sampler=sampler)
     if sampler_name in PRIORS_SAMPLERS and not isinstance(sampler, optuna.samplers.GridSampler):
         # As Strategy.created does for `sampler: auto`: 2 known-good points (a quarter of a small budget).
-        for config in prior_configs(sample_space, min(2, max(1, budget // 4))):
+        for config in prior_configs(sample_space, min(2, max(1, budget // 4)), facts):
             study.enqueue_trial(config, user_attrs={PRIOR: True}, skip_if_exists=True)
     options = [dict(zip(table.execution, combo, strict=True))
                for combo in itertools.product(*(table.grid[n] for n in table.execution))]
@@ -318,7 +325,24 @@ def _job(job: tuple[str, int]) -> tuple[str, int, dict[str, list]]:
     sampler, _, pruner = method.partition("+")
     assert _TABLE is not None
     return method, seed, replay(_TABLE, sampler, pruner or "none", seed, _OPTIONS["trials"], _OPTIONS["planned"],
-                                _OPTIONS["variant_values"], stop_at_front=True)
+                                _OPTIONS["variant_values"], stop_at_front=True, facts=_OPTIONS.get("facts"))
+
+
+def table_facts(meta: dict[str, Any], table: Table) -> Any:
+    """What the priors know of a table's model and budget: from the recipe its meta keeps (llmtune's own
+    tables), else None (a table that names no model: the rule's 7B-class default)."""
+    recipe = meta.get("recipe")
+    if not isinstance(recipe, dict):
+        return None
+    from llmtune.config.recipe import recipe_from_dict
+    from llmtune.study.priors import recipe_facts
+
+    try:
+        return recipe_facts(recipe_from_dict({**recipe, "search": {**recipe.get("search", {})}}),
+                            SearchSpace.from_dict(table.grid))
+    except Exception as e:  # a recipe of an older llmtune: say so, and replay without
+        print(f"(the table's recipe gives no model facts: {type(e).__name__}: {e}; priors assume a 7B-class model)")
+        return None
 
 
 def parse_objectives(text: str) -> list[tuple[str, str]]:
@@ -340,11 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=80, help="trials per replay (budgets are read off its prefix); "
                    "under probes a trial is a learning configuration")
     p.add_argument("--budgets", default="10,20,40")
-    p.add_argument("--planned", type=int, default=None, help="the n_trials llmtune's samplers are set up for, as a "
-                   "user asking for that many would (default: the largest budget)")
+    p.add_argument("--planned", type=int, default=20, help="the n_trials llmtune's samplers are set up for, as a "
+                   "user asking for that many would (default: 20, the shipped recipes' n_trials)")
     p.add_argument("--methods", default=None, help="sampler+pruner,... (default: every --samplers x --pruners); "
                    f"samplers: {', '.join(SAMPLERS)}; pruners: none, asha, hyperband, ...")
-    p.add_argument("--samplers", default=",".join(s for s in SAMPLERS if s != "llmtune-probes"))
+    p.add_argument("--samplers", default=",".join(s for s in SAMPLERS if s not in ("llmtune-probes", "gp")))
     p.add_argument("--pruners", default="none,asha")
     p.add_argument("--ours", default=None, help="the method the ratios and targets are about (default: "
                    "llmtune-probes+asha if replayed, else the first method)")
@@ -389,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--methods: unknown sampler in {', '.join(unknown)}; samplers: {', '.join(SAMPLERS)}")
     ours = args.ours or ("llmtune-probes+asha" if "llmtune-probes+asha" in methods else methods[0])
-    options = {"trials": args.trials, "planned": args.planned or max(budgets), "variant_values": args.variant_values}
+    options = {"trials": args.trials, "planned": args.planned, "variant_values": args.variant_values,
+               "facts": table_facts(table_meta, table)}
     t0 = time.time()
     runs: dict[str, list[dict[str, list]]] = {m: [] for m in methods}
     with mp.get_context("fork").Pool(args.jobs, initializer=_init, initargs=(table, options)) as pool:
