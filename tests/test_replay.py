@@ -219,3 +219,20 @@ def test_cli_replays_a_generic_table(tmp_path):
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["meta"]["ours"] == "llmtune-probes+asha"
     assert "llmtune-probes: asha / none" in result["ratios"] and (tmp_path / "r_hv.png").exists()
+
+
+def test_priors_regret_reads_the_priors_starts_off_a_recorded_table() -> None:
+    import priors_regret
+
+    table = Path(__file__).resolve().parents[1] / "benchmarks/results/tabular_cpu-long.csv"
+    result = priors_regret.one_table(str(table))
+    assert result["facts"]["hidden_size"] == 128  # the tiny model, read from the table's recipe
+    assert len(result["new"]) == 2 and all(s["eval_loss"] is not None for s in result["new"])
+    assert result["new_regret"] == pytest.approx(min(s["eval_loss"] for s in result["new"]) / result["best"] - 1)
+    assert 0 <= result["new_regret"] and 0 < result["random_pair_regret"]
+
+
+def test_the_baselines_never_repeat_a_configuration() -> None:
+    table = R.synthetic_table({"learning_rate": [1e-4, 1e-3], "lora_r": [4, 8]}, [("eval_loss", "minimize")])
+    run = R.replay(table, "random", "none", seed=0, n_trials=4)
+    assert len(set(run["key"])) == 4  # the whole 4-point grid, each point once
