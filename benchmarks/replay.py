@@ -317,6 +317,10 @@ _OPTIONS: dict[str, Any] = {}
 def _init(table: Table, options: dict[str, Any]) -> None:
     global _TABLE, _OPTIONS
     _TABLE, _OPTIONS = table, options
+    if options.get("min_agreement") is not None:
+        from llmtune.study import rungs
+
+        rungs.MIN_AGREEMENT = options["min_agreement"]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -384,15 +388,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="average timing/memory over runs that differ only in learning rate, alpha, warmup")
     p.add_argument("--cost", choices=("train", "wall"), default="train",
                    help="train: recorded training seconds; wall: the trial's whole recorded time")
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="the rung gate's threshold (llmtune.study.rungs.MIN_AGREEMENT); -2 turns the gate off")
     p.add_argument("--notes", default="", help="a sentence for the report's header")
     p.add_argument("--out", default="benchmarks/results", help="folder for <tag>.md/.json/_hv.png")
     p.add_argument("--tag", default="replay")
     args = p.parse_args(argv)
     objectives = parse_objectives(args.objectives)
-    if args.table == "synthetic":  # a dry run of the replayer itself; its numbers mean nothing
+    if args.table in ("synthetic", "synthetic-crossing"):  # the replayer's dry run; crossing: a rung-gate check
         from tabular_record import GRIDS
 
-        table = synthetic_table(GRIDS["cpu"], objectives, execution=("sample_packing", "gradient_checkpointing"))
+        table = synthetic_table(GRIDS["cpu"], objectives, execution=("sample_packing", "gradient_checkpointing"),
+                                crossing=args.table == "synthetic-crossing")
         table_meta: dict[str, Any] = {"machine": {"platform": "synthetic"}}
     else:
         try:
@@ -414,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--methods: unknown sampler in {', '.join(unknown)}; samplers: {', '.join(SAMPLERS)}")
     ours = args.ours or ("llmtune-probes+asha" if "llmtune-probes+asha" in methods else methods[0])
     options = {"trials": args.trials, "planned": args.planned, "variant_values": args.variant_values,
-               "facts": table_facts(table_meta, table)}
+               "facts": table_facts(table_meta, table), "min_agreement": args.min_agreement}
     t0 = time.time()
     runs: dict[str, list[dict[str, list]]] = {m: [] for m in methods}
     with mp.get_context("fork").Pool(args.jobs, initializer=_init, initargs=(table, options)) as pool:

@@ -289,13 +289,15 @@ def pool_speed(table: Table) -> Table:
 
 
 def synthetic_table(grid: dict[str, list[Any]], objectives: list[tuple[str, str]], seed: int = 0,
-                    rungs: tuple[float, ...] = (1 / 27, 1 / 9, 1 / 3), execution: tuple[str, ...] = ()) -> Table:
+                    rungs: tuple[float, ...] = (1 / 27, 1 / 9, 1 / 3), execution: tuple[str, ...] = (),
+                    crossing: bool = False) -> Table:
     """A made-up table with a learnable structure (tests and dry runs of the replayer, never results).
 
     Each choice of each setting adds a fixed random effect to the final loss (execution settings: none,
     as in a real table), the throughput and the peak memory; the loss curve decays towards the final
     loss, and training seconds grow linearly with the fraction. Probe columns: a probe costs 5% of the
-    run and projects its seconds within +-10%.
+    run and projects its seconds within +-10%. ``crossing``: early losses rank the final ones backwards
+    (what ends best starts worst, as slow learning rates can), fading linearly to the true order at the end.
     """
     rng = np.random.default_rng(seed)
     effects = {name: rng.normal(size=(len(choices), 3)) for name, choices in grid.items()}
@@ -311,7 +313,8 @@ def synthetic_table(grid: dict[str, list[Any]], objectives: list[tuple[str, str]
         row: dict[str, Any] = {"status": "complete", "eval_loss": loss, "train_throughput": 1000.0 * speed,
                                "train_time_s": seconds, "peak_memory_gb": memory, "trainable_params": float(index[0] + 1)}
         for f in rungs:
-            row[f"loss@{round(f, 6):g}"] = loss + 1.5 * (1 - f) ** 2
+            early = (8.0 - loss) if crossing else loss
+            row[f"loss@{round(f, 6):g}"] = f * loss + (1 - f) * early + 1.5 * (1 - f) ** 2
             row[f"train_s@{round(f, 6):g}"] = seconds * f
         error = 1.0 + 0.1 * rng.uniform(-1, 1)
         row.update(probe_s=0.05 * seconds, probe_train_time_s=seconds * error, probe_peak_memory_gb=memory,

@@ -353,3 +353,33 @@ def test_a_diverged_peer_ranks_last_with_and_without_a_tolerance() -> None:
     points = np.array([[1.0, -100.0], [np.inf, -100.0], [2.0, -100.0]])  # loss, -throughput
     for tolerance in (0.0, 0.1):
         assert list(_pareto_ranks(points, tolerance)) == [0, 2, 1]
+
+
+def _finished(study: optuna.Study, early: float, final: float) -> None:
+    add(study, [[R1, early], [R2, (early + final) / 2], [1.0, final]], **{STATUS: "complete"})
+
+
+@pytest.mark.parametrize("agree", [True, False])
+def test_a_rung_whose_losses_do_not_rank_the_final_ones_prunes_nothing(agree: bool) -> None:
+    """Finished trials whose early losses rank their final ones backwards (slow starters end best): the
+    early rung stops deciding; where they agree, ASHA prunes the laggard as before."""
+    from llmtune.study.rungs import rung_agreement
+
+    study = new_study()
+    for i in range(5):
+        early = 1.0 + i
+        _finished(study, early, 0.5 + i if agree else 5.0 - i)
+    rho, pairs = rung_agreement(study, R1)
+    assert pairs == 5 and rho == pytest.approx(1.0 if agree else -1.0)
+    laggard = running(study)
+    assert ASHAPruner().should_prune(study, laggard, R1, 10.0) is agree
+
+
+def test_too_few_finished_trials_leave_asha_as_it_was() -> None:
+    from llmtune.study.rungs import AGREEMENT_PAIRS, rung_agreement
+
+    study = new_study()
+    for i in range(AGREEMENT_PAIRS - 1):
+        _finished(study, 1.0 + i, 5.0 - i)  # backwards, but too few to say so
+    assert rung_agreement(study, R1) == (None, AGREEMENT_PAIRS - 1)
+    assert ASHAPruner().should_prune(study, running(study), R1, 10.0)
