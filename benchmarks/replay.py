@@ -65,7 +65,7 @@ from replay_table import (  # noqa: E402  (re-exported: tests and other benchmar
 from llmtune.config.space import Fixed, SearchSpace  # noqa: E402
 from llmtune.study import probes  # noqa: E402
 from llmtune.study.attrs import CURVE, PRIOR, RUNG_METRICS, STATUS, VARIANT_OF  # noqa: E402
-from llmtune.study.priors import prior_configs  # noqa: E402
+from llmtune.study.priors import COST_METRICS, cheap_config, prior_configs  # noqa: E402
 from llmtune.study.pruners import make_pruner  # noqa: E402
 from llmtune.study.rungs import PARTIAL_METRICS  # noqa: E402
 
@@ -137,8 +137,13 @@ def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trial
     pruner = replay_pruner(pruner_name, table)
     study = optuna.create_study(directions=[d for _, d in table.objectives], sampler=sampler)
     if sampler_name in PRIORS_SAMPLERS and not isinstance(sampler, optuna.samplers.GridSampler):
-        # As Strategy.created does for `sampler: auto`: 2 known-good points (a quarter of a small budget).
-        for config in prior_configs(sample_space, min(2, max(1, budget // 4)), facts):
+        # As Strategy.created does for `sampler: auto`: 2 known-good points (a quarter of a small budget),
+        # and the cheap end of the front where an objective is a cost.
+        configs = prior_configs(sample_space, min(2, max(1, budget // 4)), facts)
+        names = {m for m, _ in table.objectives}
+        cheap = (cheap_config(sample_space, facts, smallest_rank="trainable_params" in names)
+                 if COST_METRICS & names and budget >= 8 else None)
+        for config in configs + ([cheap] if cheap is not None and cheap not in configs else []):
             study.enqueue_trial(config, user_attrs={PRIOR: True}, skip_if_exists=True)
     options = [dict(zip(table.execution, combo, strict=True))
                for combo in itertools.product(*(table.grid[n] for n in table.execution))]

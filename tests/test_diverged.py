@@ -144,7 +144,9 @@ def test_a_new_study_queues_the_priors_first_and_a_resumed_one_does_not(tiny_mod
     # the tiny model (width 128, 6 steps) wants more than the space's top: 5e-4, then the third start's 1.7e-4
     assert [t.system_attrs["fixed_params"] for t in waiting] == [
         {"learning_rate": 5e-4, "lora_r": 16, "lora_target_modules": "all-linear"},
-        {"learning_rate": 1.7e-4, "lora_r": 16, "lora_target_modules": "all-linear"}]
+        {"learning_rate": 1.7e-4, "lora_r": 16, "lora_target_modules": "all-linear"},
+        # peak_memory_gb is an objective: the cheap end of the front too (attention only)
+        {"learning_rate": 5e-4, "lora_r": 16, "lora_target_modules": "attention"}]
     assert all(t.user_attrs[PRIOR] for t in waiting)
     space = distributions(recipe.space)
     for t in waiting:
@@ -155,8 +157,8 @@ def test_a_new_study_queues_the_priors_first_and_a_resumed_one_does_not(tiny_mod
     assert first.suggest_float("learning_rate", 5e-5, 5e-4, log=True) == 5e-4
 
     again = Search(recipe, log=lambda _: None).prepare()  # resumed: nothing more queued
-    assert len(again.get_trials(states=(TrialState.WAITING,))) == 1
-    assert len(again.trials) == 2
+    assert len(again.get_trials(states=(TrialState.WAITING,))) == 2
+    assert len(again.trials) == 3
 
     other = recipe_from_dict(tiny_recipe_dict(tmp_path / "b", search=PRIOR_SPACE,
                                               study={"n_trials": 8, "sampler": "random"}))
@@ -177,3 +179,19 @@ def test_a_search_records_a_diverged_trial_as_infeasible(tiny_model_path, tiny_d
     assert list(hot.constraints.values())[0] == 1.0 and hot.values[0] >= ok.values[0]
     assert ok.user_attrs[STATUS] == "complete" and list(ok.constraints.values())[0] == 0.0
     assert len(study.trials) == 2  # counted towards n_trials, not retried
+
+
+def test_a_cost_objective_queues_the_cheap_end_of_the_front() -> None:
+    from llmtune.config.space import SearchSpace
+    from llmtune.study.priors import ModelFacts, cheap_config, prior_configs
+
+    space = SearchSpace.from_dict({"learning_rate": {"low": 1e-6, "high": 1e-1, "log": True}, "lora_r": [4, 16, 64],
+                                   "lora_target_modules": ["attention", "all-linear"]})
+    facts = ModelFacts(576, 1.35e8, steps=2000)
+    assert cheap_config(space, facts) == {**prior_configs(space, 1, facts)[0], "lora_target_modules": "attention"}
+    cheap = cheap_config(space, facts, smallest_rank=True)  # the adapter's size is an objective
+    assert cheap is not None and cheap["lora_r"] == 4 and cheap["lora_target_modules"] == "attention"
+    first = prior_configs(space, 1, facts)[0]
+    # alpha = 2 x r: a 4x smaller rank is a 4x smaller alpha, so the rule's learning rate is 4x larger
+    assert cheap["learning_rate"] == pytest.approx(4 * first["learning_rate"], rel=0.05)
+    assert cheap_config(SearchSpace.from_dict({"learning_rate": [1e-4, 1e-3]}), facts) is None

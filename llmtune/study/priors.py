@@ -22,6 +22,10 @@ The rule (`lora_prior`), and where each part comes from:
   and a **rank that grows with the model**: 16 below 1B parameters, 32 below 10B, 64 above (QLoRA's 64
   at 7B-65B; small models have less to adapt and train on small data, where a low rank loses nothing).
 
+Where an objective is a cost (time, memory, size, latency), one more start is queued: the cheap end of the
+front (`cheap_config`: the shortest context and the fewest adapted layers the space offers, and the
+smallest rank where the adapter's size is an objective), which a sampler chasing the loss would reach only by chance.
+
 Without a readable model config the rule assumes a 7B-class model (hidden 4096).
 """
 
@@ -31,7 +35,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from llmtune.config.space import PARAMS, Choice, Fixed, SearchSpace
+from llmtune.config.space import PARAMS, Choice, Fixed, Range, SearchSpace
 from llmtune.study.samplers import active_params
 
 REFERENCE_WIDTH = 4096          # LLaMA-7B's hidden size, where QLoRA's lr 2e-4 x alpha 16 was tuned
@@ -40,6 +44,11 @@ SHORT_RUN_STEPS = 500           # fewer optimizer steps than this: a short run (
 SHORT_RUN_FACTOR = 1.5
 SECOND_FACTOR = 3.0             # the second start's learning rate over the first's
 ALPHA = 32.0                    # where lora_alpha itself is searched
+# Objectives that a smaller adapter makes better: where one is optimised, the cheap end is queued too.
+COST_METRICS = frozenset({"peak_memory_gb", "train_time_s", "train_throughput", "trainable_params", "latency_ms",
+                          "ttft_ms"})
+# LoRA target presets from the fewest adapted layers to the most (harness/targets.PRESETS)
+TARGETS_BY_SIZE = ("qv", "attention", "mlp", "all-linear")
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,38 @@ def prior_configs(space: SearchSpace, n: int, facts: ModelFacts | None = None) -
         if config not in out:
             out.append(config)
     return out
+
+
+def cheap_config(space: SearchSpace, facts: ModelFacts | None = None, smallest_rank: bool = False) -> dict[str, Any] | None:
+    """The cheap end of the front: the first start with the shortest context and the fewest adapted layers the
+    space offers, and with `smallest_rank` (the adapter's size is an objective) the smallest rank, its learning
+    rate following the smaller alpha. The rank is otherwise kept: it barely moves time or memory (LoRA's
+    products are small beside the base model's), and on llmtune's long table a smaller rank did not train
+    faster. None when none of these is searched."""
+    if not {"lora_r", "lora_target_modules", "sequence_len"} & set(space.searched):
+        return None
+    first = prior_configs(space, 1, facts)
+    if not first:
+        return None
+    values = {**{n: s.value for n, s in space.specs.items() if isinstance(s, Fixed)}, **first[0]}
+    if smallest_rank and "lora_r" in space.searched:
+        spec = space.specs["lora_r"]
+        if isinstance(spec, Choice):
+            values["lora_r"] = min(spec.options)
+        elif isinstance(spec, Range):
+            values["lora_r"] = _snap(spec, spec.low, True)
+    seq = space.specs.get("sequence_len")
+    if "sequence_len" in space.searched and isinstance(seq, Choice | Range):  # the context costs most of all
+        values["sequence_len"] = min(seq.options) if isinstance(seq, Choice) else _snap(seq, seq.low, True)
+    targets = space.specs.get("lora_target_modules")
+    if "lora_target_modules" in space.searched and isinstance(targets, Choice):
+        known = [t for t in TARGETS_BY_SIZE if t in targets.options]
+        if known:
+            values["lora_target_modules"] = known[0]
+    if "learning_rate" in space.searched:
+        lr = float(f"{lr_alpha_product(facts) / _effective_alpha(values):.2g}")
+        values["learning_rate"] = _snap(space.specs["learning_rate"], lr, True)
+    return active_params(space, {name: values[name] for name in space.searched})
 
 
 def _next_option(spec: Choice, value: Any, up: bool) -> Any:

@@ -29,7 +29,7 @@ from llmtune.config.recipe import Recipe
 from llmtune.config.space import SearchSpace
 from llmtune.study import engine, probes
 from llmtune.study.attrs import PRIOR, SETTINGS
-from llmtune.study.priors import prior_configs, recipe_facts
+from llmtune.study.priors import COST_METRICS, cheap_config, prior_configs, recipe_facts
 from llmtune.study.storage import counted
 from llmtune.trial.endings import COMPLETE, OVER_BUDGET, SegmentEnd, no_layout_fits, not_run
 from llmtune.trial.result import TrialResult
@@ -81,8 +81,9 @@ class Strategy:
     def created(self, search: Search) -> None:
         """The study was created by this process: queue known-good starting points first (`prior_configs`:
         from the model's width and size and the budget), with `sampler: auto` (not the grid). Few (2, or a
-        quarter of a small n_trials): they anchor the sampler, not replace it; a resumed or joined study
-        gets none."""
+        quarter of a small n_trials): they anchor the sampler, not replace it; with a cost objective and 8
+        or more trials, also the cheap end of the front (`cheap_config`); a resumed or joined study gets
+        none."""
         if self.recipe.study.sampler != "auto" or isinstance(search.sampler, optuna.samplers.GridSampler):
             return
         n = 2 if search.n_trials is None else min(2, max(1, search.n_trials // 4))
@@ -91,7 +92,13 @@ class Strategy:
                                        f"parameters{f', {facts.steps} steps' if facts.steps else ''}" if facts else
                                        "the model's config could not be read: priors for a 7B-class model")
                    + " (study/priors.py)")
-        for config in prior_configs(search.sample_space, n, facts):
+        configs = prior_configs(search.sample_space, n, facts)
+        objectives = set(self.recipe.objectives)
+        cheap = (cheap_config(search.sample_space, facts, smallest_rank="trainable_params" in objectives)
+                 if COST_METRICS & objectives else None)
+        if cheap is not None and cheap not in configs and (search.n_trials is None or search.n_trials >= 8):
+            configs.append(cheap)  # the cheap end of the front, which chasing the loss finds only by chance
+        for config in configs:
             search.study.enqueue_trial(config, user_attrs={PRIOR: True}, skip_if_exists=True)
 
     def prepare(self, search: Search) -> None:
