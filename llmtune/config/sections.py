@@ -4,7 +4,6 @@ each field with its default and a help string. `llmtune.config.recipe` builds th
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,7 +111,3 @@ SECTIONS: dict[str, type] = {
     "study": StudyConfig, "select": SelectConfig, "hub": HubConfig,
 }
 
-
-def field_help(cls: type) -> dict[str, str]:
-    """Help text of each field of a recipe section (for docs and `llmtune validate --explain`)."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

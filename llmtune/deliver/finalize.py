@@ -15,9 +15,10 @@ import optuna
 
 from llmtune.config.recipe import Recipe
 from llmtune.deliver.lineage import schedule_document
-from llmtune.deliver.report import write_atomic, write_report
+from llmtune.deliver.report import write_report
 from llmtune.deliver.results import SearchResult
 from llmtune.errors import SearchError
+from llmtune.files import write_atomic
 from llmtune.study.attrs import DIR, FINGERPRINT, METRICS_KEY, SETTINGS
 
 

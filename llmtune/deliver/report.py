@@ -4,8 +4,6 @@ Pareto table, the figures of `llmtune.deliver.figures` and every trial."""
 from __future__ import annotations
 
 import html
-import os
-import threading
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +31,7 @@ from llmtune.deliver.trial_view import (
     settings_of,
     status_of,
 )
+from llmtune.files import write_atomic
 from llmtune.study.attrs import REASON
 
 if TYPE_CHECKING:
@@ -76,16 +75,6 @@ table{border-collapse:collapse;background:#fff;font-size:13px;width:100%;box-sha
 th,td{padding:4px 8px;border-bottom:1px solid #e4e8ee;text-align:right}th{background:#eef1f5;position:sticky;top:0}
 tr.chosen td{background:#fff4d6;font-weight:600}.plot{background:#fff;border-radius:6px;margin:12px 0;padding:4px;box-shadow:0 1px 3px #0002}
 .note{color:#5f6b7a;font-style:italic}details{margin:12px 0}summary{cursor:pointer;font-weight:600}"""
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a reader (or a full disk) never leaves half a file behind."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_report(result: SearchResult, path: str | Path) -> Path:

@@ -185,8 +185,10 @@ def report_eval(study: optuna.Study, trial_id: int, recipe: Recipe, fraction: fl
     return True
 
 
-def curves_figure(trials: list[FrozenTrial]) -> Any:
-    """A plotly figure: every trial's learning curve (eval loss against the fraction of the budget)."""
+def dashboard_curves_figure(trials: list[FrozenTrial]) -> Any:
+    """optuna-dashboard's learning-curves plot, drawn from the trials as stored while the search runs (every
+    trial's eval loss against the fraction of the budget; pruned dotted). The report's figure of the same
+    curves is `deliver.figures.curves_figure`, drawn from a finished search's results."""
     import plotly.graph_objects as go
 
     dash = {COMPLETE: None, "pruned": "dot"}
@@ -236,7 +238,7 @@ def take_plot_lease(study: optuna.Study, owner: str, lease_s: float = PLOT_LEASE
 
 def save_curves_plot(study: optuna.Study) -> None:
     """Redraw the dashboard's learning-curves plot (`CURVES_PLOT_ID`) from every trial's stored curve."""
-    save_dashboard_plot(study, CURVES_PLOT_ID, curves_figure(study.get_trials(deepcopy=False)).to_json())
+    save_dashboard_plot(study, CURVES_PLOT_ID, dashboard_curves_figure(study.get_trials(deepcopy=False)).to_json())
 
 
 def started(study: optuna.Study, trial: optuna.Trial, values: dict[str, Any], trial_dir: Path) -> None:

@@ -26,10 +26,9 @@ class TrialResult:
         return json.dumps(asdict(self), indent=2, default=_jsonable, allow_nan=True)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)  # atomic: a reader never sees half a result
+        from llmtune.files import write_atomic
+
+        write_atomic(path, self.to_json())  # a reader never sees half a result
 
     @classmethod
     def load(cls, path: str | Path) -> TrialResult:
