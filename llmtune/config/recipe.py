@@ -243,7 +243,8 @@ def _check_values(recipe: Recipe, ck: _Checker) -> None:
         try:
             make_pruner(s.pruner, **s.pruner_settings)
         except (ValueError, TypeError) as e:
-            ck.add("study.pruner_settings", str(e))
+            for problem in str(e).splitlines():  # each bad setting on its own line
+                ck.add("study.pruner_settings", problem)
 
     check_objectives(recipe, ck.add)
 

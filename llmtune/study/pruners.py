@@ -10,6 +10,7 @@ measurements as well as their loss.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Protocol, runtime_checkable
@@ -116,11 +117,22 @@ class _RungSettings:
 
     def __init__(self, eta: int, min_fraction: float, min_trials_per_rung: int | None,
                  objectives: dict[str, str] | None, metric_tolerance: float) -> None:
-        self.eta = _check_eta(eta)
-        self.min_fraction = _check_min_fraction(min_fraction)
-        self.min_trials_per_rung = _check_min_trials(min_trials_per_rung, self.eta)
+        problems: list[str] = []
+
+        def checked(check: Callable[..., Any], *args: Any) -> Any:
+            try:
+                return check(*args)
+            except ValueError as e:  # every bad setting is reported, not only the first
+                problems.append(str(e))
+                return None
+
+        self.eta = checked(_check_eta, eta) or 3
+        self.min_fraction = checked(_check_min_fraction, min_fraction) or 1 / 9
+        self.min_trials_per_rung = checked(_check_min_trials, min_trials_per_rung, self.eta) or self.eta
         self.objectives = dict(objectives or {})
-        self.metric_tolerance = _check_tolerance(metric_tolerance)
+        self.metric_tolerance = checked(_check_tolerance, metric_tolerance) or 0.0
+        if problems:
+            raise ValueError("\n".join(problems))
         self._rungs = geometric_rungs(self.min_fraction, self.eta)
 
 
