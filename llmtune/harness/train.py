@@ -11,8 +11,9 @@ import os
 import platform
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -212,8 +213,8 @@ def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fr
     started = time.perf_counter()
     try:
         with ExitStack() as cleanup:
-            _run(recipe, settings, out, [] if probe_steps else fractions or eval_fractions(recipe), emit, result,
-                 trial_number, save_adapter and not probe_steps, cleanup, base_eval, probe_steps, segment)
+            _run(_Job(recipe, settings, out, [] if probe_steps else fractions or eval_fractions(recipe), emit, result,
+                      trial_number, save_adapter and not probe_steps, base_eval, probe_steps, segment), cleanup)
     except torch.OutOfMemoryError as e:
         result.status, result.reason = OOM, f"out of memory: {str(e).splitlines()[0][:300]}"
     except MemoryError:
@@ -229,19 +230,86 @@ def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fr
     return result
 
 
-def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[float], emit: EventFn,
-         result: TrialResult, trial_number: int | None, save_adapter: bool, cleanup: ExitStack,
-         base_eval: dict[str, Any] | None = None, probe_steps: int | None = None,
-         segment: dict[str, Any] | None = None) -> None:
-    info = result.info
-    info.update(versions=_versions(), trial_number=trial_number, output_dir=str(out))
+@dataclass
+class _Job:
+    """What `run_trial` hands the training: the recipe, the trial's settings and what kind of job it is."""
+
+    recipe: Recipe
+    settings: dict[str, Any]
+    out: Path
+    fractions: list[float]
+    emit: EventFn
+    result: TrialResult
+    trial_number: int | None
+    save_adapter: bool
+    base_eval: dict[str, Any] | None = None
+    probe_steps: int | None = None  # a probe: these steps only, no evaluation (study/probes.py)
+    segment: dict[str, Any] | None = None  # a segment: part of the plan, from and to a saved state (PBT)
+
+
+@dataclass
+class _Setup:
+    """Data, model and optimizer, ready to train (torchtune's recipe `setup`)."""
+
+    device: str
+    dtype: torch.dtype
+    tokenizer: Any
+    splits: Any
+    plan: D.Plan
+    eval_set: list[D.Batch]
+    model: Any
+    packed_mask: torch.dtype | None
+    trainable: int
+    params: list[torch.nn.Parameter]
+    optimizer: Any
+    scheduler: Any
+    warmup: int
+    seg: Any  # harness.resume.SegmentRun, for a segment
+
+
+@dataclass
+class _Steps:
+    """What the step loop did."""
+
+    train_s: float = 0.0
+    cpu_s: float = 0.0
+    real_tokens: int = 0
+    examples: int = 0
+    last: int = -1          # index of the last step run
+    stopped: bool = False   # diverged or pruned
+    loop_s: float = 0.0     # the loop's wall time without its evals
+
+
+def _run(job: _Job, cleanup: ExitStack) -> None:
+    """One trial: set up, run the steps this job runs (a probe's, a segment's or all), finish its kind of job."""
+    recipe, info = job.recipe, job.result.info
+    info.update(versions=_versions(), trial_number=job.trial_number, output_dir=str(job.out))
     threads = hardware.trial_threads(1, recipe.train.threads)  # the search hands each trial its share
     torch.set_num_threads(threads)
     info["threads"] = threads
     torch.manual_seed(recipe.train.seed)
-
-    emit({"event": "phase", "phase": "loading"})
+    job.emit({"event": "phase", "phase": "loading"})
     t0 = time.perf_counter()
+    s = _setup(job)
+    info["load_s"] = time.perf_counter() - t0
+    trackers = cleanup.enter_context(Trackers(recipe.train.report_to, job.out, f"trial-{job.trial_number}", job.settings))
+    evaluator = _Evaluator(job, s, trackers)
+    first, last = (s.seg.start_step, s.seg.stop_step) if s.seg else (0, len(s.plan.steps))
+    if 0.0 in job.fractions and first == 0:
+        evaluator.untrained()
+    release_memory(s.device)  # what the evaluation left cached must not count towards training's peak
+    probe = probe_indices(s.plan, job.probe_steps) if job.probe_steps else None
+    with track_peak_memory(s.device) as peak:
+        steps = _train_steps(job, s, evaluator, probe if probe is not None else range(first, last), first, last, probe)
+    if probe is not None:
+        _finish_probe(job, s, steps, peak, probe)
+    else:
+        _finish(job, s, steps, peak, evaluator, first, last)
+
+
+def _setup(job: _Job) -> _Setup:
+    """Load the data and plan the batches, load the model with its adapter, build optimizer and scheduler."""
+    recipe, settings, info = job.recipe, job.settings, job.result.info
     device = hardware.resolve_device(recipe.train.device)
     dtype = M.pick_dtype(recipe.model.dtype, device, M.checkpoint_dtype(recipe.model))
     info.update(device=device, dtype=str(dtype).removeprefix("torch."))
@@ -263,26 +331,10 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
                           packing=bool(settings["sample_packing"]), pad_id=tokenizer.pad_token_id, seed=recipe.train.seed)
     eval_set = D.eval_batches(eval_examples, recipe.train.eval_batch_size, tokenizer.pad_token_id)
     info["plan_s"] = time.perf_counter() - t_plan  # batching and padding: what a collator costs elsewhere
-    totals = plan.totals()
-    info.update(plan=totals, batch_size=batch_size, padding_share=D.padding_share(plan), dropped_examples=dropped,
+    info.update(plan=plan.totals(), batch_size=batch_size, padding_share=D.padding_share(plan), dropped_examples=dropped,
                 truncated_examples=sum(e.truncated for e in train_examples),
                 eval_examples=len(eval_examples), eval_tokens=sum(b.label_tokens for b in eval_set))
-
-    base = M.load_base(recipe.model, settings, device, dtype)
-    packed_mask = None
-    if settings["sample_packing"]:  # can this model keep packed examples apart, and how?
-        info["packing_mode"] = mode = packing_mode(base)
-        if mode == "none":
-            raise TargetError(f"search.sample_packing: {base.config.model_type} cannot keep packed examples apart "
-                              "(it ignores position ids and takes no block mask); set sample_packing: false")
-        packed_mask = dtype if mode == "mask" else None
-    model = M.apply_lora(base, settings)
-    trainable, total = M.count_params(model)
-    result.metrics["trainable_params"] = float(trainable)
-    info.update(total_params=total, quantized_layers=M.quantized_layer_types(model),
-                gradient_checkpointing=M.checkpointing_enabled(model))
-    info["load_s"] = time.perf_counter() - t0
-
+    model, packed_mask, trainable = _setup_model(job, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(recipe.train.optimizer, params, float(settings["learning_rate"]), recipe.train.weight_decay)
     n_steps = len(plan.steps)
@@ -292,141 +344,187 @@ def _run(recipe: Recipe, settings: dict[str, Any], out: Path, fractions: list[fl
 
     scheduler = get_scheduler(recipe.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=n_steps)
     seg = None
-    if segment is not None:  # a part of the plan, from a saved state, with the learning rate set per step
+    if job.segment is not None:  # a part of the plan, from a saved state, with the learning rate set per step
         from llmtune.harness.resume import SegmentRun, SegmentSpec
 
-        seg = SegmentRun(SegmentSpec.from_dict(segment), plan, settings, recipe.train.lr_scheduler, model, optimizer,
+        seg = SegmentRun(SegmentSpec.from_dict(job.segment), plan, settings, recipe.train.lr_scheduler, model, optimizer,
                          device)
-    first, last = (seg.start_step, seg.stop_step) if seg else (0, n_steps)
-    done_before = plan.progress[first - 1] if first else 0.0
-    trackers = cleanup.enter_context(Trackers(recipe.train.report_to, out, f"trial-{trial_number}", settings))
+    return _Setup(device, dtype, tokenizer, splits, plan, eval_set, model, packed_mask, trainable, params, optimizer,
+                  scheduler, warmup, seg)
 
-    eval_after = {plan.step_at(f): f for f in sorted(fractions) if f > 0}
-    eval_s = 0.0
 
-    def run_eval(fraction: float, step: int, measured: dict[str, float] | None = None, known: float | None = None,
+def _setup_model(job: _Job, device: str, dtype: torch.dtype) -> tuple[Any, torch.dtype | None, int]:
+    """The base model with its LoRA adapter, how packed rows keep their examples apart, the trainable count."""
+    info = job.result.info
+    base = M.load_base(job.recipe.model, job.settings, device, dtype)
+    packed_mask = None
+    if job.settings["sample_packing"]:  # can this model keep packed examples apart, and how?
+        info["packing_mode"] = mode = packing_mode(base)
+        if mode == "none":
+            raise TargetError(f"search.sample_packing: {base.config.model_type} cannot keep packed examples apart "
+                              "(it ignores position ids and takes no block mask); set sample_packing: false")
+        packed_mask = dtype if mode == "mask" else None
+    model = M.apply_lora(base, job.settings)
+    trainable, total = M.count_params(model)
+    job.result.metrics["trainable_params"] = float(trainable)
+    info.update(total_params=total, quantized_layers=M.quantized_layer_types(model),
+                gradient_checkpointing=M.checkpointing_enabled(model))
+    return model, packed_mask, trainable
+
+
+class _Evaluator:
+    """Evaluations during training: each is stored in the curve, logged, checked for divergence and sent to
+    the search, whose pruner may answer "stop"."""
+
+    def __init__(self, job: _Job, s: _Setup, trackers: Trackers):
+        self.job, self.s, self.trackers = job, s, trackers
+        self.seconds = 0.0
+        plan = s.plan
+        self.after = {plan.step_at(f): f for f in sorted(job.fractions) if f > 0}  # step index -> fraction
+
+    def __call__(self, fraction: float, step: int, measured: dict[str, float] | None = None, known: float | None = None,
                  context: dict[str, Any] | None = None) -> bool:
         """Evaluate; ``measured``: the other objectives as known so far, which the pruner may rank on;
         ``known``: the loss, already measured by another trial (the untrained adapter's); ``context``:
-        what the loss was measured on, sent with it."""
-        nonlocal eval_s
-        emit({"event": "phase", "phase": "eval"})
+        what the loss was measured on, sent with it. Returns whether the trial stops here."""
+        job, result = self.job, self.job.result
+        job.emit({"event": "phase", "phase": "eval"})
         t = time.perf_counter()
-        loss = evaluate(model, eval_set, device) if known is None else known
-        eval_s += time.perf_counter() - t
+        loss = evaluate(self.s.model, self.s.eval_set, self.s.device) if known is None else known
+        self.seconds += time.perf_counter() - t
         result.curve.append([fraction, loss])
-        trackers.log({"eval/loss": loss}, step)
+        self.trackers.log({"eval/loss": loss}, step)
         why = diverged(loss, result.base_eval_loss) if fraction > 0 else None
         if why:  # decided here, not by the pruner: a diverged trial ends `diverged`, never `pruned`
             result.status, result.reason = DIVERGED, f"{why} (at {fraction:.3g} of the budget)"
             return True
-        stop = emit({"event": "eval", "fraction": fraction, "eval_loss": loss, "step": step,
-                     "metrics": measured or {}, **({"context": context} if context else {})})
-        emit({"event": "phase", "phase": "train"})
+        stop = job.emit({"event": "eval", "fraction": fraction, "eval_loss": loss, "step": step,
+                         "metrics": measured or {}, **({"context": context} if context else {})})
+        job.emit({"event": "phase", "phase": "train"})
         return bool(stop)
 
-    if 0.0 in fractions and first == 0:
-        # LoRA starts as the identity (B = 0), so at 0 every trial that shares the base model, its
-        # quantization and the eval set has the same loss: the search passes it on once it is known,
-        # with what it was measured on; other hardware or library versions measure it again.
-        context = {"device": device, "gpu": info.get("gpu"), "dtype": info["dtype"], "versions": info["versions"],
-                   "attn": getattr(getattr(model, "config", None), "_attn_implementation", None)}
+    def untrained(self) -> None:
+        """The loss at 0. LoRA starts as the identity (B = 0), so every trial that shares the base model, its
+        quantization and the eval set has the same loss there: the search passes it on once it is known, with
+        what it was measured on; other hardware or library versions measure it again."""
+        info, base_eval = self.job.result.info, self.job.base_eval
+        context = {"device": self.s.device, "gpu": info.get("gpu"), "dtype": info["dtype"], "versions": info["versions"],
+                   "attn": getattr(getattr(self.s.model, "config", None), "_attn_implementation", None)}
         known = base_eval.get("loss") if base_eval and base_eval.get("context") == context else None
-        run_eval(0.0, 0, known=known, context=context)
+        self(0.0, 0, known=known, context=context)
         info.update(base_eval_loss_reused=known is not None, base_eval_context=context)
-    release_memory(device)  # what the evaluation left cached must not count towards training's peak
-    eval_before_loop = eval_s
-    model.train()
-    train_s = cpu_s = 0.0
-    real_tokens = examples_seen = 0
-    last_progress = loop_start = time.perf_counter()
-    stopped = False
-    probe = probe_indices(plan, probe_steps) if probe_steps else None
-    with track_peak_memory(device) as train_peak:
-        for i in probe if probe is not None else range(first, last):
-            step = plan.steps[i]
-            if seg is not None:
-                seg.before_step(i)
-            if probe is not None and len(probe) > 1 and i == probe[1]:  # the probe's first step warmed up: time the rest
-                train_s = cpu_s = 0.0
-                real_tokens = 0
-            if i == first:
-                _inject_fault(trial_number)
-            sync(device)
-            t, c = time.perf_counter(), time.process_time()
-            n_labels = max(1, sum(b.label_tokens for b in step))
-            loss_sum = torch.zeros((), device=device)
-            for batch in step:
-                loss = _loss_sum(model, batch, device, packed_mask) / n_labels
-                loss.backward()
-                loss_sum += loss.detach()  # stays on the device: no host sync per micro batch
-            if recipe.train.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm)
-            optimizer.step()
-            if seg is None:  # a segment sets each step's learning rate itself (seg.before_step)
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            sync(device)
-            train_s += time.perf_counter() - t
-            cpu_s += time.process_time() - c  # CPU seconds: a figure that other jobs on the machine blur less
-            real_tokens += sum(b.real_tokens for b in step)
-            examples_seen += sum(b.examples for b in step)
-            # One host read per step (the step already synced): a diverged run stops at once.
-            step_loss = float(loss_sum)
-            if seg is not None:
-                seg.step_losses.append(step_loss)
-            if not math.isfinite(step_loss):
-                result.status = DIVERGED
-                result.reason = f"training loss became {step_loss} at step {i + 1}; lower learning_rate"
-                stopped = True
-                break
-            if time.perf_counter() - last_progress > 1.0 or i == last - 1:
-                trackers.log({"train/loss": step_loss, "train/lr": optimizer.param_groups[0]["lr"]}, i + 1)
-                emit({"event": "progress", "fraction": plan.progress[i], "step": i + 1, "steps": n_steps, "loss": step_loss})
-                last_progress = time.perf_counter()
-            if i in eval_after and run_eval(eval_after[i], i + 1, {
-                    "train_throughput": real_tokens / train_s if train_s else 0.0,
-                    "train_time_s": train_s / (plan.progress[i] - done_before),  # projected to the whole budget
-                    "trainable_params": float(trainable),
-                    "peak_memory_gb": peak_so_far_bytes(device) / GiB}):
-                if result.status != DIVERGED:
-                    result.status, result.reason = PRUNED, f"pruned at {eval_after[i]:.3g} of the budget"
-                stopped = True
-                break
 
-    if probe is not None:
-        throughput = real_tokens / train_s if train_s else 0.0
-        result.metrics.update(peak_memory_gb=train_peak.gb, train_throughput=throughput, trainable_params=float(trainable),
-                              train_time_s=totals["real_tokens"] / throughput if throughput else float("inf"))
-        info.update(probe_steps=probe, peak_memory=vars(train_peak), train_cpu_s=cpu_s)
-        return
+
+def _train_steps(job: _Job, s: _Setup, evaluator: _Evaluator, indices: Iterable[int], first: int, last: int,
+                 probe: list[int] | None) -> _Steps:
+    """The one step loop, over the steps this job runs: a probe's, a segment's or all."""
+    plan, result, device = s.plan, job.result, s.device
+    done_before = plan.progress[first - 1] if first else 0.0
+    n_steps, eval_before = len(plan.steps), evaluator.seconds
+    out = _Steps()
+    s.model.train()
+    last_progress = loop_start = time.perf_counter()
+    for i in indices:
+        out.last = i
+        step = plan.steps[i]
+        if s.seg is not None:
+            s.seg.before_step(i)
+        if probe is not None and len(probe) > 1 and i == probe[1]:  # the probe's first step warmed up: time the rest
+            out.train_s = out.cpu_s = 0.0
+            out.real_tokens = 0
+        if i == first:
+            _inject_fault(job.trial_number)
+        step_loss = _one_step(job, s, step, out)
+        if s.seg is not None:
+            s.seg.step_losses.append(step_loss)
+        if not math.isfinite(step_loss):
+            result.status = DIVERGED
+            result.reason = f"training loss became {step_loss} at step {i + 1}; lower learning_rate"
+            out.stopped = True
+            break
+        if time.perf_counter() - last_progress > 1.0 or i == last - 1:
+            evaluator.trackers.log({"train/loss": step_loss, "train/lr": s.optimizer.param_groups[0]["lr"]}, i + 1)
+            job.emit({"event": "progress", "fraction": plan.progress[i], "step": i + 1, "steps": n_steps, "loss": step_loss})
+            last_progress = time.perf_counter()
+        if i in evaluator.after and evaluator(evaluator.after[i], i + 1, {
+                "train_throughput": out.real_tokens / out.train_s if out.train_s else 0.0,
+                "train_time_s": out.train_s / (plan.progress[i] - done_before),  # projected to the whole budget
+                "trainable_params": float(s.trainable),
+                "peak_memory_gb": peak_so_far_bytes(device) / GiB}):
+            if result.status != DIVERGED:
+                result.status, result.reason = PRUNED, f"pruned at {evaluator.after[i]:.3g} of the budget"
+            out.stopped = True
+            break
+    out.loop_s = time.perf_counter() - loop_start - (evaluator.seconds - eval_before)
+    return out
+
+
+def _one_step(job: _Job, s: _Setup, step: list[D.Batch], out: _Steps) -> float:
+    """One optimizer step over its micro batches; returns its loss (one host read: the step already synced)."""
+    device = s.device
+    sync(device)
+    t, c = time.perf_counter(), time.process_time()
+    n_labels = max(1, sum(b.label_tokens for b in step))
+    loss_sum = torch.zeros((), device=device)
+    for batch in step:
+        loss = _loss_sum(s.model, batch, device, s.packed_mask) / n_labels
+        loss.backward()
+        loss_sum += loss.detach()  # stays on the device: no host sync per micro batch
+    if job.recipe.train.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(s.params, job.recipe.train.max_grad_norm)
+    s.optimizer.step()
+    if s.seg is None:  # a segment sets each step's learning rate itself (seg.before_step)
+        s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    out.train_s += time.perf_counter() - t
+    out.cpu_s += time.process_time() - c  # CPU seconds: a figure that other jobs on the machine blur less
+    out.real_tokens += sum(b.real_tokens for b in step)
+    out.examples += sum(b.examples for b in step)
+    return float(loss_sum)
+
+
+def _finish_probe(job: _Job, s: _Setup, steps: _Steps, peak: Any, probe: list[int]) -> None:
+    """A probe's metrics: peak memory, throughput after the first step, seconds projected to the whole plan."""
+    throughput = steps.real_tokens / steps.train_s if steps.train_s else 0.0
+    job.result.metrics.update(peak_memory_gb=peak.gb, train_throughput=throughput, trainable_params=float(s.trainable),
+                              train_time_s=s.plan.totals()["real_tokens"] / throughput if throughput else float("inf"))
+    job.result.info.update(probe_steps=probe, peak_memory=vars(peak), train_cpu_s=steps.cpu_s)
+
+
+def _finish(job: _Job, s: _Setup, steps: _Steps, peak: Any, evaluator: _Evaluator, first: int, last: int) -> None:
+    """A full run's or a segment's metrics; then, unless it stopped: its state saved (a segment), latency
+    measured, the adapter saved."""
+    result, info, plan, recipe = job.result, job.result.info, s.plan, job.recipe
+    i = steps.last
+    done_before = plan.progress[first - 1] if first else 0.0
     result.metrics.update(
         eval_loss=result.curve[-1][1] if result.curve else float("nan"),
-        peak_memory_gb=train_peak.gb,
-        train_throughput=real_tokens / train_s if train_s else 0.0,
-        train_time_s=train_s if seg is None else train_s / (plan.progress[i] - done_before),  # a segment's: projected
+        peak_memory_gb=peak.gb,
+        train_throughput=steps.real_tokens / steps.train_s if steps.train_s else 0.0,
+        train_time_s=steps.train_s if s.seg is None else steps.train_s / (plan.progress[i] - done_before),  # projected
     )
-    # The loop's wall time without its evals: steps plus the loop's own bookkeeping (progress, logs).
-    info["train_loop_s"] = time.perf_counter() - loop_start - (eval_s - eval_before_loop)
-    info["train_cpu_s"] = cpu_s
-    info["label_only_logits"] = bool(getattr(model, "_llmtune_split_head", False))  # which loss path ran
-    info.update(peak_memory=vars(train_peak), trained_tokens=real_tokens, trained_examples=examples_seen,
-                steps_done=i + 1 if plan.steps else 0, eval_s=eval_s, warmup_steps=warmup)
-    if seg is not None:
-        info.update(segment={"start_step": first, "stop_step": last, "steps": n_steps}, step_losses=seg.step_losses)
-    if stopped:
+    info["train_loop_s"] = steps.loop_s  # steps plus the loop's own bookkeeping (progress, logs), without evals
+    info["train_cpu_s"] = steps.cpu_s
+    info["label_only_logits"] = bool(getattr(s.model, "_llmtune_split_head", False))  # which loss path ran
+    info.update(peak_memory=vars(peak), trained_tokens=steps.real_tokens, trained_examples=steps.examples,
+                steps_done=i + 1 if plan.steps else 0, eval_s=evaluator.seconds, warmup_steps=s.warmup)
+    if s.seg is not None:
+        info.update(segment={"start_step": first, "stop_step": last, "steps": len(plan.steps)},
+                    step_losses=s.seg.step_losses)
+    if steps.stopped:
         return
-    if seg is not None:
-        seg.save(i + 1)  # before latency, which may draw random numbers: the state is the training's own
+    if s.seg is not None:
+        s.seg.save(i + 1)  # before latency, which may draw random numbers: the state is the training's own
     if recipe.measure.latency:
-        emit({"event": "phase", "phase": "latency"})
+        job.emit({"event": "phase", "phase": "latency"})
         t = time.perf_counter()
         n = recipe.measure.latency_prompts
-        prompts = [D.prompt_ids(r, recipe.data, tokenizer, recipe.data.eval_max_length) for r in splits.eval[:n]]
-        lat = measure_latency(model, prompts, recipe.measure.max_new_tokens, device)
+        prompts = [D.prompt_ids(r, recipe.data, s.tokenizer, recipe.data.eval_max_length) for r in s.splits.eval[:n]]
+        lat = measure_latency(s.model, prompts, recipe.measure.max_new_tokens, s.device)
         result.metrics.update(ttft_ms=lat.ttft_ms, latency_ms=lat.ms_per_token, generation_memory_gb=lat.memory.bytes / GiB)
         info["latency_s"] = time.perf_counter() - t
-    if save_adapter and (seg is None or last == n_steps):
-        emit({"event": "phase", "phase": "saving"})
-        model.save_pretrained(str(out / "adapter"))
-        info["adapter_dir"] = str(out / "adapter")
+    if job.save_adapter and (s.seg is None or last == len(plan.steps)):
+        job.emit({"event": "phase", "phase": "saving"})
+        s.model.save_pretrained(str(job.out / "adapter"))
+        info["adapter_dir"] = str(job.out / "adapter")
