@@ -63,7 +63,7 @@ from replay_table import (  # noqa: E402  (re-exported: tests and other benchmar
 )
 
 from llmtune.config.space import Fixed, SearchSpace  # noqa: E402
-from llmtune.study import probes  # noqa: E402
+from llmtune.study import engine, probes  # noqa: E402
 from llmtune.study.attrs import CURVE, PRIOR, RUNG_METRICS, STATUS, VARIANT_OF  # noqa: E402
 from llmtune.study.priors import COST_METRICS, cheap_config, prior_configs  # noqa: E402
 from llmtune.study.pruners import make_pruner  # noqa: E402
@@ -210,7 +210,7 @@ def probe_trial(study: optuna.Study, trial: optuna.Trial, table: Table, values: 
     rows = [table.rows[k] for k, _ in pairs]
     probe_s = sum(float(r.get("probe_s") or 0.0) for r in rows)
     feasible = [i for i, r in enumerate(rows) if r["status"] == "complete" and r.get("probe_train_time_s") is not None]
-    storage, tid = study._storage, trial._trial_id
+    storage, tid = engine.storage(study), engine.trial_id(trial)
     if not feasible:  # no variant fits (or none was recorded): the trial fails after its probes
         storage.set_trial_user_attr(tid, STATUS, "over_budget")
         study.tell(trial, state=TrialState.FAIL)
@@ -223,7 +223,7 @@ def probe_trial(study: optuna.Study, trial: optuna.Trial, table: Table, values: 
     cost, pruned_at = replay_trial(study, trial, chosen, pruner, table.objectives, table.charge)
     if pruned_at is not None:
         return probe_s + cost, pruned_at, key, [], probe_s
-    parent = study._storage.get_trial(tid)
+    parent = engine.storage(study).get_trial(tid)
     for i in feasible:
         if i == best:
             continue
@@ -280,7 +280,7 @@ def replay_trial(study: optuna.Study, trial: optuna.Trial, row: dict[str, Any], 
     a trial (default: recorded training seconds).
     """
     charge = charge or Table(grid={}, objectives=[], rungs=[]).charge
-    storage, tid = study._storage, trial._trial_id
+    storage, tid = engine.storage(study), engine.trial_id(trial)
     if row["status"] != "complete":
         storage.set_trial_user_attr(tid, STATUS, row["status"])
         study.tell(trial, state=TrialState.FAIL)
@@ -290,10 +290,11 @@ def replay_trial(study: optuna.Study, trial: optuna.Trial, row: dict[str, Any], 
     for rung in pruner.rungs_for_trial(trial.number):
         loss = at_rung(row, "loss", rung)
         if loss is None:
-            if f"loss@{round(rung, 6):g}" not in row:
-                raise ValueError(f"the table has no eval loss at rung {rung:.4g}: record it with the pruner's rungs")
-            # Two rungs fell on the same optimizer step (short packed runs): the harness evaluates
-            # that step once, at the later rung, so this one is never reported and never decides.
+            if not any(k.startswith("loss@") and row[k] is not None for k in row):
+                raise ValueError(f"the table has no learning curves (loss@... columns): the pruner's rung {rung:.4g} "
+                                 "cannot be replayed; record them with the pruner's rungs, or replay --pruners none")
+            # A rung before the row's first curve point (or two rungs on one optimizer step, in short packed
+            # runs, where the harness evaluates once, at the later rung): never reported, never decides.
             continue
         curve.append([rung, loss])
         metrics = partial_metrics(row, rung, [m for m, _ in objectives])
@@ -333,8 +334,11 @@ def _job(job: tuple[str, int]) -> tuple[str, int, dict[str, list]]:
     method, seed = job
     sampler, _, pruner = method.partition("+")
     assert _TABLE is not None
-    return method, seed, replay(_TABLE, sampler, pruner or "none", seed, _OPTIONS["trials"], _OPTIONS["planned"],
-                                _OPTIONS["variant_values"], stop_at_front=True, facts=_OPTIONS.get("facts"))
+    try:
+        return method, seed, replay(_TABLE, sampler, pruner or "none", seed, _OPTIONS["trials"], _OPTIONS["planned"],
+                                    _OPTIONS["variant_values"], stop_at_front=True, facts=_OPTIONS.get("facts"))
+    except (ValueError, KeyError, TypeError) as e:  # a table or option problem: one line, not a pool traceback
+        raise SystemExit(f"replay of {method} (seed {seed}) failed: {type(e).__name__}: {e}") from None
 
 
 def table_facts(meta: dict[str, Any], table: Table) -> Any:

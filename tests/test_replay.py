@@ -236,3 +236,11 @@ def test_the_baselines_never_repeat_a_configuration() -> None:
     table = R.synthetic_table({"learning_rate": [1e-4, 1e-3], "lora_r": [4, 8]}, [("eval_loss", "minimize")])
     run = R.replay(table, "random", "none", seed=0, n_trials=4)
     assert len(set(run["key"])) == 4  # the whole 4-point grid, each point once
+
+
+def test_a_rung_before_the_first_curve_point_never_decides() -> None:
+    """A table whose curves start after the pruner's first rung replays: that rung is never decided."""
+    table = R.synthetic_table({"learning_rate": [1e-4, 1e-3, 3e-3], "lora_r": [4, 8, 16]}, [("eval_loss", "minimize")],
+                              rungs=(1 / 9, 1 / 3))
+    run = R.replay(table, "random", "asha:min_fraction=0.037037", seed=0, n_trials=9)  # rungs 1/27, 1/9, 1/3
+    assert len(run["key"]) == 9 and all(r != pytest.approx(1 / 27) for r in run["rung"] if r is not None)
