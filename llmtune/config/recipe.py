@@ -64,7 +64,17 @@ class Recipe:
     # -- derived -------------------------------------------------------------------------------
     @property
     def space(self) -> SearchSpace:
-        return SearchSpace.from_recipe(self)
+        """The search space, built and checked once per search section (rebuilt if `search` or the
+        accumulation changes). Treat it as read-only: derived spaces copy it (`probes.learning_space`)."""
+        try:
+            key = json.dumps([self.search, self.train.gradient_accumulation_steps], sort_keys=True, default=str)
+        except (TypeError, ValueError):  # not serialisable: no cache
+            return SearchSpace.from_recipe(self)
+        cached = self.__dict__.get("_space")
+        if cached is None or cached[0] != key:
+            cached = (key, SearchSpace.from_recipe(self))
+            self.__dict__["_space"] = cached
+        return cached[1]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
