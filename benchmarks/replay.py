@@ -351,8 +351,7 @@ def table_facts(meta: dict[str, Any], table: Table) -> Any:
     from llmtune.study.priors import recipe_facts
 
     try:
-        return recipe_facts(recipe_from_dict({**recipe, "search": {**recipe.get("search", {})}}),
-                            SearchSpace.from_dict(table.grid))
+        return recipe_facts(recipe_from_dict(recipe), SearchSpace.from_dict(table.grid))
     except Exception as e:  # a recipe of an older llmtune: say so, and replay without
         print(f"(the table's recipe gives no model facts: {type(e).__name__}: {e}; priors assume a 7B-class model)")
         return None

@@ -41,11 +41,9 @@ from llmtune.trial.endings import (
     COMPLETE,
     CRASHED,
     ENDINGS,
-    OVER_BUDGET,
     SEGMENT,
     SURPLUS,
     SegmentEnd,
-    not_run,
 )
 from llmtune.trial.result import TrialResult, finite
 
@@ -234,23 +232,21 @@ class PBTStrategy(Strategy):
 
     @staticmethod
     def _lineage(search: Search, job: Job) -> dict[str, Any]:
-        return dict(engine.storage(search.study).get_trial(engine.trial_id(job.trial)).user_attrs[attrs.LINEAGE])
+        """The segment's lineage as `settings` stored it, read once per job."""
+        if "lineage" not in job.state:
+            frozen = engine.storage(search.study).get_trial(engine.trial_id(job.trial))
+            job.state["lineage"] = dict(frozen.user_attrs[attrs.LINEAGE])
+        return dict(job.state["lineage"])
 
     def run(self, search: Search, job: Job) -> TrialResult:
         """Resume the parent's state, train to the segment's bound, save; never pruned (the exploit step
         between segments decides)."""
-        reason, predicted = search.gate.check(search.study, job.values)
-        if reason:
-            return not_run(OVER_BUDGET, reason, job.values, predicted)
         lineage = self._lineage(search, job)
         resume = str(self.state_dir / lineage["resume"]) if lineage.get("resume") else None
         segment = {"schedule": lineage["schedule"], "start": lineage["start"], "stop": lineage["stop"],
                    "resume": resume, "save": str(self.state_dir / lineage["state"])}
         fractions = ([0.0] if lineage["start"] == 0 else []) + [lineage["stop"]]
-        result = search.train(job, fractions=fractions, prune=False, segment=segment)
-        if predicted is not None:
-            result.metrics["predicted_memory_gb"] = predicted
-        return result
+        return self.gated(search, job, lambda: search.train(job, fractions=fractions, prune=False, segment=segment))
 
     def segment_end(self, search: Search, job: Job) -> SegmentEnd:
         lineage = self._lineage(search, job)

@@ -241,10 +241,16 @@ def save_curves_plot(study: optuna.Study) -> None:
     save_dashboard_plot(study, CURVES_PLOT_ID, dashboard_curves_figure(study.get_trials(deepcopy=False)).to_json())
 
 
+def store_settings(study: optuna.Study, trial: optuna.Trial, values: dict[str, Any]) -> None:
+    """The settings a trial runs with (at its start; again when probes chose its execution variant)."""
+    engine.storage(study).set_trial_user_attr(engine.trial_id(trial), SETTINGS,
+                                              json.loads(json.dumps(values, default=str)))
+
+
 def started(study: optuna.Study, trial: optuna.Trial, values: dict[str, Any], trial_dir: Path) -> None:
     """A claimed trial starts: its settings, its folder and the status `running`."""
+    store_settings(study, trial, values)
     storage, tid = engine.storage(study), engine.trial_id(trial)
-    storage.set_trial_user_attr(tid, SETTINGS, json.loads(json.dumps(values, default=str)))
     storage.set_trial_user_attr(tid, DIR, str(trial_dir))
     storage.set_trial_user_attr(tid, STATUS, RUNNING)
 
@@ -306,13 +312,10 @@ def tell(study: optuna.Study, trial: optuna.Trial, recipe: Recipe, result: Trial
 def give_up(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
     """A claimed trial that will not run here: a queued one (a retry, a prior) goes back to WAITING,
     params and all, for the next `ask`; a fresh one ends as `surplus` (FAIL, counted nowhere)."""
-    storage, tid = engine.storage(study), engine.trial_id(trial)
     if engine.is_queued(trial):
-        storage.set_trial_state_values(tid, TrialState.WAITING)
-        return
-    storage.set_trial_user_attr(tid, STATUS, SURPLUS)
-    storage.set_trial_user_attr(tid, REASON, reason)
-    storage.set_trial_state_values(tid, TrialState.FAIL)
+        engine.storage(study).set_trial_state_values(engine.trial_id(trial), TrialState.WAITING)
+    else:
+        surplus(study, trial, reason)
 
 
 def surplus(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:

@@ -18,7 +18,7 @@ hooks) and never claims, records or redraws itself:
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,8 +27,8 @@ import optuna
 
 from llmtune.config.recipe import Recipe
 from llmtune.config.space import SearchSpace
-from llmtune.study import engine, probes
-from llmtune.study.attrs import PRIOR, SETTINGS
+from llmtune.study import engine, probes, record
+from llmtune.study.attrs import PRIOR
 from llmtune.study.priors import COST_METRICS, cheap_config, prior_configs, recipe_facts
 from llmtune.study.storage import counted
 from llmtune.trial.endings import COMPLETE, OVER_BUDGET, SegmentEnd, no_layout_fits, not_run
@@ -134,10 +134,16 @@ class Strategy:
         return search.sample_space.suggest(trial)
 
     def run(self, search: Search, job: Job) -> TrialResult:
+        return self.gated(search, job, lambda: search.train(job))
+
+    @staticmethod
+    def gated(search: Search, job: Job, train: Callable[[], TrialResult]) -> TrialResult:
+        """`train()` unless the memory gate refuses the job's settings (then `over_budget`, not run); the
+        gate's prediction is kept with the result either way."""
         reason, predicted = search.gate.check(search.study, job.values)
         if reason:
             return not_run(OVER_BUDGET, reason, job.values, predicted)
-        result = search.train(job)
+        result = train()
         if predicted is not None:
             result.metrics["predicted_memory_gb"] = predicted
         return result
@@ -176,8 +182,8 @@ class ProbeStrategy(Strategy):
         if chosen is None:
             return no_layout_fits([p.result for p in prober.found], prober.summary(), job.values)
         job.values = chosen.settings
+        record.store_settings(search.study, job.trial, job.values)
         storage, tid = engine.storage(search.study), engine.trial_id(job.trial)
-        storage.set_trial_user_attr(tid, SETTINGS, json.loads(json.dumps(job.values, default=str)))
         for name, dist in probes.distributions(search.space).items():
             storage.set_trial_param(tid, name, dist.to_internal_repr(job.values[name]), dist)
         result = search.train(job)
