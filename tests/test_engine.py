@@ -42,6 +42,8 @@ def test_engine_functions_on_a_real_study(tmp_path):
     study.enqueue_trial({"x": 1.0})
     queued, fresh = study.ask(), study.ask()
     assert engine.is_queued(queued) and not engine.is_queued(fresh)
+    storage.set_trial_user_attr(engine.trial_id(queued), "k", 1)
+    assert engine.frozen(study, queued).user_attrs == {"k": 1} and engine.frozen(study, queued).number == queued.number
     assert engine.trial_id(fresh) == study.trials[1]._trial_id == engine.trial_id(study.trials[1])
     assert engine.study_id(study) == storage.get_study_id_from_name(study.study_name)
     assert engine.heartbeat_enabled(study) and engine.grace_period(study) == 2

@@ -32,6 +32,8 @@ from llmtune.harness.data import Plan
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+# The schedule of a plain trial: its own settings over the whole budget (a continued trial runs it too).
+WHOLE_RUN: list[dict[str, Any]] = [{"until": 1.0, "values": {}}]
 
 
 class SegmentError(ValueError):
@@ -203,22 +205,29 @@ class SegmentRun:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
 
     def save(self, steps_done: int) -> None:
-        """Write the state after ``steps_done`` steps to spec.save, atomically (a folder renamed into place),
-        so a reader sees a whole state or none, and a retried segment replaces the one it left."""
-        if not self.spec.save:
-            return
-        path = Path(self.spec.save)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        cuda = torch.cuda.get_rng_state_all() if self.device == "cuda" else []
-        state = {"lora": {n: p.detach().clone() for n, p in self._trainable().items()},
-                 "optimizer": self.optimizer.state_dict(), "rng": {"cpu": torch.get_rng_state(), "cuda": cuda}}
-        torch.save(state, tmp / STATE_FILE)
-        meta = {"steps_done": steps_done, "n_steps": self.n_steps, "shape_settings": shape_settings(self.settings),
-                "schedule": self.spec.schedule}
-        (tmp / META_FILE).write_text(json.dumps(meta, default=str))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        """Write the state after ``steps_done`` steps to spec.save (`save_state`)."""
+        if self.spec.save:
+            save_state(Path(self.spec.save), self.model, self.optimizer, self.device, steps_done, self.n_steps,
+                       self.settings, self.spec.schedule)
+
+
+def save_state(path: Path, model: Any, optimizer: torch.optim.Optimizer, device: str, steps_done: int, n_steps: int,
+               settings: dict[str, Any], schedule: list[dict[str, Any]] | None = None) -> None:
+    """Write everything the next step reads (LoRA tensors, optimizer state, the RNG dropout draws from, the
+    step index) to ``path``, atomically (a folder renamed into place): a reader sees a whole state or none,
+    and a retried job replaces the one it left. A `SegmentRun` resumes from it: PBT's next segment, or a
+    trial the pruner paused (study/promotion.py), continued bit for bit where it stopped."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    cuda = torch.cuda.get_rng_state_all() if device == "cuda" else []
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state = {"lora": trainable, "optimizer": optimizer.state_dict(), "rng": {"cpu": torch.get_rng_state(), "cuda": cuda}}
+    torch.save(state, tmp / STATE_FILE)
+    meta = {"steps_done": steps_done, "n_steps": n_steps, "shape_settings": shape_settings(settings),
+            "schedule": schedule or WHOLE_RUN}
+    (tmp / META_FILE).write_text(json.dumps(meta, default=str))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)

@@ -189,7 +189,7 @@ def _inject_fault(trial_number: int | None) -> None:
 def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fractions: list[float] | None = None,
               on_event: EventFn | None = None, trial_number: int | None = None, save_adapter: bool = True,
               base_eval: dict[str, Any] | None = None, probe_steps: int | None = None,
-              segment: dict[str, Any] | None = None) -> TrialResult:
+              segment: dict[str, Any] | None = None, pause: str | None = None) -> TrialResult:
     """Run one trial and return its result (also written to out_dir/result.json).
 
     ``probe_steps``: a short probe of the trial's execution settings instead of the whole trial: its
@@ -198,7 +198,9 @@ def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fr
     and the training seconds projected to the whole plan (`llmtune.study.probes`).
 
     ``segment``: train only part of the plan, resuming and saving state, with settings per segment
-    (`llmtune.harness.resume.SegmentSpec`: population-based training and ``train --schedule``).
+    (`llmtune.harness.resume.SegmentSpec`: population-based training, ``train --schedule`` and a paused
+    trial continued). ``pause``: where to save the training state when the pruner stops the trial, so that
+    it can be continued later where it stopped (`llmtune.study.promotion`).
 
     ``base_eval``: ``{"loss", "context"}``, the untrained adapter's eval loss as an earlier trial on the
     same base model, quantization and eval set measured it (`llmtune.study.loop.base_eval_key`): not evaluated
@@ -214,7 +216,7 @@ def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fr
     try:
         with ExitStack() as cleanup:
             _run(_Job(recipe, settings, out, [] if probe_steps else fractions or eval_fractions(recipe), emit, result,
-                      trial_number, save_adapter and not probe_steps, base_eval, probe_steps, segment), cleanup)
+                      trial_number, save_adapter and not probe_steps, base_eval, probe_steps, segment, pause), cleanup)
     except torch.OutOfMemoryError as e:
         result.status, result.reason = OOM, f"out of memory: {str(e).splitlines()[0][:300]}"
     except MemoryError:
@@ -245,6 +247,7 @@ class _Job:
     base_eval: dict[str, Any] | None = None
     probe_steps: int | None = None  # a probe: these steps only, no evaluation (study/probes.py)
     segment: dict[str, Any] | None = None  # a segment: part of the plan, from and to a saved state (PBT)
+    pause: str | None = None  # where the state goes when the pruner stops the trial (study/promotion.py)
 
 
 @dataclass
@@ -453,10 +456,23 @@ def _train_steps(job: _Job, s: _Setup, evaluator: _Evaluator, indices: Iterable[
                 "peak_memory_gb": peak_so_far_bytes(device) / GiB}):
             if result.status != DIVERGED:
                 result.status, result.reason = PRUNED, f"pruned at {evaluator.after[i]:.3g} of the budget"
+                if job.pause:  # paused, not killed: the search may continue it here later
+                    _pause(job, s, i + 1, evaluator.after[i])
             out.stopped = True
             break
     out.loop_s = time.perf_counter() - loop_start - (evaluator.seconds - eval_before)
     return out
+
+
+def _pause(job: _Job, s: _Setup, steps_done: int, fraction: float) -> None:
+    """Save the state a stopped trial would go on from (`harness.resume.save_state`); say so in the result."""
+    from llmtune.harness.resume import save_state
+
+    assert job.pause is not None
+    save_state(Path(job.pause), s.model, s.optimizer, s.device, steps_done, len(s.plan.steps), job.settings,
+               s.seg.spec.schedule if s.seg is not None else None)
+    job.result.info["paused"] = {"state": job.pause, "steps_done": steps_done,
+                                 "fraction": fraction}
 
 
 def _one_step(job: _Job, s: _Setup, step: list[D.Batch], out: _Steps) -> float:

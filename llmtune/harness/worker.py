@@ -57,7 +57,7 @@ def serve(spec_path: str, events: TextIO, answers: TextIO, parent: int, search: 
     result = run_trial(recipe, spec["values"], spec["out_dir"], fractions=spec["fractions"],
                        on_event=on_event, trial_number=spec.get("trial_number"),
                        base_eval=spec.get("base_eval"), probe_steps=spec.get("probe_steps"),
-                       segment=spec.get("segment"))
+                       segment=spec.get("segment"), pause=spec.get("pause"))
     print(f"trial finished: {result.status} {result.reason}", file=sys.stderr)
     return 0
 

@@ -21,6 +21,8 @@ LINEAGE = "llmtune.pbt.lineage"        # a PBT segment: {member, segment, parent
 VARIANT_OF = "llmtune.variant_of"      # an execution variant's full trial (study/probes.py): counts for no n_trials
 PROBES = "llmtune.probes"              # on a full trial: every execution variant's probe (settings, status, metrics)
 PRIOR = "llmtune.prior"                # True on a known-good starting point queued first (priors.prior_configs)
+PAUSED = "llmtune.paused"              # on a trial the pruner stopped, its state saved: {fraction, state} (study/promotion.py)
+RESUME_OF = "llmtune.resume_of"        # a continuation of a paused trial: {trial, first, fraction, state}; counts for no n_trials
 # Trial system attributes
 OWNER = "llmtune.owner"                # host:pid of the search process running the trial
 PROPOSAL = "llmtune.proposal"          # {param: value}: the configuration a trial was given, before it has its params

@@ -39,6 +39,11 @@ def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
     return trial._trial_id  # noqa: SLF001
 
 
+def frozen(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
+    """The trial as the storage holds it now (its user attributes as queued with it, among others)."""
+    return storage(study).get_trial(trial_id(trial))
+
+
 def is_queued(trial: optuna.Trial) -> bool:
     """Whether an asked trial was queued (`enqueue_trial`: a retry, a prior, a PBT segment) rather than
     fresh. `Trial` has no public reader of its system attributes; its cached frozen copy has them

@@ -39,7 +39,7 @@ from llmtune.config.recipe import Recipe
 from llmtune.config.space import SearchSpace
 from llmtune.errors import SearchError
 from llmtune.hardware import trial_threads
-from llmtune.study import attrs, engine, record
+from llmtune.study import attrs, engine, promotion, record
 from llmtune.study.attrs import CURVE, OWNER, RUNG_METRICS
 from llmtune.study.gate import MemoryGate
 from llmtune.study.pruners import make_pruner
@@ -322,9 +322,10 @@ class Search:
                         return trial
                     if claim.surplus:
                         record.surplus(self.study, trial, claim.give_up)
-                    elif claim.give_up:
+                        continue
+                    if claim.give_up:
                         record.give_up(self.study, trial, claim.give_up)
-                    continue
+                    state = "wait"  # back off: a queued trial given back is the first the next `ask` takes
             if state == "done":
                 return None
             self.stop.wait(min(5.0, max(0.5, interval / 4)) * random.uniform(0.5, 1.5))
@@ -349,11 +350,14 @@ class Search:
     def _run_one(self, trial: optuna.Trial, env: dict[str, str]) -> None:
         """One claimed trial: the strategy's job, then the one recorder, then what follows a told trial."""
         values = self.strategy.settings(self, trial)
+        resume = promotion.resume_of(engine.frozen(self.study, trial))
+        if resume is not None:  # a paused trial's continuation runs the settings it was paused with
+            values = {**values, **resume.settings}
         trial_dir = (self.output_dir / "trials" / f"{trial.number:04d}").resolve()
         record.started(self.study, trial, values, trial_dir)
         if self.progress:
             self.progress.trial_started(trial.number, values)
-        job = Job(trial, values, trial_dir, env)
+        job = Job(trial, values, trial_dir, env, resume=resume)
         result = self.strategy.run(self, job)
         try:
             result = record.tell(self.study, trial, self.recipe, result, segment=self.strategy.segment_end(self, job))
@@ -371,13 +375,15 @@ class Search:
 
     # -- what strategies run -------------------------------------------------------------------
     def train(self, job: Job, *, fractions: list[float] | None = None, prune: bool = True,
-              segment: dict[str, Any] | None = None) -> TrialResult:
+              segment: dict[str, Any] | None = None, history: tuple[list[Any], list[Any]] | None = None) -> TrialResult:
         """The trial's training run, in its own process; each evaluation is stored on the trial and, with
-        `prune`, answered by the pruner. `fractions`: where to evaluate (default: the eval points and
-        the pruner's rungs); `segment`: part of a run, from and to a saved state (PBT)."""
+        `prune`, answered by the pruner (under a pausing pruner the trial then saves its state, to be
+        promoted later: `study/promotion.py`). `fractions`: where to evaluate (default: the eval points and
+        the pruner's rungs); `segment`: part of a run, from and to a saved state (PBT, a continuation);
+        `history`: the curve and rung metrics the trial's configuration had before (a continuation)."""
         trial, tid = job.trial, engine.trial_id(job.trial)
-        curve: list[list[float]] = []
-        rung_metrics: list[list[Any]] = []
+        curve: list[list[float]] = list(history[0]) if history else []
+        rung_metrics: list[list[Any]] = list(history[1]) if history else []
         recipe = masked_recipe(self.recipe)
         base_key = base_eval_key(recipe, job.values, self.data_fingerprint)
         base_eval = self.study.user_attrs.get(base_key) if segment is None else None
@@ -393,13 +399,14 @@ class Search:
             measured = self._store_eval(tid, event, curve, rung_metrics)
             if measured is None:
                 return True  # declared lost by another worker (missed heartbeats): its retry runs
-            return prune and self.pruner.should_prune(self.study, trial.number, event["fraction"], event["eval_loss"],
-                                                      measured)
+            return prune and self.pruner.should_prune(self.study, job.configuration, event["fraction"],
+                                                      event["eval_loss"], measured)
 
         tj = TrialJob(recipe=recipe, values=job.values, out_dir=job.trial_dir,
-                      fractions=self._fractions() if fractions is None else fractions, trial_number=trial.number,
+                      fractions=self.eval_fractions() if fractions is None else fractions, trial_number=trial.number,
                       timeout=self.recipe.study.trial_timeout, env=job.env, fork_server=self.fork_server,
-                      base_eval=base_eval if isinstance(base_eval, dict) else None, segment=segment)
+                      base_eval=base_eval if isinstance(base_eval, dict) else None, segment=segment,
+                      pause=str(job.trial_dir / promotion.PAUSE_FOLDER) if prune and self.pruner.pause else None)
         return run_trial_process(tj, on_event=on_event, stop=self.stop)
 
     def probe(self, job: Job, settings: dict[str, Any], folder: Path, steps: int) -> TrialResult:
@@ -456,7 +463,8 @@ class Search:
             self.log(f"stopping: the first {len(first)} trials all crashed with the same reason: {first[0][1]}")
             self.stop.set()
 
-    def _fractions(self) -> list[float]:
+    def eval_fractions(self) -> list[float]:
+        """Where a trial is evaluated: the recipe's eval points and the pruner's rungs."""
         from llmtune.harness.train import eval_fractions
 
         return eval_fractions(self.recipe, self.pruner.rungs())

@@ -31,6 +31,8 @@ from llmtune.study.rungs import (
 class Pruner(Protocol):
     """What the harness needs from a pruner."""
 
+    pause: bool  # a stopped trial keeps its state, to be promoted later (study/promotion.py)
+
     def rungs(self) -> list[float]:
         """Ascending fractions (< 1) at which the study wants an evaluation and a decision."""
         ...
@@ -86,6 +88,13 @@ def _check_min_trials(min_trials: Any, eta: int) -> int:
     return min_trials
 
 
+def _check_pause(pause: Any) -> bool:
+    if not isinstance(pause, bool):
+        raise ValueError(f"setting 'pause'={pause!r} is invalid: use true (a stopped trial keeps its state and may "
+                         "be promoted later) or false (stopped trials are killed, nothing kept)")
+    return pause
+
+
 def _ranked_on(objectives: dict[str, str]) -> str:
     extra = [m for m in objectives if m in PARTIAL_METRICS]
     return f", Pareto-ranked on eval_loss+{'+'.join(extra)}" if extra else ""
@@ -97,6 +106,8 @@ def _fmt(fractions: list[float]) -> str:
 
 class NopPruner:
     """Never prunes; asks for no intermediate evaluations."""
+
+    pause = False
 
     def rungs(self) -> list[float]:
         return []
@@ -116,7 +127,7 @@ class _RungSettings:
     """The settings ASHA and Hyperband share, checked once; ``_rungs`` are the geometric rungs they give."""
 
     def __init__(self, eta: int, min_fraction: float, min_trials_per_rung: int | None,
-                 objectives: dict[str, str] | None, metric_tolerance: float) -> None:
+                 objectives: dict[str, str] | None, metric_tolerance: float, pause: bool = True) -> None:
         problems: list[str] = []
 
         def checked(check: Callable[..., Any], *args: Any) -> Any:
@@ -131,6 +142,7 @@ class _RungSettings:
         self.min_trials_per_rung = checked(_check_min_trials, min_trials_per_rung, self.eta) or self.eta
         self.objectives = dict(objectives or {})
         self.metric_tolerance = checked(_check_tolerance, metric_tolerance) or 0.0
+        self.pause = checked(_check_pause, pause) is not False  # a stopped trial is paused (study/promotion.py)
         if problems:
             raise ValueError("\n".join(problems))
         self._rungs = geometric_rungs(self.min_fraction, self.eta)
@@ -151,14 +163,17 @@ class ASHAPruner(_RungSettings):
       keep-th smallest loss.  Ties at the cutoff all continue, so more than ``keep`` trials may
       survive, and the outcome never depends on which tied trial arrived first.
 
-    A fraction that is not a rung (within 1e-6) never prunes.
+    A fraction that is not a rung (within 1e-6) never prunes. ``trial_number`` is the trial's configuration
+    (`rungs.configuration`). With ``pause`` (default) a stopped trial keeps its state and is promoted later
+    when the rule, asked again, lets it continue (`llmtune.study.promotion`).
     """
 
     def __init__(
         self, eta: int = 3, min_fraction: float = 1 / 9, min_trials_per_rung: int | None = None,
         objectives: dict[str, str] | None = None, metric_tolerance: float = DEFAULT_METRIC_TOLERANCE,
+        pause: bool = True,
     ) -> None:
-        super().__init__(eta, min_fraction, min_trials_per_rung, objectives, metric_tolerance)
+        super().__init__(eta, min_fraction, min_trials_per_rung, objectives, metric_tolerance, pause)
 
     def rungs(self) -> list[float]:
         return list(self._rungs)
@@ -215,8 +230,9 @@ class HyperbandPruner(_RungSettings):
     def __init__(
         self, eta: int = 3, min_fraction: float = 1 / 27, min_trials_per_rung: int | None = None,
         objectives: dict[str, str] | None = None, metric_tolerance: float = DEFAULT_METRIC_TOLERANCE,
+        pause: bool = True,
     ) -> None:
-        super().__init__(eta, min_fraction, min_trials_per_rung, objectives, metric_tolerance)
+        super().__init__(eta, min_fraction, min_trials_per_rung, objectives, metric_tolerance, pause)
         base = self._rungs
         self.bracket_rungs: list[list[float]] = [base[b:] for b in range(len(base) + 1)]
         n = len(self.bracket_rungs)
@@ -275,7 +291,7 @@ class PrunerKind:
     help: str
 
 
-_RUNG_SETTINGS = ("eta", "min_fraction", "min_trials_per_rung", "metric_tolerance")
+_RUNG_SETTINGS = ("eta", "min_fraction", "min_trials_per_rung", "metric_tolerance", "pause")
 # study.pruner's choices are this registry's names.
 PRUNERS: dict[str, PrunerKind] = {k.name: k for k in [
     PrunerKind("none", NopPruner, (), "every trial runs its whole budget"),

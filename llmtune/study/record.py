@@ -29,16 +29,19 @@ from llmtune.study.attrs import (
     DIR,
     INFO,
     METRICS_KEY,
+    PAUSED,
     REASON,
     RETRY_OF,
     SETTINGS,
     STATUS,
 )
+from llmtune.study.promotion import carried
 from llmtune.trial.endings import (
     COMPLETE,
     ENDINGS,
     ENVIRONMENT,
     INTERRUPTED,
+    PRUNED,
     RUNNING,
     SURPLUS,
     SegmentEnd,
@@ -78,7 +81,8 @@ ENVIRONMENT_WAIT_S, ENVIRONMENT_WAIT_MAX_S = 5.0, 300.0
 # What of a result's info goes into the study (the rest stays in the trial's result.json).
 KEPT_INFO = ("device", "gpu", "dtype", "wall_time_s", "process_wall_s", "load_s", "eval_s", "latency_s",
              "trained_tokens", "trained_examples", "padding_share", "total_params", "data_fingerprint",
-             "adapter_dir", "log_tail", "truncated_examples", "peak_memory", "launch", "base_eval_loss_reused")
+             "adapter_dir", "log_tail", "truncated_examples", "peak_memory", "launch", "base_eval_loss_reused",
+             "resumed_from")
 
 
 def constraint_values(recipe: Recipe, result: TrialResult) -> dict[str, float]:
@@ -273,7 +277,7 @@ def retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> None:
     """Queue a trial's exact settings again (the retry counts towards no n_trials). Queued trials are the
     only WAITING ones (a surplus trial is ended, not given back: `give_up`), so the next `ask` of any
     worker runs it."""
-    study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
+    study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number, **carried(trial)}, skip_if_exists=False)
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, recipe: Recipe, result: TrialResult, *,
@@ -294,6 +298,9 @@ def tell(study: optuna.Study, trial: optuna.Trial, recipe: Recipe, result: Trial
     storage.set_trial_user_attr(tid, CURVE, result.curve)
     info = {k: result.info[k] for k in KEPT_INFO if k in result.info}
     storage.set_trial_user_attr(tid, INFO, json.loads(json.dumps(info, default=str)))
+    paused = result.info.get("paused")
+    if result.status == PRUNED and isinstance(paused, dict):  # its state was saved: it may be promoted later
+        storage.set_trial_user_attr(tid, PAUSED, {"fraction": paused["fraction"], "state": paused["state"]})
     if row.optuna_state in ("COMPLETE", "PRUNED"):
         record_constraints(study, trial, recipe, result)  # samplers read these: infeasible trials teach them
     if row.optuna_state == "COMPLETE":

@@ -24,7 +24,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from llmtune.study.attrs import CURVE, RUNG_METRICS, STATUS
+from llmtune.study.attrs import CURVE, RESUME_OF, RUNG_METRICS, STATUS
 from llmtune.trial.endings import pruner_ignores
 
 # Objectives whose value partway through training is a fair estimate of the final one (measured over
@@ -68,6 +68,14 @@ def match_rung(rungs: list[float], fraction: float) -> float | None:
         if abs(rung - fraction) <= FRACTION_TOL:
             return rung
     return None
+
+
+def configuration(trial: FrozenTrial) -> int:
+    """The number of the first trial of this configuration: a continuation of a paused trial names it
+    (`RESUME_OF`, study/promotion.py), every other trial is its own. A rung's population counts each
+    configuration once, and Hyperband's bracket is its first trial's."""
+    first = trial.user_attrs.get(RESUME_OF)
+    return int(first["first"]) if isinstance(first, dict) and "first" in first else trial.number
 
 
 def _is_ignored(trial: FrozenTrial) -> bool:
@@ -157,7 +165,7 @@ def rung_agreement(study: optuna.Study, rung: float, same_group: Callable[[int],
     rho, pairs), rho None below `AGREEMENT_PAIRS` pairs. A diverged curve point ranks worst on both sides."""
     at_rung, final = [], []
     for trial in trials if trials is not None else study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if trial.state != TrialState.COMPLETE or (same_group is not None and not same_group(trial.number)):
+        if trial.state != TrialState.COMPLETE or (same_group is not None and not same_group(configuration(trial))):
             continue
         early, end = _loss_at(trial, rung), _loss_at(trial, 1.0)
         if early is not None and end is not None:
@@ -185,6 +193,8 @@ def asha_prunes(
     The trial continues iff fewer than ``keep`` peers are in better non-dominated fronts than its
     own; with the loss as the only column that is "its loss <= the keep-th smallest loss". A rung whose
     losses have been seen not to rank the final ones (`rung_agreement` below `MIN_AGREEMENT`) prunes nothing.
+    ``trial_number`` is the deciding trial's configuration (`configuration`): its own trials are no peers,
+    and each other configuration counts once (a paused trial and its continuation share their points).
     """
     if not math.isfinite(eval_loss):
         return True  # diverged: no amount of extra budget fixes NaN
@@ -194,14 +204,14 @@ def asha_prunes(
     rho, _ = rung_agreement(study, rung, None, everyone)  # every finished curve is evidence, whatever its bracket
     if rho is not None and rho < MIN_AGREEMENT:
         return False
+    seen = {trial_number}  # the running trial's own stored point (if already written) is replaced by eval_loss
     for trial in everyone:
-        # The running trial's own stored point (if already written) is replaced by eval_loss.
-        if trial.number == trial_number or _is_ignored(trial):
-            continue
-        if same_group is not None and not same_group(trial.number):
+        config = configuration(trial)
+        if config in seen or _is_ignored(trial) or (same_group is not None and not same_group(config)):
             continue
         loss = _loss_at(trial, rung)
         if loss is not None:
+            seen.add(config)
             rows.append((loss, _metrics_at(trial, rung) if objectives else {}))
     if len(rows) < min_trials:
         return False

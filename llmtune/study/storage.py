@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from llmtune.config.recipe import Recipe
 from llmtune.errors import SearchError
 from llmtune.study import engine
-from llmtune.study.attrs import OWNER, STATUS, VARIANT_OF
+from llmtune.study.attrs import OWNER, RESUME_OF, STATUS, VARIANT_OF
 from llmtune.study.record import lost, retry
 from llmtune.trial.endings import counts
 
@@ -279,8 +279,9 @@ def counted(study: optuna.Study) -> tuple[int, int]:
     """(finished trials that count towards n_trials, running trials)."""
     done = running = 0
     for t in study.get_trials(deepcopy=False):
-        if VARIANT_OF in t.user_attrs:
-            continue  # an execution variant measured by a probe (study/probes.py), not a trial of its own
+        if VARIANT_OF in t.user_attrs or RESUME_OF in t.user_attrs:
+            continue  # an execution variant measured by a probe (study/probes.py), or a paused trial's continuation
+            #           (study/promotion.py): the same configuration, not a trial of its own
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
             done += 1
         elif t.state == TrialState.FAIL and counts(t.user_attrs.get(STATUS)):

@@ -27,11 +27,12 @@ import optuna
 
 from llmtune.config.recipe import Recipe
 from llmtune.config.space import SearchSpace
-from llmtune.study import engine, probes, record
+from llmtune.study import engine, probes, promotion, record
 from llmtune.study.attrs import PRIOR
 from llmtune.study.priors import COST_METRICS, cheap_config, prior_configs, recipe_facts
+from llmtune.study.rungs import FRACTION_TOL
 from llmtune.study.storage import counted
-from llmtune.trial.endings import COMPLETE, OVER_BUDGET, SegmentEnd, no_layout_fits, not_run
+from llmtune.trial.endings import COMPLETE, ENDINGS, OVER_BUDGET, SegmentEnd, no_layout_fits, not_run
 from llmtune.trial.result import TrialResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,6 +60,12 @@ class Job:
     trial_dir: Path
     env: dict[str, str]
     state: dict[str, Any] = field(default_factory=dict)  # what a strategy keeps between run and after
+    resume: promotion.Resume | None = None  # a paused trial's continuation (study/promotion.py)
+
+    @property
+    def configuration(self) -> int:
+        """The number of the configuration's first trial (the paused one's, for a continuation)."""
+        return self.resume.first if self.resume is not None else self.trial.number
 
 
 class Strategy:
@@ -109,13 +116,16 @@ class Strategy:
         return []
 
     def next_state(self, search: Search) -> str:
-        """"start" while finished + running trials are fewer than n_trials, "wait" while every slot is
-        taken but a running trial may still be lost (and need a retry), else "done". Counted from the
-        storage, so all processes on the study share n_trials."""
+        """"start" while finished + running trials are fewer than n_trials or a paused trial's continuation
+        waits (paused trials the pruner would now let go on are promoted first: `promotion.promote`), "wait"
+        while every slot is taken but a running trial may still be lost (and need a retry), else "done".
+        Counted from the storage, so all processes on the study share n_trials."""
+        if search.pruner.pause:
+            promotion.promote(search.study, search.pruner.should_prune, search.log)
         if search.n_trials is None:
             return "start"
         done, running = counted(search.study)
-        if done + running < search.n_trials:
+        if done + running < search.n_trials or promotion.waiting(search.study):
             return "start"
         return "wait" if done < search.n_trials else "done"
 
@@ -125,6 +135,11 @@ class Strategy:
         (a queued retry goes back to WAITING; a fresh one, not sampled yet, ends `surplus`), so n_trials
         is never exceeded; if both give up, the loop's random backoff breaks the tie. Storage reads see
         every committed trial (Optuna creates trials under a lock on the study row)."""
+        frozen = engine.frozen(search.study, trial)
+        if promotion.resume_of(frozen) is not None:  # a continuation: counts for no n_trials; one per paused trial
+            if promotion.twin(frozen, search.study.get_trials(deepcopy=False)):
+                return Claim(False, "another worker continues this paused trial", surplus=True)
+            return RUN
         if search.n_trials is None:
             return RUN
         done, running = counted(search.study)
@@ -134,7 +149,26 @@ class Strategy:
         return search.sample_space.suggest(trial)
 
     def run(self, search: Search, job: Job) -> TrialResult:
+        if job.resume is not None:
+            return self.continue_paused(search, job, job.resume)
         return self.gated(search, job, lambda: search.train(job))
+
+    @staticmethod
+    def continue_paused(search: Search, job: Job, resume: promotion.Resume) -> TrialResult:
+        """A promoted trial goes on from the state it was paused with, to the end (or its next pause): its
+        curve so far is kept, no step is trained twice. A state this machine cannot read is trained again
+        from the start."""
+        if resume.state is None:
+            search.log(f"trial {job.trial.number}: the state of paused trial {resume.trial} cannot be read here "
+                       f"({resume.folder}); training it again from the start")
+            return search.train(job)
+        segment = {"schedule": [{"until": 1.0, "values": {}}], "start": resume.fraction, "stop": 1.0,
+                   "resume": resume.state, "save": None}
+        fractions = [f for f in search.eval_fractions() if f > resume.fraction + FRACTION_TOL]
+        result = search.train(job, fractions=fractions, segment=segment, history=(resume.curve, resume.rung_metrics))
+        result.curve = [*resume.curve, *result.curve]
+        result.info["resumed_from"] = {"trial": resume.trial, "fraction": resume.fraction}
+        return result
 
     @staticmethod
     def gated(search: Search, job: Job, train: Callable[[], TrialResult]) -> TrialResult:
@@ -152,7 +186,10 @@ class Strategy:
         return None
 
     def after(self, search: Search, job: Job, result: TrialResult) -> None:
-        """The trial has been told (`result` is its decided ending)."""
+        """The trial has been told (`result` is its decided ending): a continuation that will not be retried
+        frees the paused state it went on from."""
+        if job.resume is not None and job.resume.state is not None and not ENDINGS[result.status].retried:
+            promotion.release(job.resume)
 
     def figures(self, search: Search) -> dict[str, str]:
         """This strategy's optuna-dashboard custom plots: {plot id: plotly figure JSON}."""
@@ -175,6 +212,9 @@ class ProbeStrategy(Strategy):
                 "configuration, which trains once, in the fastest that fits"]
 
     def run(self, search: Search, job: Job) -> TrialResult:
+        if job.resume is not None:  # a continuation trains on in the variant its paused trial was given
+            self._record_variant(search, job)
+            return self.continue_paused(search, job, job.resume)
         prober = probes.Probes(self.recipe, lambda settings, folder: search.probe(job, settings, folder, probes.PROBE_STEPS),
                                lambda settings: search.gate.check(search.study, settings))
         chosen = prober.probe(search.study, job.trial, job.values, job.trial_dir)
@@ -183,16 +223,22 @@ class ProbeStrategy(Strategy):
             return no_layout_fits([p.result for p in prober.found], prober.summary(), job.values)
         job.values = chosen.settings
         record.store_settings(search.study, job.trial, job.values)
-        storage, tid = engine.storage(search.study), engine.trial_id(job.trial)
-        for name, dist in probes.distributions(search.space).items():
-            storage.set_trial_param(tid, name, dist.to_internal_repr(job.values[name]), dist)
+        self._record_variant(search, job)
         result = search.train(job)
         predicted = chosen.result.metrics.get("predicted_memory_gb")
         if predicted is not None:
             result.metrics["predicted_memory_gb"] = predicted
         return result
 
+    @staticmethod
+    def _record_variant(search: Search, job: Job) -> None:
+        """The execution variant the trial trains in, as its Optuna params (the sampler saw the learning ones)."""
+        storage, tid = engine.storage(search.study), engine.trial_id(job.trial)
+        for name, dist in probes.distributions(search.space).items():
+            storage.set_trial_param(tid, name, dist.to_internal_repr(job.values[name]), dist)
+
     def after(self, search: Search, job: Job, result: TrialResult) -> None:
+        super().after(search, job, result)
         chosen = job.state.get("chosen")
         if chosen is None or result.status != COMPLETE:
             return  # pruned, diverged or failed: its variants learned the same and would end the same

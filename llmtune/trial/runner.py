@@ -45,6 +45,7 @@ class TrialJob:
     base_eval: dict[str, Any] | None = None  # the untrained adapter's loss and context, if another trial measured it
     probe_steps: int | None = None      # a short probe of the execution settings, not a trial (study/probes.py)
     segment: dict[str, Any] | None = None  # part of the plan, from and to a saved state (harness/resume.py)
+    pause: str | None = None            # where the state goes if the pruner stops it (study/promotion.py)
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -166,7 +167,8 @@ class TrialProcess:
         self.spec_path.write_text(json.dumps({
             "recipe": job.recipe, "values": job.values, "out_dir": str(job.out_dir),
             "fractions": job.fractions, "trial_number": job.trial_number, "base_eval": job.base_eval,
-            "probe_steps": job.probe_steps, "segment": job.segment},
+            "probe_steps": job.probe_steps, "segment": job.segment,
+            "pause": job.pause},
             default=str))
         env = {**os.environ, **job.env, "PYTHONUNBUFFERED": "1", "LLMTUNE_PARENT_PID": str(os.getpid())}
         # set before the process exists, so no import order can start the allocator without it
