@@ -63,11 +63,11 @@ from replay_table import (  # noqa: E402  (re-exported: tests and other benchmar
 )
 
 from llmtune.config.space import Fixed, SearchSpace  # noqa: E402
-from llmtune.study import engine, probes  # noqa: E402
-from llmtune.study.attrs import CURVE, PRIOR, RUNG_METRICS, STATUS, VARIANT_OF  # noqa: E402
+from llmtune.study import engine, probes, promotion  # noqa: E402
+from llmtune.study.attrs import CURVE, PAUSED, PRIOR, RUNG_METRICS, STATUS, VARIANT_OF  # noqa: E402
 from llmtune.study.priors import COST_METRICS, cheap_config, prior_configs  # noqa: E402
 from llmtune.study.pruners import make_pruner  # noqa: E402
-from llmtune.study.rungs import PARTIAL_METRICS  # noqa: E402
+from llmtune.study.rungs import FRACTION_TOL, PARTIAL_METRICS  # noqa: E402
 
 __all__ = ["REF", "Table", "at_rung", "exclude", "hv_at_seconds", "hypervolume", "load_table", "pool_speed",
            "probe_trial", "quantiles", "replay", "replay_trial", "seconds_to", "synthetic_table", "true_front_size"]
@@ -149,14 +149,23 @@ def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trial
                for combo in itertools.product(*(table.grid[n] for n in table.execution))]
     spent, front = 0.0, []
     out: dict[str, list] = {"seconds": [], "hv_ratio": [], "pruned": [], "cost": [], "rung": [], "key": [],
-                            "probe_s": []}
+                            "probe_s": [], "resumed": []}
     if base.startswith("llmtune") or base == "grid":
         # These never repeat a configuration: past the grid's size they would only spin on repeats.
         n_trials = min(n_trials, sample_space.grid_size() or n_trials)
-    for _ in range(n_trials):
+    configurations = 0
+    while configurations < n_trials or promotion.waiting(study):
+        if pruner.pause:  # as Strategy.next_state: paused trials the rule now lets go on are queued first
+            promotion.promote(study, pruner.should_prune, log=lambda line: None)
         trial = study.ask()
         values = sample_space.suggest(trial)
-        if probing:
+        resume = promotion.resume_of(engine.frozen(study, trial))
+        if resume is not None:  # a continuation: its paused trial's configuration (and execution variant), no probes
+            values = {**values, **study.trials[resume.trial].params}
+            key = table.key(values)
+            cost, pruned_at = replay_trial(study, trial, table.rows[key], pruner, table.objectives, table.charge, resume)
+            found, probe_s = ([table.rows[key]] if pruned_at is None else []), 0.0
+        elif probing:
             cost, pruned_at, key, found, probe_s = probe_trial(study, trial, table, values, options, pruner,
                                                                variant_values)
         else:
@@ -175,6 +184,8 @@ def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trial
         out["rung"].append(pruned_at)
         out["key"].append(key)
         out["probe_s"].append(probe_s)
+        out["resumed"].append(resume is not None)
+        configurations += resume is None
         if stop_at_front and out["hv_ratio"][-1] >= 1.0 - 1e-9:
             break
     return out
@@ -273,21 +284,29 @@ def partial_metrics(row: dict[str, Any], rung: float, names: list[str]) -> dict[
 
 
 def replay_trial(study: optuna.Study, trial: optuna.Trial, row: dict[str, Any], pruner: Any,
-                 objectives: list[tuple[str, str]], charge: Any = None) -> tuple[float, float | None]:
-    """Tell the study what the recorded run measured, pruning at rungs as llmtune's loop does.
+                 objectives: list[tuple[str, str]], charge: Any = None,
+                 resume: promotion.Resume | None = None) -> tuple[float, float | None]:
+    """Tell the study what the recorded run measured, pruning at rungs as llmtune's loop does: a pruned trial is
+    paused where the pruner pauses (`study/promotion.py`), and a continuation (``resume``) goes on from its
+    paused trial's rung, with its curve so far, paying only for the rest of the run.
 
     Returns (seconds charged, the rung where it was pruned or None); ``charge(row, rung)`` prices
     a trial (default: recorded training seconds).
     """
     charge = charge or Table(grid={}, objectives=[], rungs=[]).charge
     storage, tid = engine.storage(study), engine.trial_id(trial)
+    start = resume.fraction if resume is not None else 0.0
+    spent = charge(row, start) if start else 0.0
     if row["status"] != "complete":
         storage.set_trial_user_attr(tid, STATUS, row["status"])
         study.tell(trial, state=TrialState.FAIL)
-        return charge(row), None
-    curve: list[list[float]] = []
-    partial: list[list[Any]] = []
-    for rung in pruner.rungs_for_trial(trial.number):
+        return charge(row) - spent, None
+    curve: list[list[float]] = list(resume.curve) if resume is not None else []
+    partial: list[list[Any]] = list(resume.rung_metrics) if resume is not None else []
+    config = resume.first if resume is not None else trial.number
+    for rung in pruner.rungs_for_trial(config):
+        if rung <= start + FRACTION_TOL:
+            continue  # reached (and recorded) before it was paused
         loss = at_rung(row, "loss", rung)
         if loss is None:
             if not any(k.startswith("loss@") and row[k] is not None for k in row):
@@ -302,15 +321,17 @@ def replay_trial(study: optuna.Study, trial: optuna.Trial, row: dict[str, Any], 
         # A copy each time: the in-memory storage keeps the object, and llmtune writes a new list too.
         storage.set_trial_user_attr(tid, CURVE, list(curve))
         storage.set_trial_user_attr(tid, RUNG_METRICS, list(partial))
-        if pruner.should_prune(study, trial.number, rung, loss, metrics):
+        if pruner.should_prune(study, config, rung, loss, metrics):
             storage.set_trial_user_attr(tid, STATUS, "pruned")
+            if pruner.pause:  # as record.tell marks a trial whose state the harness saved
+                storage.set_trial_user_attr(tid, PAUSED, {"fraction": rung, "state": "(replayed)"})
             study.tell(trial, state=TrialState.PRUNED)
-            return charge(row, rung), rung
+            return charge(row, rung) - spent, rung
     curve.append([1.0, float(row["eval_loss"])])
     storage.set_trial_user_attr(tid, CURVE, curve)
     storage.set_trial_user_attr(tid, STATUS, "complete")
     study.tell(trial, [float(row[m]) for m, _ in objectives])
-    return charge(row), None
+    return charge(row) - spent, None
 
 
 

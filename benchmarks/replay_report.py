@@ -41,12 +41,30 @@ def hv_at_seconds(run: dict[str, list], seconds: float) -> float:
     return best
 
 
+def configurations(run: dict[str, list]) -> list[int]:
+    """How many configurations each told trial of a run had reached: a paused trial's continuation
+    (`resumed`) is the same configuration trained on, so it counts for no trial budget."""
+    out, n = [], 0
+    for resumed in run.get("resumed") or [False] * len(run["hv_ratio"]):
+        n += not resumed
+        out.append(n)
+    return out
+
+
+def at_trials(run: dict[str, list], n: int) -> float:
+    """The HV ratio once ``n`` configurations (and the continuations promoted before the next) were told; a
+    run that found the whole front stopped early: its last value holds."""
+    counts = configurations(run)
+    last = max((i for i, c in enumerate(counts) if c <= n), default=0)
+    return run["hv_ratio"][last]
+
+
 def summarise(runs: dict[str, list[dict[str, list]]], budgets: list[int], grid_seconds: float) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for method, seeds in runs.items():
         entry: dict[str, Any] = {}
         for n in budgets:  # a run that found the whole front stopped early: its last value holds
-            entry[f"hv@{n}"] = quantiles([r["hv_ratio"][min(n, len(r["hv_ratio"])) - 1] for r in seeds])
+            entry[f"hv@{n}"] = quantiles([at_trials(r, n) for r in seeds])
         for level in LEVELS:
             entry[f"seconds_to_{int(level * 100)}"] = quantiles([seconds_to(r, level) for r in seeds])
         for share in SECOND_SHARES:
@@ -56,8 +74,9 @@ def summarise(runs: dict[str, list[dict[str, list]]], budgets: list[int], grid_s
         probe = [sum(p for p, s in zip(r.get("probe_s", []), r["seconds"], strict=False) if s <= seconds_to(r, 0.9))
                  / seconds_to(r, 0.9) for r in seeds if math.isfinite(seconds_to(r, 0.9)) and seconds_to(r, 0.9) > 0]
         entry["probe_share_to_90"] = float(np.mean(probe)) if probe else 0.0
-        entry["trials_to_90"] = quantiles([float(next((i + 1 for i, hv in enumerate(r["hv_ratio"]) if hv >= 0.9 - 1e-9),
-                                                      math.inf)) for r in seeds])
+        entry["trials_to_90"] = quantiles([float(next((c for c, hv in zip(configurations(r), r["hv_ratio"], strict=True)
+                                                       if hv >= 0.9 - 1e-9), math.inf)) for r in seeds])
+        entry["resumed_share"] = float(np.mean([np.mean(r.get("resumed") or [False]) for r in seeds]))
         out[method] = entry
     return out
 

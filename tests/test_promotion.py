@@ -164,3 +164,19 @@ def test_a_paused_trial_is_promoted_by_two_other_processes_and_continued_once(tm
     assert cont.user_attrs[CURVE][:len(curve)] == curve and cont.user_attrs[CURVE][-1][0] == 1.0
     assert not Path(one.user_attrs[PAUSED]["state"]).exists()  # freed once its continuation ended
     assert counted(optuna.load_study(study_name=name, storage=open_storage(pg_url))) == (4, 0)
+
+
+def test_a_continuation_under_probes_finds_the_variant_its_paused_trial_trained_in(tmp_path):
+    """Under `study.execution: probe` the paused trial's probes (PROBES) come back for its continuation, which
+    adds the other variants as trials once it completes, as the full trial would have."""
+    from llmtune.study.probes import Probes
+
+    recipe = recipe_from_dict(tiny_recipe_dict(tmp_path, search={"sample_packing": [False, True]}))
+    records = [{"settings": {"learning_rate": 1e-3, "sample_packing": packing}, "status": "complete", "reason": "",
+                "feasible": True, "metrics": {"train_time_s": 2.0 - packing, "peak_memory_gb": 1.0}, "wall_s": 1.0}
+               for packing in (False, True)]
+    prober = Probes(recipe, lambda settings, folder: None, lambda settings: (None, None))  # type: ignore[arg-type,return-value]
+    chosen = prober.restore(records, {"learning_rate": 1e-3, "sample_packing": True})
+    assert chosen is not None and chosen.settings["sample_packing"] is True and chosen.feasible
+    assert [p.settings["sample_packing"] for p in prober.found] == [False, True]
+    assert prober.restore(None, {"sample_packing": True}) is None and prober.found == []

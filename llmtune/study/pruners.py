@@ -89,6 +89,8 @@ def _check_min_trials(min_trials: Any, eta: int) -> int:
 
 
 def _check_pause(pause: Any) -> bool:
+    if isinstance(pause, str) and pause.strip().lower() in ("true", "false"):  # from --set or a replay's spec
+        pause = pause.strip().lower() == "true"
     if not isinstance(pause, bool):
         raise ValueError(f"setting 'pause'={pause!r} is invalid: use true (a stopped trial keeps its state and may "
                          "be promoted later) or false (stopped trials are killed, nothing kept)")
