@@ -67,6 +67,7 @@ def summarise(runs: dict[str, list[dict[str, list]]], budgets: list[int], grid_s
             entry[f"hv@{n}"] = quantiles([at_trials(r, n) for r in seeds])
         for level in LEVELS:
             entry[f"seconds_to_{int(level * 100)}"] = quantiles([seconds_to(r, level) for r in seeds])
+            entry[f"never_{int(level * 100)}"] = sum(math.isinf(seconds_to(r, level)) for r in seeds)
         for share in SECOND_SHARES:
             entry[f"hv@{share:.0%}s"] = quantiles([hv_at_seconds(r, share * grid_seconds) for r in seeds])
         entry["pruned_share"] = float(np.mean([np.mean(r["pruned"]) for r in seeds]))
@@ -139,14 +140,15 @@ def markdown(summary: dict[str, dict[str, Any]], rat: dict[str, Any], budgets: l
         f"its true front has {meta['true_front_size']} configurations. Cells: median [q25, q75] over seeds. "
         f"{meta.get('notes', '')}",
         "",
-        "| sampler + pruner | s to 90% HV | s to 95% HV | " + " | ".join(f"HV @{s:.0%} of grid s" for s in SECOND_SHARES)
-        + " | " + " | ".join(f"HV @{n} trials" for n in budgets) + " | trials to 90% | pruned | probe share |",
-        "|---" * (len(budgets) + len(SECOND_SHARES) + 6) + "|",
+        "| sampler + pruner | s to 90% HV | s to 95% HV | seeds never at 90% / 95% | " + " | ".join(f"HV @{s:.0%} of grid s" for s in SECOND_SHARES)
+        + " | " + " | ".join(f"HV @{n} trials" for n in budgets) + " | trials to 90% | pruned | resumed | probe share |",
+        "|---" * (len(budgets) + len(SECOND_SHARES) + 8) + "|",
     ]
     for method, e in summary.items():
-        cells = ([_fmt(e["seconds_to_90"]), _fmt(e["seconds_to_95"])] + [_fmt(e[f"hv@{s:.0%}s"]) for s in SECOND_SHARES]
+        cells = ([_fmt(e["seconds_to_90"]), _fmt(e["seconds_to_95"]), f"{e['never_90']} / {e['never_95']}"] + [_fmt(e[f"hv@{s:.0%}s"]) for s in SECOND_SHARES]
                  + [_fmt(e[f"hv@{n}"]) for n in budgets] + [_fmt(e["trials_to_90"])])
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {e['pruned_share']:.0%} | {e['probe_share_to_90']:.0%} |")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {e['pruned_share']:.0%} | {e.get('resumed_share', 0):.0%} | "
+                     f"{e['probe_share_to_90']:.0%} |")
     lines += ["", "Ratios of medians (seconds to 90% / to 95%; — : one of the two never got there):", ""]
     for key, value in rat.items():
         lines.append(f"- {key}: " + " / ".join("—" if v is None else f"{v:.2f}" for v in value.values()))

@@ -63,10 +63,33 @@ def test_replay_costs_add_up_with_pruning():
     table = R.synthetic_table(GRID, OBJECTIVES, seed=2)
     run = R.replay(table, "random", "asha", seed=0, n_trials=30)
     assert any(run["pruned"]) and not all(run["pruned"])
-    for key, cost, rung in zip(run["key"], run["cost"], run["rung"], strict=True):
+    paused_at: dict[tuple, float] = {}
+    for key, cost, rung, resumed in zip(run["key"], run["cost"], run["rung"], run["resumed"], strict=True):
         row = table.rows[key]
-        assert cost == (row["train_time_s"] if rung is None else row[f"train_s@{round(rung, 6):g}"])
+        spent = row[f"train_s@{round(paused_at.pop(key), 6):g}"] if resumed else 0.0  # a continuation pays the rest
+        assert cost == pytest.approx((row["train_time_s"] if rung is None else row[f"train_s@{round(rung, 6):g}"]) - spent)
+        if rung is not None:
+            paused_at[key] = rung
     assert run["seconds"][-1] == pytest.approx(sum(run["cost"]))
+
+
+def test_a_front_member_stopped_at_its_rung_is_promoted_later_and_found():
+    """A table whose early losses rank the final ones backwards: the best configuration looks worst at the rung
+    and is stopped. Paused, it is promoted once the finished trials show the rung does not rank (the rung gate),
+    continues from the rung (paying only the rest) and completes: the front is found. Killed, it never is."""
+    grid = {"learning_rate": [1e-4, 3e-4, 1e-3, 3e-3], "lora_r": [4, 8, 16]}
+    table = R.synthetic_table(grid, [("eval_loss", "minimize")], seed=0, rungs=(1 / 3,), crossing=True)
+    best = min(table.rows, key=lambda k: table.rows[k]["eval_loss"])
+    pruner = "asha:min_fraction=0.333333:eta=2"
+    run = R.replay(table, "random", pruner, seed=1, n_trials=12)
+    turns = [(pruned, resumed) for key, pruned, resumed in zip(run["key"], run["pruned"], run["resumed"], strict=True)
+             if key == best]
+    assert turns == [(True, False), (False, True)]  # stopped at the rung, then continued to the end
+    assert run["hv_ratio"][-1] == pytest.approx(1.0)
+    i = run["resumed"].index(True)
+    assert run["cost"][i] == pytest.approx(table.rows[run["key"][i]]["train_time_s"] * (1 - 1 / 3))
+    killed = R.replay(table, "random", f"{pruner}:pause=false", seed=1, n_trials=12)
+    assert not any(killed["resumed"]) and killed["hv_ratio"][-1] < 0.9
 
 
 def test_load_table_reads_the_recorder_format(tmp_path):
