@@ -273,10 +273,10 @@ def _check_values(recipe: Recipe, ck: _Checker) -> None:
         if v is not None and v <= 0:
             ck.add(f"study.{name}", f"{v} must be a positive number of seconds")
 
-    for path, name in (("study.study_name", s.study_name), ("name", recipe.name)):
-        why = unsafe_name(name) if isinstance(name, str) else None
-        if why and (path == "study.study_name" or not s.study_name):  # the recipe's name is the default study name
-            ck.add(path, why)
+    for dotted, named in (("study.study_name", s.study_name), ("name", recipe.name)):
+        why = unsafe_name(named) if isinstance(named, str) else None
+        if why and (dotted == "study.study_name" or not s.study_name):  # the recipe's name is the default study name
+            ck.add(dotted, why)
     _unexpanded_variables(recipe, ck)
 
     if s.pruner in CHOICES["study.pruner"] and isinstance(s.pruner_settings, dict):
