@@ -19,10 +19,15 @@ from llmtune.trial.endings import COMPLETE
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Width of tables written to a file or a pipe: rich would cut them to 80 columns (wrapping every cell),
+# and there is no terminal whose width they must fit.
+UNBOUNDED_WIDTH = 10_000
+
+
 def _console():
     from rich.console import Console
 
-    return Console()
+    return Console() if sys.stdout.isatty() else Console(width=UNBOUNDED_WIDTH)
 
 
 def _table(title: str, rows: list[dict[str, Any]]):
@@ -87,9 +92,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     # --set lora_r=8 fixes that setting; the other searched settings take their midpoints / first choices
     recipe = load(args.recipe, [*_with_threads(args), *ONE_TRIAL])
     settings = recipe.space.complete({})
-    out = Path(args.output_dir or Path(recipe.output_dir) / "train")
-    print(f"training one trial of {recipe.model.name} on {recipe.data.source} -> {out}", file=sys.stderr)
-    result = train(recipe, output_dir=out, schedule=args.schedule)
+    given = args.output_dir  # "" is refused by `train`, not read as "not given"
+    out = Path(given) if given else Path(recipe.output_dir) / "train"
+    if given is None or given.strip():
+        print(f"training one trial of {recipe.model.name} on {recipe.data.source} -> {out}", file=sys.stderr)
+    result = train(recipe, output_dir=given if given is not None else out, schedule=args.schedule)
     metrics = dict(result.metrics)
     base = result.base_eval_loss
     searched = load(args.recipe).space.searched  # what the recipe searches, before --set fixed any of it
@@ -226,7 +233,7 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="the recipe YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a searchable setting (lora_r=8, same as search.lora_r=8) or override a recipe value "
-                        "(train.budget.examples=500); repeatable")
+                        "(train.budget.examples=500, which replaces the recipe's budget); repeatable")
 
 
 def _threads_arg(p: argparse.ArgumentParser) -> None:

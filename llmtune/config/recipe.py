@@ -92,6 +92,7 @@ class Recipe:
 
 
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe))
+BUDGET_KINDS = tuple(f.name for f in dataclasses.fields(Budget))
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
@@ -408,7 +409,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str | No
     """Apply ``key.path=value`` strings (value parsed as YAML) to a recipe mapping.
 
     A bare searchable setting (``lora_r=8``) means ``search.lora_r=8``: it fixes that setting, on every
-    command alike."""
+    command alike. ``train.budget.epochs=2`` (or tokens, examples) replaces the recipe's budget, which is one
+    amount."""
     problems = []
     data = json.loads(json.dumps(data, default=str))  # deep copy
     for item in overrides:
@@ -436,6 +438,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str | No
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
+        if parts[:2] == ["train", "budget"] and len(parts) == 3 and parts[2] in BUDGET_KINDS:
+            node.clear()  # a budget is one amount: setting epochs replaces the recipe's examples or tokens
         node[parts[-1]] = value
     if problems:
         raise RecipeError(problems, source)
