@@ -54,17 +54,21 @@ def load(recipe: RecipeLike, overrides: list[str] | None = None, values: dict[st
 
 
 def init_recipe(model: str, data: str | os.PathLike, *, output: str | os.PathLike = "recipe.yaml",
-                gpu_memory_gb: float | None = None, overwrite: bool = False) -> Path:
+                gpu_memory_gb: float | None = None, overwrite: bool = False,
+                log: Callable[[str], None] | None = None) -> Path:
     """Write a commented recipe for `model` and the data file `data` to `output` and return its path:
     the data format guessed from the first row, a search space from published LoRA priors, the
     quantizations that fit ``gpu_memory_gb`` (default: this machine's GPU 0; none but "none" without
-    one). Raises `RecipeError` when the data cannot be read or `output` exists (unless ``overwrite``)."""
+    one). ``data`` may also be a parquet file, a folder of split files or a built-in data set
+    (llmtune/tiny-tasks). On a machine without a GPU the training budget is sized for its CPU and what a
+    trial and the search will take goes to ``log``. Raises `RecipeError` when the data cannot be read or
+    `output` exists (unless ``overwrite``)."""
     from llmtune.config.init import recipe_text
 
     out = Path(output)
     if out.exists() and not overwrite:
         raise RecipeError([Problem("--output", f"{str(out)!r} exists; give another path or --force")])
-    text = recipe_text(model, Path(data), gpu_memory_gb=gpu_memory_gb)
+    text = recipe_text(model, os.fspath(data), gpu_memory_gb=gpu_memory_gb, log=log)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return out

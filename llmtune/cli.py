@@ -81,7 +81,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     from llmtune.api import init_recipe
 
     budget = _parse_gb(args.gpu_memory) if args.gpu_memory else None
-    out = init_recipe(args.model, args.data, output=args.output, gpu_memory_gb=budget, overwrite=args.force)
+    out = init_recipe(args.model, args.data, output=args.output, gpu_memory_gb=budget, overwrite=args.force,
+                      log=lambda m: print(m, file=sys.stderr))
     print(f"wrote {out}; check it with: llmtune validate {out}")
     return 0
 
@@ -265,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("init", help="write a commented recipe for a model and a data file, from published LoRA priors")
     i.add_argument("model", help="a Hub model name or a local folder (or llmtune/tiny)")
-    i.add_argument("--data", required=True, help="a JSONL, JSON or CSV file; its format is guessed from the first row")
+    i.add_argument("--data", required=True, help="a JSONL, JSON, CSV or parquet file, a folder of split files, or llmtune/tiny-tasks; "
+                   "its format is guessed from the first row")
     i.add_argument("--gpu-memory", help="GPU size the quantization choices must fit, e.g. 24GB (default: the local GPU's)")
     i.add_argument("--output", default="recipe.yaml", help="where to write the recipe (default: recipe.yaml)")
     i.add_argument("--force", action="store_true", help="overwrite --output if it exists")
