@@ -517,11 +517,11 @@ def preflight(recipe: Recipe, *, data: bool = True, model: bool = True, study: b
         problems += _study(recipe, storage)
     warnings: list[str] = []
     fingerprint = None
-    if data:
-        found, warnings, fingerprint = _data(recipe, model)
+    model_problems = _model(recipe) if model else []
+    if data:  # the rows are tokenized only with a model that passed: its tokenizer is then readable
+        found, warnings, fingerprint = _data(recipe, model and not model_problems)
         problems += found
-    if model:
-        problems += _model(recipe)
+    problems += model_problems
     if problems:
         raise RecipeError(problems)
     return Checked(warnings, fingerprint)
