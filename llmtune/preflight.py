@@ -9,18 +9,25 @@ trial. The recipe itself was checked when it was built (`config/recipe.py`); thi
   The check runs over every row, since the trial applies it to every row too (it costs less than reading
   the file). For ``chat`` the tokenizer's chat template is tried on one row per distinct sequence of roles
   among the first 100,000 rows (`PROBE_ROWS`, at most `PROBE_RENDERS` rows rendered), so a template that
-  refuses a role (``tool``, ``system``) or an order is reported here, with the row, not in every trial;
-- the model: it is found (a built-in, a local folder, or a Hub name in the local cache when offline), its
-  config is read and instantiated on the meta device (no weights), and every LoRA target choice of the
+  refuses a role (``tool``, ``system``) or an order is reported here, with the row, not in every trial.
+  With a model that passed, the rows are tokenized as the trials will (`_tokens`, the first `TOKEN_ROWS`
+  training rows and every eval row): a prompt that fills every ``sequence_len`` searched leaves nothing to
+  train on, and an eval set without an answer token within ``data.eval_max_length`` would score 0 and win,
+  so either is a problem; some such rows are a warning;
+- the model: it is built first when it is a built-in (with progress, `_builtins`); it is found (a built-in, a local folder, or a Hub name in the local cache when offline), its
+  config is read (a model with its own code needs ``model.trust_remote_code``), it is a decoder-only
+  causal LM (not encoder-only, not encoder-decoder), a local folder holds weights, the config is
+  instantiated on the meta device (no weights), and every LoRA target choice of the
   space is resolved against its own modules (`harness/targets.py`); MoE expert targets need dropout 0;
   the attention implementation is one the model supports (and its library is installed); with sample
   packing, a 1-layer random copy of the architecture shows whether it can keep packed examples apart;
 - this machine: a CUDA device when ``train.device: cuda``; bitsandbytes when the space quantizes or the
   optimizer is 8-bit (and, for 4-bit on the CPU, layer shapes its CPU kernels can pack); the trackers
-  ``train.report_to`` names;
+  ``train.report_to`` names (``wandb`` on an offline machine only with ``WANDB_MODE=offline``); a
+  ``LLMTUNE_THREADS`` that is a whole number above 0;
 - where it writes, without writing: the output folder can be made (no file in its way, a file system that
   takes it); the study storage (``--storage``, ``LLMTUNE_STORAGE`` or ``study.storage``) is a URL whose
-  ``${VARIABLES}`` are set, a SQLite file in an existing folder (and a SQLite database if it exists), or a
+  ``${VARIABLES}`` are set, a SQLite file (not ``:memory:``) in an existing folder (and a SQLite database if it exists), or a
   database server that accepts a connection (nothing is created there); the heartbeat settings are numbers.
 
 Every problem is collected and raised at once as one `RecipeError` (field, value, fix); what is worth
@@ -260,6 +267,8 @@ def _model_kind(name: str, config: Any) -> list[Problem]:
     if getattr(config, "is_encoder_decoder", False):
         return [Problem("model.name", f"{name!r} is an encoder-decoder model ({kind}); llmtune tunes decoder-only "
                                       f"causal language models; {fix}")]
+    # Accepted: an encoder family configured as a decoder (is_decoder: true, e.g. a BERT turned causal for
+    # generation): transformers builds it as a causal LM with a causal mask, so it trains as the others do.
     if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
         return [Problem("model.name", f"{name!r} is an encoder-only model ({kind}, trained to fill in masked tokens, "
                                       f"seeing the whole text); llmtune tunes decoder-only causal language models; {fix}")]
