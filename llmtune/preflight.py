@@ -126,7 +126,7 @@ def _data(recipe: Recipe, model: bool = True) -> tuple[list[Problem], list[str],
     return problems, warnings, splits.fingerprint
 
 
-TOKEN_ROWS = 20_000  # training rows tokenized to see what sequence_len leaves of them (all eval rows are)
+TOKEN_ROWS = 5_000  # training rows tokenized to see what sequence_len leaves of them (all eval rows are)
 
 
 def _tokens(recipe: Recipe, train: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> tuple[list[Problem], list[str]]:
