@@ -157,7 +157,7 @@ def _tokens(recipe: Recipe, train: list[dict[str, Any]], eval_rows: list[dict[st
     train_starts = starts(train_ex)
     if train_starts and all(start >= longest for start in train_starts):
         problems.append(Problem("search.sequence_len", f"{_spec(recipe, 'sequence_len')}: in {sampled} training rows the "
-                                f"prompt fills {longest} tokens (the shortest is {min(train_starts):,}), so no example "
+                                f"prompt is {longest} tokens or longer (the shortest is {min(train_starts):,}), so no example "
                                 "keeps an answer token to train on and every trial would stop at once; raise "
                                 f"sequence_len above {min(train_starts):,}, or shorten the prompts"))
     elif cut := sum(start >= shortest for start in train_starts):
@@ -168,8 +168,8 @@ def _tokens(recipe: Recipe, train: list[dict[str, Any]], eval_rows: list[dict[st
     limit = recipe.data.eval_max_length
     lost = sum(start >= limit for start in eval_starts)
     if eval_starts and lost == len(eval_starts):
-        problems.append(Problem("data.eval_max_length", f"{limit}: every one of the {len(eval_ex):,} eval rows has a "
-                                f"prompt of {limit} tokens or more (the shortest is {min(eval_starts):,}), so no answer "
+        problems.append(Problem("data.eval_max_length", f"{limit}: {'every one of the' if len(eval_ex) > 1 else 'the'} "
+                                f"{len(eval_ex):,} eval row{'s' if len(eval_ex) > 1 else ''} has a prompt of {limit} tokens or more (the shortest is {min(eval_starts):,}), so no answer "
                                 "token is left to score and eval_loss would be computed on nothing; raise "
                                 f"data.eval_max_length above {min(eval_starts):,}, or give shorter eval prompts"))
     elif lost:
