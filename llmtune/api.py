@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmtune.config.recipe import Recipe, apply_overrides, recipe_from_dict, set_search_values
+from llmtune.config.recipe import Recipe, apply_overrides, recipe_from_dict, set_search_values, unsafe_name
 from llmtune.config.recipe_file import read_recipe_file
 from llmtune.deliver.results import SearchResult
 from llmtune.errors import Problem, RecipeError
@@ -54,17 +54,21 @@ def load(recipe: RecipeLike, overrides: list[str] | None = None, values: dict[st
 
 
 def init_recipe(model: str, data: str | os.PathLike, *, output: str | os.PathLike = "recipe.yaml",
-                gpu_memory_gb: float | None = None, overwrite: bool = False) -> Path:
+                gpu_memory_gb: float | None = None, overwrite: bool = False,
+                log: Callable[[str], None] | None = None) -> Path:
     """Write a commented recipe for `model` and the data file `data` to `output` and return its path:
     the data format guessed from the first row, a search space from published LoRA priors, the
     quantizations that fit ``gpu_memory_gb`` (default: this machine's GPU 0; none but "none" without
-    one). Raises `RecipeError` when the data cannot be read or `output` exists (unless ``overwrite``)."""
+    one). ``data`` may also be a parquet file, a folder of split files or a built-in data set
+    (llmtune/tiny-tasks). On a machine without a GPU the training budget is sized for its CPU and what a
+    trial and the search will take goes to ``log``. Raises `RecipeError` when the data cannot be read or
+    `output` exists (unless ``overwrite``)."""
     from llmtune.config.init import recipe_text
 
     out = Path(output)
     if out.exists() and not overwrite:
         raise RecipeError([Problem("--output", f"{str(out)!r} exists; give another path or --force")])
-    text = recipe_text(model, Path(data), gpu_memory_gb=gpu_memory_gb)
+    text = recipe_text(model, os.fspath(data), gpu_memory_gb=gpu_memory_gb, log=log)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return out
@@ -108,8 +112,16 @@ def search(recipe: RecipeLike, *, n_trials: int | None = None, storage: str | No
         bad.append(Problem("n_trials (--n-trials)", f"{n_trials} must be at least 1; leave it out for study.n_trials"))
     if workers < 1:
         bad.append(Problem("workers (--workers)", f"{workers} must be at least 1"))
+    elif workers > MAX_WORKERS:
+        bad.append(Problem("workers (--workers)", f"{workers} is more trials at once than one machine runs well (at most "
+                                                  f"{MAX_WORKERS}); to scale out, start a search per machine on one "
+                                                  "shared storage (--storage postgresql://...)"))
+    if study_name is not None and (why := unsafe_name(study_name, "--study-name")):
+        bad.append(Problem("study_name", why))
+    bad += _output_dir_given(output_dir)
     if bad:
         raise RecipeError(bad)
+    entries = _check_gpus(parse_gpus(gpus)) if gpus is not None else None
     r = load(recipe, overrides)
     if output_dir is not None:
         r.output_dir = os.fspath(output_dir)
@@ -118,11 +130,42 @@ def search(recipe: RecipeLike, *, n_trials: int | None = None, storage: str | No
     for message in checked.warnings:
         _warn_stderr(message)
     say = log or (_silent if quiet else print)
-    run = Search(r, storage=storage, n_trials=n_trials, workers=workers, gpus=parse_gpus(gpus),
+    run = Search(r, storage=storage, n_trials=n_trials, workers=workers, gpus=entries,
                  study_name=study_name, progress=make_progress(quiet), log=say,
                  data_fingerprint=checked.data_fingerprint)
     study = run.run()
     return finalize(study, r)
+
+
+# Trials at once in one search process (--workers): each is a process with its own model copy and threads.
+MAX_WORKERS = 64
+
+
+def _output_dir_given(output_dir: str | os.PathLike | None) -> list[Problem]:
+    """An empty ``output_dir`` (``--output-dir ""``) would write into the current folder."""
+    if output_dir is not None and not os.fspath(output_dir).strip():
+        return [Problem("output_dir (--output-dir)", f"{os.fspath(output_dir)!r} is empty, which would write into the "
+                                                     "current folder; give a folder, e.g. runs/NAME, or leave "
+                                                     "--output-dir out for the recipe's output_dir")]
+    return []
+
+
+def _check_gpus(entries: list[str]) -> list[str]:
+    """--gpus entries on this machine: there are GPUs, and no GPU is given to two workers."""
+    from llmtune.errors import SearchError
+    from llmtune.hardware import gpu_count
+
+    if entries and not gpu_count():
+        raise SearchError(f"--gpus {','.join(entries)}: no NVIDIA GPU is visible here, so the trials would run on the "
+                          "CPU; leave --gpus out to run on the CPU (--workers N for trials at once)")
+    seen: dict[str, str] = {}
+    for entry in entries:
+        for gpu in (g.strip() for g in entry.split("+")):
+            if gpu in seen:
+                raise SearchError(f"--gpus: GPU {gpu} is given twice ({seen[gpu]!r} and {entry!r}): two trials on one "
+                                  "GPU would each size itself for the whole card; give each GPU once, e.g. --gpus 0,1")
+            seen[gpu] = entry
+    return entries
 
 
 def train(recipe: RecipeLike, values: dict[str, Any] | None = None, *, output_dir: str | os.PathLike | None = None,
@@ -156,9 +199,13 @@ def train(recipe: RecipeLike, values: dict[str, Any] | None = None, *, output_di
                                        "search's recipe")])
         values = {**doc["settings"], **(values or {})}
         segment = {"schedule": doc["schedule"], "start": 0.0, "stop": 1.0}
+    given = _output_dir_given(output_dir)
+    if given:
+        raise RecipeError(given)
     r = load(recipe, overrides, values)
     out = Path(output_dir or Path(r.output_dir) / "train")
-    preflight(r, study=False, output_dir=_output_field(out, output_dir))
+    for message in preflight(r, study=False, output_dir=_output_field(out, output_dir)).warnings:
+        _warn_stderr(message)  # the rows the trial drops, as validate and search say
     settings = r.space.complete({})
     if in_process:
         from llmtune.harness.train import run_trial
@@ -182,6 +229,8 @@ def _writable(path: str | os.PathLike, given: str | os.PathLike | None) -> None:
     """Raise `RecipeError` when the folder a command would write cannot be made, before it reads anything."""
     from llmtune.preflight import folder_problem
 
+    if given is not None and (empty := _output_dir_given(given)):
+        raise RecipeError(empty)
     problem = folder_problem(*_output_field(path, given))
     if problem:
         raise RecipeError([problem])

@@ -19,10 +19,15 @@ from llmtune.trial.endings import COMPLETE
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Width of tables written to a file or a pipe: rich would cut them to 80 columns (wrapping every cell),
+# and there is no terminal whose width they must fit.
+UNBOUNDED_WIDTH = 10_000
+
+
 def _console():
     from rich.console import Console
 
-    return Console()
+    return Console() if sys.stdout.isatty() else Console(width=UNBOUNDED_WIDTH)
 
 
 def _table(title: str, rows: list[dict[str, Any]]):
@@ -76,7 +81,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     from llmtune.api import init_recipe
 
     budget = _parse_gb(args.gpu_memory) if args.gpu_memory else None
-    out = init_recipe(args.model, args.data, output=args.output, gpu_memory_gb=budget, overwrite=args.force)
+    out = init_recipe(args.model, args.data, output=args.output, gpu_memory_gb=budget, overwrite=args.force,
+                      log=lambda m: print(m, file=sys.stderr))
     print(f"wrote {out}; check it with: llmtune validate {out}")
     return 0
 
@@ -87,9 +93,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     # --set lora_r=8 fixes that setting; the other searched settings take their midpoints / first choices
     recipe = load(args.recipe, [*_with_threads(args), *ONE_TRIAL])
     settings = recipe.space.complete({})
-    out = Path(args.output_dir or Path(recipe.output_dir) / "train")
-    print(f"training one trial of {recipe.model.name} on {recipe.data.source} -> {out}", file=sys.stderr)
-    result = train(recipe, output_dir=out, schedule=args.schedule)
+    given = args.output_dir  # "" is refused by `train`, not read as "not given"
+    out = Path(given) if given else Path(recipe.output_dir) / "train"
+    if given is None or given.strip():
+        print(f"training one trial of {recipe.model.name} on {recipe.data.source} -> {out}", file=sys.stderr)
+    result = train(recipe, output_dir=given if given is not None else out, schedule=args.schedule)
     metrics = dict(result.metrics)
     base = result.base_eval_loss
     searched = load(args.recipe).space.searched  # what the recipe searches, before --set fixed any of it
@@ -226,7 +234,7 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="the recipe YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a searchable setting (lora_r=8, same as search.lora_r=8) or override a recipe value "
-                        "(train.budget.examples=500); repeatable")
+                        "(train.budget.examples=500, which replaces the recipe's budget); repeatable")
 
 
 def _threads_arg(p: argparse.ArgumentParser) -> None:
@@ -258,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("init", help="write a commented recipe for a model and a data file, from published LoRA priors")
     i.add_argument("model", help="a Hub model name or a local folder (or llmtune/tiny)")
-    i.add_argument("--data", required=True, help="a JSONL, JSON or CSV file; its format is guessed from the first row")
+    i.add_argument("--data", required=True, help="a JSONL, JSON, CSV or parquet file, a folder of split files, or llmtune/tiny-tasks; "
+                   "its format is guessed from the first row")
     i.add_argument("--gpu-memory", help="GPU size the quantization choices must fit, e.g. 24GB (default: the local GPU's)")
     i.add_argument("--output", default="recipe.yaml", help="where to write the recipe (default: recipe.yaml)")
     i.add_argument("--force", action="store_true", help="overwrite --output if it exists")

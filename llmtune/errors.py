@@ -21,6 +21,20 @@ class LlmtuneError(Exception):
         if code is not None:
             self.exit_code = code
 
+    def __reduce__(self) -> tuple:
+        # Pickle rebuilds an exception as ``cls(*self.args)``; a subclass whose __init__ takes other
+        # arguments (RecipeError takes problems) would get the message there and garble it ("337 problems:
+        # - i - z ..."). Rebuild without calling __init__: the message and every attribute as they were.
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
+
+
+def _rebuild(cls: type[LlmtuneError], args: tuple, state: dict) -> LlmtuneError:
+    """An error as it was pickled (`LlmtuneError.__reduce__`), without running its __init__."""
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
 
 @dataclass(frozen=True)
 class Problem:

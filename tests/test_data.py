@@ -77,3 +77,39 @@ def test_a_json_object_file_is_read_by_datasets_not_refused(tmp_path):
     path = tmp_path / "columns.json"
     path.write_text(json.dumps({"text": ["a b", "c d"]}, indent=2))  # one object over several lines
     assert _load_file(path)  # handed to `datasets` as before, no "not valid JSON" error
+
+
+def test_an_eval_set_without_answer_tokens_is_an_error_not_a_zero_loss():
+    """Every eval prompt longer than data.eval_max_length leaves no token to score: the loss over it would
+    read 0 and win the search, so the harness refuses to compute it (the preflight refuses the recipe first)."""
+    import torch
+
+    from llmtune.harness import data as D
+    from llmtune.harness.train import evaluate
+
+    prompt_only = [D.Example([1, 5, 6, 7], [D.IGNORE] * 4, True) for _ in range(3)]
+    with pytest.raises(DataError, match="data.eval_max_length") as info:
+        D.eval_batches(prompt_only, 2, 0)
+    assert info.value.field == "data.eval_max_length"
+    with pytest.raises(DataError, match="no answer token"):
+        evaluate(torch.nn.Linear(1, 1), [], "cpu")
+    scored = D.eval_batches(prompt_only + [D.Example([1, 5, 6], [D.IGNORE, 5, 6], False)], 2, 0)
+    assert sum(b.label_tokens for b in scored) == 2
+
+
+def _recipe_with(tmp_path, data_rows, **data):
+    from llmtune.config.recipe import recipe_from_dict
+
+    write_jsonl(tmp_path / "d.jsonl", data_rows)
+    return recipe_from_dict({"model": {"name": "llmtune/tiny"}, "data": {"source": str(tmp_path / "d.jsonl"), **data},
+                             "search": {"sequence_len": [64, 512]}, "output_dir": str(tmp_path / "run")})
+
+
+def test_the_preflight_warns_of_rows_a_short_sequence_len_drops(tmp_path, tiny_model_path):
+    """Some prompts fill the shortest sequence_len searched: a warning (those trials drop them), not a problem."""
+    from llmtune.preflight import preflight
+
+    long = [{"instruction": "the river " * 60, "input": "", "output": "yes"} for _ in range(5)]
+    recipe = _recipe_with(tmp_path, long + rows(20, "short"), eval_fraction=0.2, split_seed=1)
+    warnings = preflight(recipe, study=False, log=None).warnings
+    assert any(w.startswith("search.sequence_len: at sequence_len 64") for w in warnings), warnings

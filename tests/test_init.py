@@ -82,3 +82,45 @@ def test_the_learning_rate_range_follows_the_model(tmp_path: Path) -> None:
     assert lr.low == pytest.approx(4e-5) and lr.high == pytest.approx(9e-4)  # type: ignore[union-attr]
     assert space.specs["lora_r"].options == (16, 32, 64, 128)  # type: ignore[union-attr]
     assert "width 4096" in load_recipe_text
+
+
+def test_init_takes_parquet_folders_and_the_built_in_data(tiny_model_path, tiny_data_path, tmp_path: Path) -> None:
+    """Recipes accept parquet files, folders of split files and llmtune/tiny-tasks as data.source: so does init."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"instruction": f"Add {i} and 1.", "input": "", "output": str(i + 1)} for i in range(40)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", rows)
+    for data, source in ((tmp_path / "d.parquet", str(tmp_path / "d.parquet")), (folder, str(folder)),
+                         ("llmtune/tiny-tasks", "llmtune/tiny-tasks")):
+        out = tmp_path / "r.yaml"
+        assert main(["init", "llmtune/tiny", "--data", str(data), "--output", str(out), "--force"]) == 0
+        recipe = load_recipe(out)
+        assert recipe.data.source == source and recipe.data.format == "instruction"
+        assert main(["validate", str(out)]) == 0
+
+
+def test_init_on_a_cpu_sizes_the_budget_and_says_what_a_search_costs(tmp_path: Path, monkeypatch, capsys) -> None:
+    from transformers import LlamaConfig
+
+    monkeypatch.setattr("llmtune.hardware.cuda_available", lambda: False)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Say hello " * 10, "output": "hello " * 20}] * 3000)
+    model = tmp_path / "llama-1b-config"
+    LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, vocab_size=128256).save_pretrained(model)
+    out = tmp_path / "r.yaml"
+    assert main(["init", str(model), "--data", str(data), "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "no GPU here: a trial of" in err and "CPU thread" in err and "16 trials about" in err, err
+    assert "lowered from 2000 examples" in err, err
+    examples = load_recipe(out).train.budget.examples
+    assert examples is not None and 64 <= examples < 2000
+    assert "sized for this CPU" in out.read_text()
+
+
+def test_init_says_where_a_relative_data_path_was_looked_for(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError, match=f"looked for '{tmp_path}/nope.jsonl'"):
+        recipe_text("llmtune/tiny", "nope.jsonl")

@@ -39,6 +39,7 @@ class Case:
     files: dict[str, str] = field(default_factory=dict)         # created under {tmp} first
     untouched: tuple[str, ...] = ()                             # paths (outside {tmp}) that must not appear
     patch: dict[str, Any] = field(default_factory=dict)         # attribute path -> replacement
+    make: Callable[[Path], None] | None = None                  # makes under {tmp} what text cannot: a FIFO, a link
 
 
 def data(source: str, **more: Any) -> dict[str, Any]:
@@ -52,6 +53,25 @@ def with_search(**values: Any) -> dict[str, Any]:
 
 ONE_OBJECTIVE = {"objectives": {"eval_loss": "minimize"}}
 CPU_PACKS_4BIT = {"llmtune.hardware.bnb_cpu_packs_4bit": lambda: True}
+
+# A "billion laughs": nine aliases, each nine of the one before: ~430 million strings once expanded.
+ALIAS_BOMB = "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
+                     for p, k in zip(["", *"abcdefgh"], "abcdefghi", strict=True))
+LLAMA_CONFIG = ('{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, '
+                '"intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, '
+                '"vocab_size": 128, "max_position_embeddings": 256}')
+REMOTE_CONFIG = ('{"model_type": "llmtune-remote", "auto_map": {"AutoConfig": "configuration_x.XConfig", '
+                 '"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}')
+NO_GPU = {"llmtune.hardware.gpu_count": lambda: 0}
+ANY_LIBRARY = {"llmtune.hardware.installed": lambda name: True}
+
+
+def _gzip_rows(name: str) -> Callable[[Path], None]:
+    def make(tmp: Path) -> None:
+        import gzip
+
+        (tmp / name).write_bytes(gzip.compress((MALFORMED / "instruction.jsonl").read_bytes()))
+    return make
 
 CASES = [
     # ------------------------------------------------------------------------------------------- data files
@@ -77,6 +97,19 @@ CASES = [
     Case("data-ragged-csv", data("{m}/ragged.csv"), ("data.source", "ragged.csv", "CSV")),
     Case("data-not-parquet", data("{m}/not-parquet.parquet"), ("data.source", "not-parquet.parquet", "parquet")),
     Case("data-empty-csv", data("{m}/no-header.csv"), ("data.source", "no-header.csv", "no rows")),
+    Case("data-relative-missing-file", data("no-such-relative.jsonl"),
+         ("data.source", "no-such-relative.jsonl", "does not exist", "looked for", os.getcwd())),
+    Case("data-source-empty", data(""), ("data.source", "is empty")),
+    Case("data-fifo", data("{tmp}/rows.jsonl"), ("data.source", "rows.jsonl", "named pipe"),
+         absent=("does not exist",), make=lambda tmp: os.mkfifo(tmp / "rows.jsonl")),
+    Case("data-symlink-loop", data("{tmp}/loop.jsonl"), ("data.source", "loop.jsonl", "symbolic link loop"),
+         absent=("does not exist",), make=lambda tmp: (tmp / "loop.jsonl").symlink_to(tmp / "loop.jsonl")),
+    Case("data-gzip-named-jsonl", data("{tmp}/rows.jsonl"), ("data.source", "rows.jsonl", "compressed (gz)", "gunzip"),
+         absent=("UTF-8",), make=_gzip_rows("rows.jsonl")),
+    Case("data-gz-file", data("{tmp}/rows.jsonl.gz"), ("data.source", "rows.jsonl.gz", "compressed (gz)", "'rows.jsonl'"),
+         make=_gzip_rows("rows.jsonl.gz")),
+    Case("data-source-unexpanded-variable", data("$LLMTUNE_TEST_DATA/instruction.jsonl"),
+         ("data.source", "$LLMTUNE_TEST_DATA", "${LLMTUNE_TEST_DATA}", "only study.storage")),
     Case("data-hub-dataset-offline", data("nobody-llmtune/no-such-dataset"),
          ("data.source", "nobody-llmtune/no-such-dataset")),
     Case("eval-source-missing", data("{m}/instruction.jsonl", eval_source="{m}/no-such-eval.jsonl"),
@@ -105,6 +138,11 @@ CASES = [
     Case("messages-not-a-list", data("{m}/messages-not-list.jsonl", format="chat"), ("'messages'", "not a list")),
     Case("instruction-field-absent", data("{m}/instruction.jsonl", instruction_field="prompt"),
          ("data.instruction_field", "'prompt'")),
+    Case("prompts-longer-than-every-sequence-len", data("{m}/long-prompts.jsonl"),
+         ("search.sequence_len", "128", "no example keeps an answer token", "raise sequence_len")),
+    Case("eval-prompts-longer-than-eval-max-length",
+         data("{m}/instruction.jsonl", eval_source="{m}/long-prompts.jsonl"),
+         ("data.eval_max_length", "192", "eval_loss would be computed on nothing"), absent=("search.sequence_len",)),
     # ------------------------------------------------------------------------------------------- data settings
     Case("data-format-unknown", data("{m}/instruction.jsonl", format="alpaca"),
          ("data.format", "'alpaca'", "did you mean 'instruction'")),
@@ -134,6 +172,10 @@ CASES = [
     Case("storage-env-not-a-url", env={"LLMTUNE_STORAGE": "mystudy.db"}, expect=("LLMTUNE_STORAGE", "'mystudy.db'")),
     Case("storage-flag-unknown-scheme", search_argv=("--storage", "foo://bar/x"), commands=("search",),
          expect=("--storage", "foo://bar/x")),
+    Case("storage-sqlite-in-memory", {"study": {"storage": "sqlite:///:memory:"}},
+         ("study.storage", ":memory:", "in memory", "sqlite:///")),
+    Case("storage-unbraced-unset-variable", {"study": {"storage": "postgresql://u:$LLMTUNE_TEST_UNSET_PW@127.0.0.1:1/x"}},
+         ("study.storage", "LLMTUNE_TEST_UNSET_PW", "is not set"), env={"LLMTUNE_TEST_UNSET_PW": None}),
     Case("heartbeat-grace-not-a-number", env={"LLMTUNE_HEARTBEAT_GRACE": "abc"},
          expect=("LLMTUNE_HEARTBEAT_GRACE", "'abc'")),
     Case("heartbeat-grace-too-short", env={"LLMTUNE_HEARTBEAT_GRACE": "10"},
@@ -159,6 +201,30 @@ CASES = [
     Case("search-unknown-setting", with_search(lora_rank=8), ("search.lora_rank", "did you mean 'lora_r'")),
     Case("quantization-nf4", with_search(quantization="nf4"), ("search.quantization", "'nf4'", "did you mean '4bit'")),
     Case("objective-unknown", {"objectives": {"accuracy": "maximize"}}, ("objectives.accuracy", "unknown metric")),
+    Case("objective-list-repeats", {"objectives": ["eval_loss", "eval_loss"]}, ("objectives.eval_loss", "2 times", "once")),
+    Case("objective-not-measured", {"objectives": {"eval_loss": "minimize", "latency_ms": "minimize"},
+                                    "measure": {"latency": False}}, ("objectives.latency_ms", "measure.latency")),
+    Case("constraint-not-measured", {"constraints": {"ttft_ms": {"max": 50}}, "measure": {"latency": False}},
+         ("constraints.ttft_ms", "not measured", "measure.latency")),
+    Case("select-weight-negative", {"select": {"by": "knee", "weights": {"eval_loss": -1}}},
+         ("select.weights.eval_loss", "-1", ">= 0")),
+    Case("quantization-yaml-no", expect=("search.quantization", "false", "YAML", "write none"),
+         text=lambda y: y.replace("  lora_dropout: 0.0\n", "  lora_dropout: 0.0\n  quantization: no\n")),
+    Case("lora-r-astronomical", with_search(lora_r=10**30), ("search.lora_r", "too large", "8,192"),
+         absent=("c10", "C++")),
+    Case("lora-alpha-huge", with_search(lora_alpha=1e308), ("search.lora_alpha", "too large"), absent=("diverged",)),
+    Case("seed-too-large", {"train": {"seed": 2**70}}, ("train.seed", "1180591620717411303424", "2**32")),
+    Case("weight-decay-infinite", {"train": {"weight_decay": float("inf")}}, ("train.weight_decay", "finite")),
+    Case("max-grad-norm-nan", {"train": {"max_grad_norm": float("nan")}}, ("train.max_grad_norm", "NaN", "finite")),
+    Case("study-timeout-nan", {"study": {"timeout": float("nan")}}, ("study.timeout", "NaN", "finite")),
+    Case("trial-timeout-nan-text", {"study": {"trial_timeout": "nan"}}, ("study.trial_timeout", "'nan'", "finite")),
+    Case("study-name-parent", {"study": {"study_name": "../.."}}, ("study.study_name", "'../..'", "plain name")),
+    Case("study-name-absolute", {"study": {"study_name": "{tmp}/elsewhere"}}, ("study.study_name", "plain name")),
+    Case("study-name-flag-empty", search_argv=("--study-name", ""), commands=("search",),
+         expect=("--study-name", "''", "empty")),
+    Case("threads-env-not-a-number", env={"LLMTUNE_THREADS": "abc"}, expect=("LLMTUNE_THREADS", "'abc'")),
+    Case("threads-env-zero", env={"LLMTUNE_THREADS": "0"}, expect=("LLMTUNE_THREADS", "'0'")),
+    Case("threads-env-negative", env={"LLMTUNE_THREADS": "-1"}, expect=("LLMTUNE_THREADS", "'-1'")),
     Case("objective-given-twice", {"objectives": {"eval_loss": "minimize", "loss": "minimize"}},
          ("objectives.loss", "eval_loss", "once")),
     Case("constraint-unknown-metric", {"constraints": {"accuracy": {"min": 0.5}}}, ("constraints.accuracy", "unknown")),
@@ -172,6 +238,9 @@ CASES = [
     Case("yaml-duplicate-section", expect=("study", "twice", "line"),
          text=lambda y: y + "study:\n  n_trials: 50\n"),
     Case("yaml-syntax-error", expect=("not valid YAML", "line"), text=lambda y: y + "search: [unclosed\n"),
+    Case("yaml-alias-bomb", expect=("aliases", "10,000 values", "write the values out"), text=lambda y: y + ALIAS_BOMB),
+    Case("yaml-alias-loop", expect=("refers to", "infinite"), text=lambda y: y + "loop: &loop [1, *loop]\n"),
+    Case("recipe-nul-byte", expect=("NUL byte", "line"), text=lambda y: (y + "description: a\x00b\n").encode()),
     Case("recipe-not-utf8", expect=("not UTF-8",), text=lambda y: (y + "description: caf\xe9\n").encode("latin-1")),
     Case("recipe-is-a-list", expect=("a recipe is a YAML mapping",), text=lambda y: "- model\n- data\n"),
     Case("recipe-empty", expect=("a recipe is a YAML mapping",), text=lambda y: ""),
@@ -181,6 +250,13 @@ CASES = [
     Case("model-not-found", {"model": {"name": "nobody-llmtune/no-such-model"}},
          ("model.name", "'nobody-llmtune/no-such-model'")),
     Case("model-folder-without-config", {"model": {"name": "{m}/no-config-model"}}, ("model.name", "no-config-model")),
+    Case("model-encoder-only", {"model": {"name": "{m}/bert"}}, ("model.name", "encoder-only", "bert", "decoder-only")),
+    Case("model-encoder-decoder", {"model": {"name": "{m}/t5"}}, ("model.name", "encoder-decoder", "t5"),
+         absent=("GPT2Config", "Model type should be one of", "search.lora_target_modules")),
+    Case("model-folder-without-weights", {"model": {"name": "{tmp}/m"}}, ("model.name", "no weights", "config.json"),
+         files={"m/config.json": LLAMA_CONFIG, "m/tokenizer_config.json": "{}"}),
+    Case("model-remote-code-not-trusted", {"model": {"name": "{tmp}/remote"}},
+         ("model.trust_remote_code", "set model.trust_remote_code: true"), files={"remote/config.json": REMOTE_CONFIG}),
     Case("train-device-cuda-without-gpu", {"train": {"device": "cuda"}}, ("train.device", "'cuda'", "no CUDA GPU")),
     Case("attention-flash-without-flash-attn", {"model": {"name": "llmtune/tiny", "attn_implementation": "flash_attention_2"}},
          ("model.attn_implementation", "flash")),
@@ -194,6 +270,8 @@ CASES = [
     Case("packing-bloom", {"model": {"name": "{m}/bloom"}, **with_search(sample_packing=True)},
          ("search.sample_packing", "bloom")),
     Case("report-to-unknown", {"train": {"report_to": ["wandbb"]}}, ("train.report_to[0]", "'wandbb'")),
+    Case("report-to-wandb-offline", {"train": {"report_to": ["wandb"]}}, ("train.report_to[0]", "WANDB_MODE=offline"),
+         env={"WANDB_MODE": None}, patch=ANY_LIBRARY),
     # ------------------------------------------------------------------------------------------- where it writes
     Case("output-dir-under-a-file", {"output_dir": "{tmp}/file.txt/run"}, ("output_dir", "file.txt", "is a file"),
          files={"file.txt": "x"}),
@@ -209,6 +287,13 @@ CASES = [
     Case("n-trials-zero", search_argv=("--n-trials", "0"), commands=("search",), expect=("--n-trials", "0")),
     Case("n-trials-negative", search_argv=("--n-trials", "-1"), commands=("search",), expect=("--n-trials", "-1")),
     Case("workers-zero", search_argv=("--workers", "0"), commands=("search",), expect=("--workers", "0")),
+    Case("workers-thousand", search_argv=("--workers", "1000"), commands=("search",), expect=("--workers", "1000", "64")),
+    Case("gpus-without-a-gpu", search_argv=("--gpus", "99"), commands=("search",),
+         expect=("--gpus 99", "no NVIDIA GPU"), patch=NO_GPU),
+    Case("gpus-given-twice", search_argv=("--gpus", "0,0"), commands=("search",), expect=("--gpus", "GPU 0", "twice"),
+         patch={"llmtune.hardware.gpu_count": lambda: 2}),
+    Case("output-dir-flag-empty", search_argv=("--output-dir", ""), commands=("search",),
+         expect=("--output-dir", "''", "empty")),
 ]
 
 
@@ -256,7 +341,10 @@ def test_malformed_input_is_refused_before_any_trial(case, tmp_path, capfd, monk
 
     monkeypatch.setattr("llmtune.study.loop.Search", no_search)
     for name, content in case.files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(content)
+    if case.make is not None:
+        case.make(tmp_path)
     recipe = _fill(tiny_recipe_dict(tmp_path, **case.sections), tmp_path)
     path = tmp_path / "recipe.yaml"
     text = yaml.safe_dump(recipe, sort_keys=False)

@@ -146,3 +146,113 @@ def test_cli_validate_exit_codes_and_no_traceback(tmp_path):
     broken.write_text("model: [unclosed\n")
     out = subprocess.run([sys.executable, "-m", "llmtune.cli", "validate", str(broken)], capture_output=True, text=True)
     assert out.returncode == 2 and "not valid YAML" in out.stderr
+
+
+# --------------------------------------------------------------------------------------------- issue 23 edges
+
+_VALIDATE = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # 1 GiB: the bomb expanded needs tens of GB
+from llmtune.cli import main
+sys.exit(main(["validate", sys.argv[1]]))
+"""
+
+
+def test_an_alias_bomb_is_refused_in_little_memory_with_a_short_message(tmp_path):
+    """A 1 KB "billion laughs" recipe once grew validate past 2.5 GB and printed a 144 MB message: run it in
+    a child whose address space is capped at 1 GiB, and measure what it used."""
+    import resource
+
+    from test_malformed import ALIAS_BOMB
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(yaml.safe_dump(GOOD) + ALIAS_BOMB + "description: [*i, *i, *i]\n")
+    assert path.stat().st_size < 1500
+    out = subprocess.run([sys.executable, "-c", _VALIDATE, str(path)], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "MemoryError" not in out.stderr
+    assert "aliases" in out.stderr and len(out.stderr) < 1000
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1_000_000  # KiB: well under 1 GiB
+
+
+def test_aliases_that_share_a_few_settings_still_load(tmp_path):
+    """Accepted: an anchor and merge key (``<<: *base``) reused a few times, the documented use of aliases."""
+    text = ("model: {name: llmtune/tiny}\ndata: &d {source: llmtune/tiny-tasks}\n"
+            "train: {budget: &b {examples: 64}}\nsearch:\n  lora_r: &r [8, 16]\n"
+            "study: {<<: {n_trials: 4}, seed: 1}\ndescription: shared\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    recipe = load_recipe(path)
+    assert recipe.train.budget.examples == 64 and recipe.study.n_trials == 4
+
+
+def test_a_printed_value_is_cut(tmp_path):
+    long = "x" * 100_000
+    [problem] = problems_of({**GOOD, "model": {"name": "llmtune/tiny", "dtype": long}})
+    assert len(problem) < 600 and "100,000 characters" in problem
+
+
+def test_every_error_class_survives_pickling():
+    """A message crossing a process boundary must arrive whole (it once read "337 problems: - i - z - e ...")."""
+    import pickle
+
+    import llmtune.builtin.smollm2  # noqa: F401  (each module's own subclasses, below)
+    import llmtune.harness.data  # noqa: F401
+    import llmtune.harness.formats  # noqa: F401
+    import llmtune.harness.targets  # noqa: F401
+    from llmtune import errors
+
+    def every(cls: type) -> list[type]:
+        return [cls] + [c for sub in cls.__subclasses__() for c in every(sub)]
+
+    classes = every(errors.LlmtuneError)
+    assert {errors.RecipeError, errors.DataError, errors.SearchError, errors.HubError,
+            errors.MissingDependency} <= set(classes)
+    problems = [errors.Problem("search.lora_r", "0 must be at least 1"), errors.Problem("", "the file is empty")]
+    for cls in classes:
+        if cls is errors.RecipeError:
+            error = cls(problems, "recipe.yaml")
+        elif cls.__name__ == "TooManyBadRows":
+            error = cls(problems)
+        elif cls.__name__ == "BadRow":
+            error = cls({"instruction": "x"}, "no 'output'", "set data.output_field")
+        elif cls.__name__ == "TemplateRefused":
+            error = cls("row 3: the template refused 'tool'", "refused 'tool'")
+        elif cls is errors.DataError:
+            error = cls("data file 'x.jsonl' has no rows", 3, field="data.eval_source")
+        else:
+            error = cls(f"{cls.__name__}: what went wrong, and the fix", 1)
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is cls and str(back) == str(error) and back.exit_code == error.exit_code, cls
+        assert back.__dict__ == error.__dict__, cls
+    back = pickle.loads(pickle.dumps(errors.RecipeError(problems, "recipe.yaml")))
+    assert back.problems == problems and back.source == "recipe.yaml" and str(back).startswith("2 problems in recipe.yaml")
+
+
+def test_set_one_budget_key_replaces_the_budget(tmp_path):
+    """``--set train.budget.epochs=10`` on a recipe with ``budget: {examples: N}``: a budget is one amount."""
+    from llmtune.config.recipe import apply_overrides
+
+    data = {**GOOD, "train": {"budget": {"examples": 500}, "seed": 3}}
+    recipe = recipe_from_dict(apply_overrides(data, ["train.budget.epochs=10"]))
+    assert (recipe.train.budget.epochs, recipe.train.budget.examples, recipe.train.seed) == (10, None, 3)
+    recipe = recipe_from_dict(apply_overrides(data, ["train.budget={tokens: 1000}"]))
+    assert (recipe.train.budget.tokens, recipe.train.budget.examples) == (1000, None)
+
+
+def test_study_names_that_leave_their_folder_are_refused():
+    for bad in ("../..", "/tmp/elsewhere", "a/b", ".", "", " ", "a\x00b", "x" * 300):
+        [problem] = problems_of({**GOOD, "study": {"study_name": bad}})
+        assert problem.startswith("study.study_name:"), problem
+    # accepted: any plain name (the recipe's name is the default, so it is held to the same rule)
+    assert recipe_from_dict({**GOOD, "study": {"study_name": "Qwen2.5 lr sweep #2"}}).study.study_name
+    assert problems_of({**GOOD, "name": "../up"})[0].startswith("name:")
+    assert recipe_from_dict({**GOOD, "name": "../up", "study": {"study_name": "ok"}}).study.study_name == "ok"
+
+
+def test_storage_expands_braced_and_plain_variables_as_before(monkeypatch):
+    """Accepted: study.storage expands ${VAR} and $VAR (os.path.expandvars) when the variable is set."""
+    monkeypatch.setenv("LLMTUNE_TEST_PW", "pw")
+    for url in ("postgresql://u:${LLMTUNE_TEST_PW}@h/x", "postgresql://u:$LLMTUNE_TEST_PW@h/x"):
+        assert recipe_from_dict({**GOOD, "study": {"storage": url}}).study.storage == "postgresql://u:pw@h/x"

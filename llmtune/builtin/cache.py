@@ -45,10 +45,11 @@ def file_lock(path: Path) -> Iterator[None]:
 
 
 def ensure_built(name: str, build: Callable[[Path, Callable[[str], None]], dict[str, Any]], log: Log,
-                 home: Path | None = None, what: str = "") -> Path:
+                 home: Path | None = None, what: str = "", why: str = "") -> Path:
     """``home/name`` (default home: `llmtune_home`), built by ``build(tmp_folder, log)`` the first time.
 
-    ``build`` returns facts for the marker file (sizes, sources, seconds)."""
+    ``build`` returns facts for the marker file (sizes, sources, seconds); ``why`` says what is built and
+    why, so a first run that spends minutes here says so."""
     say = log or (lambda _msg: None)
     home = Path(home) if home is not None else llmtune_home()
     final = home / name
@@ -58,7 +59,8 @@ def ensure_built(name: str, build: Callable[[Path, Callable[[str], None]], dict[
     with file_lock(home / f".{name}.lock"):
         if (final / MARKER).is_file():  # another process built it while we waited
             return final
-        say(f"[llmtune] building {what or name} in {final} (one-time)")
+        say(f"[llmtune] building {what or name} in {final} (one-time; later runs reuse it)"
+            + (f": {why}" if why else ""))
         started = time.time()
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=home))
         try:

@@ -39,7 +39,8 @@ def _tiny_chat(log: Log) -> Path:
     from llmtune.builtin.cache import ensure_built
     from llmtune.builtin.tiny_data import build_chat_data
 
-    return ensure_built("tiny-chat-v1", build_chat_data, log, what=TINY_CHAT)
+    return ensure_built("tiny-chat-v1", build_chat_data, log, what=TINY_CHAT,
+                        why="generated chat conversations, so that llmtune runs offline (seconds)")
 
 
 # name -> (what it is, how to build it); `model.name` and `data.source` take these names

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,10 @@ SAMPLE_ROWS = 200    # rows read to guess the format and the lengths
 
 
 def read_rows(path: Path, n: int = SAMPLE_ROWS) -> tuple[list[dict[str, Any]], int]:
-    """The first `n` rows of a JSONL, JSON (a list of rows) or CSV file, and how many rows it has."""
+    """The first `n` rows of a JSONL, JSON (a list of rows), CSV or parquet file, and how many rows it has."""
     suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _parquet_rows(path, n)
     try:
         if suffix == ".csv":
             with path.open(newline="") as f:
@@ -49,6 +52,67 @@ def read_rows(path: Path, n: int = SAMPLE_ROWS) -> tuple[list[dict[str, Any]], i
         return out, count
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise RecipeError([Problem("--data", f"cannot read {str(path)!r} as JSONL, JSON or CSV: {e}")]) from None
+
+
+def _parquet_rows(path: Path, n: int) -> tuple[list[dict[str, Any]], int]:
+    """The first `n` rows of a parquet file (pyarrow, which `datasets` depends on), and how many it has."""
+    try:
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(path)
+        first = next(parquet.iter_batches(batch_size=n), None)
+        return (first.to_pylist() if first is not None else []), parquet.metadata.num_rows
+    except Exception as e:  # noqa: BLE001 - pyarrow raises its own types for a broken file
+        raise RecipeError([Problem("--data", f"cannot read {str(path)!r} as parquet ({type(e).__name__}: "
+                                             f"{' '.join(str(e).split())[:200]})")]) from None
+
+
+def data_file(data: str) -> tuple[Path, str]:
+    """The file whose rows `init` reads, and what the recipe's data.source says: a file as given; a built-in
+    data set (llmtune/tiny-tasks) or a folder of split files by its train split, the source as given."""
+    from llmtune.builtin.names import DATA, resolve_data_source
+    from llmtune.harness.data_sources import DATA_SUFFIXES, _split_files
+
+    if data in DATA:
+        folder = Path(resolve_data_source(data, log=None))
+        return _split_files(folder)["train"], data
+    path = Path(data).expanduser()
+    if path.is_dir():
+        files = _split_files(path)
+        if "train" not in files:
+            raise RecipeError([Problem("--data", f"{data!r} is a folder without a train file (it has "
+                                                 f"{', '.join(sorted(files)) or 'no data files'}); give a file, or a "
+                                                 "folder with train.jsonl")])
+        return files["train"], str(path.resolve())
+    if not path.is_file():
+        where = "" if path.is_absolute() else f" (looked for {str(path.absolute())!r})"
+        raise RecipeError([Problem("--data", f"{data!r} is not a file{where}; give a JSONL, JSON, CSV or parquet file, "
+                                             f"a folder of split files, or {', '.join(DATA)}")])
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        raise RecipeError([Problem("--data", f"{data!r} has the type {path.suffix or '(no suffix)'!r}; give one of "
+                                             f"{', '.join(DATA_SUFFIXES)}")])
+    return path, str(path.resolve())
+
+
+# Training throughput of a LoRA trial on a CPU, in FLOP/s per thread, counted as 4 x the linear layers'
+# parameters per real token: SmolLM2-135M in float32 on one thread reached 0.056 TFLOP/s (~100 tokens/s;
+# benchmarks/results/harness_speed_smollm2_cpu.md, 2026-12-03). bfloat16 on AMX CPUs is ~1.8x faster.
+CPU_FLOPS_PER_THREAD = 5e10
+CPU_TRIAL_SECONDS = 300  # the default budget on a CPU: a trial of about 5 minutes, so a search takes hours, not days
+MIN_EXAMPLES = 64
+
+
+def cpu_cost(parameters: float, tokens_per_example: float, threads: int) -> float:
+    """Seconds of training per example of one trial on this CPU (`CPU_FLOPS_PER_THREAD`)."""
+    return 4 * parameters * tokens_per_example / (CPU_FLOPS_PER_THREAD * max(1, threads))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def guess_format(row: dict[str, Any]) -> tuple[str, dict[str, str], str]:
@@ -137,13 +201,13 @@ def _yaml(value: Any) -> str:
     return json.dumps(value)  # JSON scalars and lists are YAML
 
 
-def recipe_text(model: str, data: str | Path, *, gpu_memory_gb: float | None = None, name: str | None = None) -> str:
-    """The commented recipe YAML `llmtune init` writes."""
+def recipe_text(model: str, data: str | Path, *, gpu_memory_gb: float | None = None, name: str | None = None,
+                log: Callable[[str], None] | None = None) -> str:
+    """The commented recipe YAML `llmtune init` writes. ``log`` hears what a trial will cost on a CPU."""
+    from llmtune import hardware
     from llmtune.builtin.names import resolve_model_name
 
-    path = Path(data)
-    if not path.is_file():
-        raise RecipeError([Problem("--data", f"{str(path)!r} is not a file; give a JSONL, JSON or CSV file")])
+    path, source = data_file(str(data))
     rows, n_rows = read_rows(path)
     if not rows:
         raise RecipeError([Problem("--data", f"{str(path)!r} has no rows")])
@@ -151,13 +215,32 @@ def recipe_text(model: str, data: str | Path, *, gpu_memory_gb: float | None = N
     seq = sequence_len(rows)
     from llmtune.study.priors import prior_rank
 
-    path_or_name = resolve_model_name(model, log=lambda _: None)
+    path_or_name = resolve_model_name(model, log=log)
     examples = max(1, min(2000, int(n_rows * 0.9)))
+    budget_note = f"the same data for every trial ({n_rows} rows in the file, 10% held out)"
     facts = model_facts(path_or_name, examples)
+    on_cpu = gpu_memory_gb is None and not hardware.cuda_available()
+    if on_cpu and facts is not None:
+        threads = hardware.trial_threads(1)
+        tokens = min(seq, sum(len(json.dumps(r, ensure_ascii=False)) for r in rows) / len(rows) / CHARS_PER_TOKEN)
+        per_example = cpu_cost(facts.parameters, tokens, threads)
+        fitting = max(MIN_EXAMPLES, int(CPU_TRIAL_SECONDS / per_example))
+        if fitting < examples:
+            budget_note = (f"sized for this CPU: ~{_duration(fitting * per_example)} a trial ({examples} examples "
+                           f"would take ~{_duration(examples * per_example)}); raise it on a GPU")
+            examples = fitting
+            facts = model_facts(path_or_name, examples)
+        if log is not None and facts is not None:
+            trial = examples * per_example
+            log(f"no GPU here: a trial of {model} on {examples} examples (~{tokens:.0f} tokens each) takes about "
+                f"{_duration(trial)} on {threads} CPU thread(s), the search's 16 trials about {_duration(16 * trial)}"
+                + (f" (train.budget lowered from {min(2000, int(n_rows * 0.9))} examples to fit)"
+                   if "sized for this CPU" in budget_note else ""))
     ranks = lora_ranks(prior_rank(facts))
     lr_low, lr_high, lr_why = learning_rates(facts, ranks[1])
     quant, quant_why = fitting_quantizations(path_or_name, gpu_memory_gb, seq, max(ranks))
-    name = name or f"{model.rsplit('/', 1)[-1]}-{path.stem}".lower().replace(".", "-")
+    stem = source.rsplit("/", 1)[-1] if source != str(path.resolve()) else path.stem
+    name = name or f"{model.rsplit('/', 1)[-1]}-{stem}".lower().replace(".", "-")
     field_lines = "".join(f"  {k}: {_yaml(v)}\n" for k, v in fields.items())
     return f"""# Written by `llmtune init`; check it with `llmtune validate`, run it with `llmtune search`.
 # The search space follows published LoRA priors: see the comments on each setting.
@@ -165,12 +248,12 @@ name: {_yaml(name)}
 model:
   name: {_yaml(model)}
 data:
-  source: {_yaml(str(path.resolve()))}
+  source: {_yaml(source)}
   format: {fmt:<20}# guessed from the first row: {seen}
 {field_lines}  max_eval_examples: 100         # every trial is scored on the same eval examples
   eval_max_length: {seq}
 train:
-  budget: {{examples: {examples}}}  # the same data for every trial ({n_rows} rows in the file, 10% held out)
+  budget: {{examples: {examples}}}  # {budget_note}
   eval_points: 4                 # a diverging trial stops at the next of these
   lr_scheduler: cosine
 search:

@@ -23,6 +23,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "trainable_params": ("minimize", "LoRA parameter count"),
     "train_time_s": ("minimize", "seconds spent in training steps"),
 }
+# Measured on generations after training, only while measure.latency is on (`harness/train.py`).
+GENERATION_METRICS = ("latency_ms", "ttft_ms", "generation_memory_gb")
 METRIC_ALIASES = {"peak_memory": "peak_memory_gb", "latency": "latency_ms", "throughput": "train_throughput",
                   "memory": "peak_memory_gb", "loss": "eval_loss"}
 DIRECTIONS = ("minimize", "maximize")
@@ -52,6 +54,9 @@ def check_objectives(recipe: Recipe, add: Callable[[str, str], None]) -> None:
         if direction not in DIRECTIONS:
             add(f"objectives.{name}", one_of(direction, list(DIRECTIONS)))
             continue
+        if canon in GENERATION_METRICS and not recipe.measure.latency:
+            add(f"objectives.{name}", f"{canon} is not measured: measure.latency is false, so no trial would report it; "
+                                      "set measure.latency: true, or drop this objective")
         if canon in objectives:
             alias = f"means {canon} (an alias), which" if canon != name else f"names {canon}, which"
             add(f"objectives.{name}", f"{alias} objectives already names; give each metric once")
@@ -67,6 +72,10 @@ def check_objectives(recipe: Recipe, add: Callable[[str, str], None]) -> None:
             path = f"constraints.{name}"
             if canon not in METRICS:
                 add(path, f"unknown metric{did_you_mean(str(name), list(METRICS))} (known: {', '.join(METRICS)})")
+                continue
+            if canon in GENERATION_METRICS and not recipe.measure.latency:
+                add(path, f"{canon} is not measured: measure.latency is false, so no trial would have it and every "
+                          "one would be infeasible; set measure.latency: true, or drop the constraint")
                 continue
             if isinstance(bound, (int, float)) and not isinstance(bound, bool):
                 bound = {"max": bound}  # a bare number reads as an upper limit, the common case
@@ -90,6 +99,13 @@ def check_objectives(recipe: Recipe, add: Callable[[str, str], None]) -> None:
         if by not in objectives:
             add("select.by", f"{fmt(recipe.select.by)} is not an objective of this recipe; use one of {', '.join(objectives)} or knee")
     recipe.select.by = by
-    for name in recipe.select.weights:
+    for name, weight in recipe.select.weights.items():
         if _canonical_metric(name) not in objectives:
             add(f"select.weights.{name}", f"is not an objective; use one of {', '.join(objectives)}")
+        elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            add(f"select.weights.{name}", f"{fmt(weight)} must be a finite number >= 0 (how much that objective counts "
+                                          "in the knee's distance; 1 by default, 0 leaves it out)")
+    weights = recipe.select.weights
+    if weights and len(objectives) > 0 and all(
+            weights.get(n, 1.0) == 0 for n in objectives if isinstance(weights.get(n, 1.0), (int, float))):
+        add("select.weights", f"{fmt(weights)} leaves every objective out (all 0); give one a weight above 0")

@@ -57,11 +57,41 @@ def did_you_mean(value: str, options: list[str]) -> str:
     return f"; did you mean '{close}'?" if close else ""
 
 
+# A printed value is cut to this many characters: a message names the value, it does not reproduce it (a
+# value from a file may be megabytes).
+MAX_SHOWN = 200
+
+
 def fmt(value: Any) -> str:
-    """A value as the user wrote it: strings quoted, everything else as JSON."""
-    return repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+    """A value as the user wrote it: strings quoted, everything else as JSON; cut to `MAX_SHOWN` characters."""
+    if isinstance(value, str):
+        text = repr(value[: MAX_SHOWN + 1])
+    else:
+        try:
+            text = json.dumps(value, default=str)
+        except (ValueError, RecursionError):  # a structure that holds itself (given through the API)
+            text = f"<a {type(value).__name__} that holds itself>"
+    return shorten(text, len(value) if isinstance(value, str) else None)
+
+
+def shorten(text: str, chars: int | None = None) -> str:
+    """``text`` cut to `MAX_SHOWN` characters with how much was left out (``chars``: the whole value's length)."""
+    if len(text) <= MAX_SHOWN and (chars is None or chars <= MAX_SHOWN):
+        return text
+    return f"{text[:MAX_SHOWN]}... ({chars if chars is not None else len(text):,} characters)"
 
 
 def one_of(value: Any, options: list[str]) -> str:
     """"'x' is not one of a, b, c; did you mean 'b'?"."""
     return f"{fmt(value)} is not one of {', '.join(options)}{did_you_mean(str(value), options)}"
+
+
+def yaml_bool_hint(value: Any, meant: str = "") -> str:
+    """Why a text setting got true/false: YAML 1.1 reads unquoted yes/no/on/off as booleans ("" otherwise).
+    ``meant``: the value to suggest instead (e.g. none for ``quantization: no``)."""
+    if not isinstance(value, bool):
+        return ""
+    word = "yes" if value else "no"
+    fix = f"write {meant}" if meant else f"quote it (e.g. '{word}') if you meant the text"
+    return (f" (YAML reads an unquoted {'yes, on' if value else 'no, off'} or {str(value).lower()} as "
+            f"{str(value).lower()}); {fix}")

@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from typing import Any
 import yaml
 
 from llmtune.config.objectives import check_objectives
-from llmtune.config.problems import did_you_mean, fmt, one_of
+from llmtune.config.problems import did_you_mean, fmt, one_of, yaml_bool_hint
 from llmtune.config.recipe_file import read_recipe_file
 from llmtune.config.sections import (
     SECTIONS,
@@ -90,6 +92,7 @@ class Recipe:
 
 
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe))
+BUDGET_KINDS = tuple(f.name for f in dataclasses.fields(Budget))
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
@@ -164,20 +167,27 @@ class _Checker:
                 return int(value)
             self.add(path, f"{fmt(value)} is not a whole number")
         elif t.startswith("float"):
+            number = None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str):
+                number = float(value) if abs(value) < 1e308 else math.inf
+            elif isinstance(value, str):
                 try:
-                    return float(value)  # YAML reads '1e-4' without a dot as a string
+                    number = float(value)  # YAML reads '1e-4' without a dot as a string
                 except ValueError:
                     pass
-            self.add(path, f"{fmt(value)} is not a number")
+            if number is not None and math.isfinite(number):
+                return number
+            if number is not None:  # .nan, .inf, "nan": every comparison with them is false, no check holds
+                like = f" like {f.default:g}" if isinstance(f.default, float) else ""
+                self.add(path, f"{fmt(value)} is not a finite number; give a number{like}")
+            else:
+                self.add(path, f"{fmt(value)} is not a number")
         elif t.startswith("str"):
             if isinstance(value, str):
                 return value
             if isinstance(value, (int, float)) and not isinstance(value, bool) and "name" in path:
                 return str(value)
-            self.add(path, f"{fmt(value)} is not text")
+            self.add(path, f"{fmt(value)} is not text{yaml_bool_hint(value)}")
         elif t.startswith("list"):
             if isinstance(value, str):
                 return [value]
@@ -204,6 +214,11 @@ def _check_values(recipe: Recipe, ck: _Checker) -> None:
     m, d, t, s = recipe.model, recipe.data, recipe.train, recipe.study
     if isinstance(m.name, str) and not m.name.strip():
         ck.add("model.name", "is empty; give a Hub name (org/model) or a local path")
+    if isinstance(d.source, str) and not d.source.strip():
+        ck.add("data.source", "is empty; give a JSONL/JSON/CSV/parquet file, a folder of split files, a Hub dataset "
+                              "name or llmtune/tiny-tasks")
+    if isinstance(d.eval_source, str) and not d.eval_source.strip():
+        ck.add("data.eval_source", "is empty; give an eval file, or leave it out (null) to hold out data.eval_fraction")
     if not (0.0 < d.eval_fraction < 1.0) and d.eval_source is None:
         ck.add("data.eval_fraction", f"{d.eval_fraction} must be between 0 and 1 (exclusive); or set data.eval_source")
     if d.eval_max_length is not None and d.eval_max_length < 8:
@@ -227,8 +242,18 @@ def _check_values(recipe: Recipe, ck: _Checker) -> None:
         v = getattr(t, name)
         if v is not None and v < low:
             ck.add(f"train.{name}", f"{v} must be at least {low}")
-    if t.weight_decay is not None and t.weight_decay < 0:
-        ck.add("train.weight_decay", f"{t.weight_decay} must be >= 0")
+        elif v is not None and v > 2**20 and name != "threads":
+            ck.add(f"train.{name}", f"{v} is too large: at most {2**20:,}")
+    if t.weight_decay is not None and not 0 <= t.weight_decay <= MAX_WEIGHT_DECAY:
+        ck.add("train.weight_decay", f"{t.weight_decay} must be between 0 and {MAX_WEIGHT_DECAY:g} (AdamW's decoupled "
+                                     "decay; 0.0 to 0.1 is usual)")
+    for path, seed in (("train.seed", t.seed), ("study.seed", s.seed), ("data.split_seed", d.split_seed)):
+        if isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
+            ck.add(path, f"{seed} must be between 0 and 2**32 - 1 ({MAX_SEED}), the seeds numpy and the samplers "
+                         "take; e.g. 42")
+    if t.threads is not None and t.threads > MAX_THREADS:
+        ck.add("train.threads", f"{t.threads} is more threads than any machine gives one trial; use at most "
+                                f"{MAX_THREADS}, or leave it out (the cores this process may use)")
     if t.max_grad_norm is not None and t.max_grad_norm < 0:
         ck.add("train.max_grad_norm", f"{t.max_grad_norm} must be >= 0 (0 disables clipping)")
     for i, tracker in enumerate(t.report_to or []):
@@ -248,6 +273,12 @@ def _check_values(recipe: Recipe, ck: _Checker) -> None:
         v = getattr(s, name)
         if v is not None and v <= 0:
             ck.add(f"study.{name}", f"{v} must be a positive number of seconds")
+
+    for dotted, named in (("study.study_name", s.study_name), ("name", recipe.name)):
+        why = unsafe_name(named) if isinstance(named, str) else None
+        if why and (dotted == "study.study_name" or not s.study_name):  # the recipe's name is the default study name
+            ck.add(dotted, why)
+    _unexpanded_variables(recipe, ck)
 
     if s.pruner in CHOICES["study.pruner"] and isinstance(s.pruner_settings, dict):
         try:
@@ -272,6 +303,48 @@ def _check_values(recipe: Recipe, ck: _Checker) -> None:
             ck.add("study.sampler", why + (f" (here: {', '.join(ranges)})" if kind.discrete_only and ranges else ""))
 
 
+MAX_WEIGHT_DECAY = 1.0
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024
+MAX_NAME = 128  # characters of a study name (it names a folder under PBT's state)
+
+
+def unsafe_name(name: str, flag: str = "") -> str | None:
+    """Why ``name`` cannot name a study, or None. A study name becomes a folder (population-based training
+    keeps each study's states in ``<checkpoint_dir>/<study name>``), so it must be one plain folder name:
+    not empty, no ``/`` or ``\\``, not ``.`` or ``..``, no control characters."""
+    fix = "give a plain name like my-study (letters, digits, - _ .)"
+    shown = f"{fmt(name)}{f' ({flag})' if flag else ''}"
+    if not name.strip():
+        return f"{shown} is empty; {fix}"
+    if "/" in name or "\\" in name or name.strip() in (".", "..") or any(ord(c) < 32 for c in name):
+        return f"{shown} is not a plain name: a study's name becomes a folder, and this one would leave its parent; {fix}"
+    if len(name) > MAX_NAME:
+        return f"{shown} is {len(name)} characters; a study name becomes a folder: keep it under {MAX_NAME}"
+    return None
+
+
+_VARIABLE = re.compile(r"\$\{(\w+)\}|\$([A-Za-z_]\w*)")
+# Recipe paths whose text is a path or a name: a ``$VAR`` there is taken as it is written.
+_LITERAL_PATHS = ("model.name", "data.source", "data.eval_source", "output_dir")
+
+
+def _unexpanded_variables(recipe: Recipe, ck: _Checker) -> None:
+    """``$VAR`` where llmtune does not expand it: only study.storage expands ``${VAR}`` (`_expand_env`), so
+    ``data.source: $DATA/x.jsonl`` would look for a folder named ``$DATA``. A path that exists as written is
+    taken (a file may have a ``$`` in its name); an output_dir is about to be made, so it never is."""
+    for dotted in _LITERAL_PATHS:
+        section, _, name = dotted.rpartition(".")
+        value = getattr(getattr(recipe, section) if section else recipe, name)
+        if not isinstance(value, str) or not (found := _VARIABLE.search(value)):
+            continue
+        if dotted != "output_dir" and os.path.exists(os.path.expanduser(value)):
+            continue
+        var = found.group(1) or found.group(2)
+        ck.add(dotted, f"{fmt(value)} holds ${var}, which llmtune does not expand here (only study.storage expands "
+                       f"${{{var}}}); write the path out, or let the shell expand it: --set {dotted}=\"${var}...\"")
+
+
 def _expand_env(value: Any) -> Any:
     """Expand ${VAR} in strings so secrets (e.g. storage passwords) can stay out of the file."""
     if isinstance(value, str):
@@ -292,7 +365,10 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     if isinstance(data.get("study"), dict) and isinstance(data["study"].get("storage"), str):
         data["study"] = {**data["study"], "storage": _expand_env(data["study"]["storage"])}
     if isinstance(data.get("objectives"), list):
-        data["objectives"] = {str(n): None for n in data["objectives"]}
+        names = [str(n) for n in data["objectives"]]
+        for n in sorted({n for n in names if names.count(n) > 1}):
+            ck.add(f"objectives.{n}", f"is named {names.count(n)} times in {fmt(data['objectives'])}; give each metric once")
+        data["objectives"] = {n: None for n in names}
     recipe = ck.build(Recipe, data, "")
     _check_values(recipe, ck)
     if not recipe.output_dir:
@@ -333,7 +409,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str | No
     """Apply ``key.path=value`` strings (value parsed as YAML) to a recipe mapping.
 
     A bare searchable setting (``lora_r=8``) means ``search.lora_r=8``: it fixes that setting, on every
-    command alike."""
+    command alike. ``train.budget.epochs=2`` (or tokens, examples) replaces the recipe's budget, which is one
+    amount."""
     problems = []
     data = json.loads(json.dumps(data, default=str))  # deep copy
     for item in overrides:
@@ -361,6 +438,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str | No
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
+        if parts[:2] == ["train", "budget"] and len(parts) == 3 and parts[2] in BUDGET_KINDS:
+            node.clear()  # a budget is one amount: setting epochs replaces the recipe's examples or tokens
         node[parts[-1]] = value
     if problems:
         raise RecipeError(problems, source)

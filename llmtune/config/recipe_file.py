@@ -1,5 +1,6 @@
-"""Reading a recipe file: UTF-8 YAML, one line per syntax error, and no key given twice in one mapping
-(YAML would silently keep the last one)."""
+"""Reading a recipe file: UTF-8 YAML, one line per syntax error, no key given twice in one mapping
+(YAML would silently keep the last one), and no alias that expands the file beyond `MAX_NODES` values
+(a "billion laughs": a 1 KB file of nested aliases is gigabytes once expanded)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from typing import Any
 import yaml
 
 from llmtune.errors import Problem, RecipeError
+
+# Values (mappings, lists, scalars) a recipe may hold once its aliases are expanded. A large recipe holds a
+# few hundred; aliases and merge keys (``<<: *defaults``) that share a section stay far below this.
+MAX_NODES = 10_000
 
 
 def read_recipe_file(path: str | os.PathLike) -> Any:
@@ -27,9 +32,17 @@ def read_recipe_file(path: str | os.PathLike) -> Any:
         line = raw[: e.start].count(b"\n") + 1
         raise RecipeError([Problem("", f"the file is not UTF-8 text (line {line} has the byte 0x{raw[e.start]:02x}); "
                                        "save it as UTF-8")], str(p)) from None
-    loader = yaml.SafeLoader(text)
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise RecipeError([Problem("", f"the file holds a NUL byte (line {line}): it is not a text file, or it "
+                                       "was cut or copied badly; save the recipe as plain UTF-8 text")], str(p))
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # reads the whole text: a character YAML refuses raises here
         node = loader.get_single_node()
+        too_big = _expansion_problem(node) if node is not None else None
+        if too_big:
+            raise RecipeError([Problem("", too_big)], str(p))
         duplicates = _duplicate_keys(node, text.splitlines()) if node is not None else []
         if duplicates:
             raise RecipeError(duplicates, str(p))
@@ -37,10 +50,52 @@ def read_recipe_file(path: str | os.PathLike) -> Any:
     except yaml.YAMLError as e:
         raise RecipeError([Problem("", f"not valid YAML: {_yaml_problem(e)}; fix the file")], str(p)) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if isinstance(data, dict) and "name" not in data:
         data["name"] = p.stem
     return data
+
+
+def _expansion_problem(root: yaml.Node) -> str | None:
+    """Why the document is too large once its aliases are expanded (or refers to itself), or None.
+
+    Counted on the composed nodes, where an alias is the same node object again, with each node's expanded
+    size computed once: the count costs the file's size, not the expansion's."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise RecursionError
+        open_nodes.add(key)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_NODES:
+                break
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        n = size(root)
+    except RecursionError:
+        return ("an alias (*name) refers to a mapping or list that holds it: the recipe would be infinite; "
+                "write the values out")
+    if n > MAX_NODES:
+        return (f"its aliases (*name) expand it to more than {MAX_NODES:,} values: aliases are for sharing a "
+                "few settings (e.g. <<: *defaults), and this one multiplies them (a \"billion laughs\" file?); "
+                "write the values out")
+    return None
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:

@@ -72,7 +72,7 @@ class TrainConfig:
 class MeasureConfig:
     latency_prompts: int = field(default=4, metadata={"help": "Eval prompts used to time generation (the same for every trial)."})
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per prompt when timing latency."})
-    latency: bool = field(default=True, metadata={"help": "Measure generation latency after training."})
+    latency: bool = field(default=True, metadata={"help": "Measure generation latency after training (latency_ms, ttft_ms, generation_memory_gb: an objective or constraint on them needs it)."})
 
 
 @dataclass
@@ -84,7 +84,7 @@ class StudyConfig:
     pruner: str = field(default="none", metadata={"help": "none, asha or hyperband."})
     pruner_settings: dict[str, Any] = field(default_factory=dict, metadata={"help": "Settings of the pruner, e.g. {eta: 3, min_fraction: 0.111}."})
     storage: str | None = field(default=None, metadata={"help": "Optuna storage URL; default an SQLite file in output_dir. May be '${ENV_VAR}'."})
-    study_name: str | None = field(default=None, metadata={"help": "Study name in the storage; default the recipe's name."})
+    study_name: str | None = field(default=None, metadata={"help": "Study name in the storage; default the recipe's name. A plain name (it names a folder of PBT states): no / or .., not empty."})
     seed: int = field(default=0, metadata={"help": "Sampler seed."})
     strategy: str = field(default="search", metadata={"help": "search: the sampler proposes trials (and the pruner stops weak ones); pbt: population-based training, a population trained in segments whose worst members copy the best and perturb their learning rate, warmup or dropout (see pbt_settings)."})
     pbt_settings: dict[str, Any] = field(default_factory=dict, metadata={"help": "Settings of strategy pbt: population, interval (fraction of the budget per segment), quantile, perturb, factors, resample_probability, checkpoint_dir."})

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llmtune.config.problems import did_you_mean, fmt, one_of
+from llmtune.config.problems import did_you_mean, fmt, one_of, yaml_bool_hint
 from llmtune.errors import Problem, RecipeError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,8 +66,17 @@ def _positive(v: Any) -> str | None:
     return None if v > 0 else "must be positive"
 
 
-def _at_least(n: int) -> Callable[[Any], str | None]:
-    return lambda v: None if v >= n else f"must be at least {n}"
+def _at_least(n: int, most: int = 2**31 - 1, why: str = "") -> Callable[[Any], str | None]:
+    """At least ``n`` and at most ``most`` (by default int32's limit, past which torch fails deep in C++)."""
+    def check(v: Any) -> str | None:
+        if v < n:
+            return f"must be at least {n}"
+        return None if v <= most else f"is too large: at most {most:,}{why}"
+    return check
+
+
+def _positive_up_to(most: float, why: str) -> Callable[[Any], str | None]:
+    return lambda v: "must be positive" if v <= 0 else None if v <= most else f"is too large: at most {most:g}{why}"
 
 
 def _unit_interval(v: Any) -> str | None:
@@ -84,23 +93,25 @@ def _targets(v: Any) -> str | None:
 
 
 PARAMS: dict[str, Param] = {p.name: p for p in [
-    Param("learning_rate", float, 2e-4, "Peak learning rate.", _positive, log=True),
-    Param("lora_r", int, 16, "LoRA rank.", _at_least(1), log=True),
-    Param("lora_alpha", float, None, "LoRA alpha (absolute); leave unset to use lora_alpha_ratio * lora_r.", _positive),
-    Param("lora_alpha_ratio", float, 2.0, "LoRA alpha as a multiple of the rank.", _positive),
+    Param("learning_rate", float, 2e-4, "Peak learning rate.", _positive_up_to(10, " (LoRA learning rates are about 1e-5 to 1e-2)"), log=True),
+    Param("lora_r", int, 16, "LoRA rank.", _at_least(1, 8192, " (ranks of 4 to 256 are usual)"), log=True),
+    Param("lora_alpha", float, None, "LoRA alpha (absolute); leave unset to use lora_alpha_ratio * lora_r.",
+          _positive_up_to(65536, " (alpha / r scales the adapter's output: 16 to 2 x lora_r is usual)")),
+    Param("lora_alpha_ratio", float, 2.0, "LoRA alpha as a multiple of the rank.",
+          _positive_up_to(1024, " (it scales the adapter's output: 1 to 4 is usual)")),
     Param("lora_dropout", float, 0.05, "Dropout on the LoRA input.", _unit_interval),
     Param("lora_target_modules", str, "all-linear", "Which linear layers get adapters: qv, attention, mlp, all-linear, or 'q_proj,v_proj'.", _targets),
     Param("use_rslora", bool, False, "Rank-stabilised LoRA scaling (alpha / sqrt(r))."),
     Param("warmup_ratio", float, 0.05, "Share of optimizer steps spent warming up.", _unit_interval),
     Param("warmup_steps", int, None, "Warmup in optimizer steps (instead of warmup_ratio).", _at_least(0)),
-    Param("sequence_len", int, 512, "Training context length; longer examples are truncated.", _at_least(16), log=True),
-    Param("batch_size", int, None, "Examples per optimizer step (the global batch); unset: micro_batch_size x train.gradient_accumulation_steps.", _at_least(1), log=True),
+    Param("sequence_len", int, 512, "Training context length; longer examples are truncated.", _at_least(16, 2**20), log=True),
+    Param("batch_size", int, None, "Examples per optimizer step (the global batch); unset: micro_batch_size x train.gradient_accumulation_steps.", _at_least(1, 2**20), log=True),
     Param("sample_packing", bool, False, "Pack several examples into each row, without attention across them.", execution=True),
     Param("quantization", str, "none", "Base weights: none (16/32-bit), 8bit or 4bit (QLoRA).", choices=("none", "8bit", "4bit")),
     Param("bnb_4bit_quant_type", str, "nf4", "4-bit data type.", choices=("nf4", "fp4"), when=("quantization", "4bit")),
     Param("bnb_4bit_use_double_quant", bool, True, "Quantize the 4-bit scales too.", when=("quantization", "4bit")),
     Param("gradient_checkpointing", bool, False, "Recompute activations in backward to save memory.", execution=True),
-    Param("micro_batch_size", int, 4, "Rows per forward pass (examples, or packed rows); the global batch is batch_size.", _at_least(1), log=True, execution=True),
+    Param("micro_batch_size", int, 4, "Rows per forward pass (examples, or packed rows); the global batch is batch_size.", _at_least(1, 2**20), log=True, execution=True),
 ]}
 
 
@@ -165,7 +176,8 @@ def _coerce(param: Param, value: Any) -> tuple[Any, str | None]:
         return value, f"{fmt(value)} is not a number"
     if isinstance(value, list) and param.name == "lora_target_modules":
         return ",".join(str(v) for v in value), None  # a list of module names inside {choices: [...]}
-    return (value, None) if isinstance(value, str) else (value, f"{fmt(value)} is not text")
+    meant = "none" if param.name == "quantization" and value is False else ""
+    return (value, None) if isinstance(value, str) else (value, f"{fmt(value)} is not text{yaml_bool_hint(value, meant)}")
 
 
 def _check_value(param: Param, value: Any) -> str | None:

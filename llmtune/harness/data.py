@@ -310,7 +310,12 @@ def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> list[
     cuts the padded slots of every eval by a third or more, for the same eval tokens.
     """
     ordered = sorted(examples, key=len)
-    return [_pad_batch(ordered[i: i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]
+    batches = [_pad_batch(ordered[i: i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]
+    if not sum(b.label_tokens for b in batches):  # a loss over no tokens would read 0 and win the search
+        raise DataError("no eval example keeps an answer token within data.eval_max_length (every eval prompt is "
+                        "as long or longer), so there is no eval loss to compute; raise data.eval_max_length",
+                        field="data.eval_max_length")
+    return batches
 
 
 def padding_share(plan: Plan) -> float:

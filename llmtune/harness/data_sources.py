@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,47 @@ def _numbered(rows: Any, origin: str) -> list[dict[str, Any]]:
     return out
 
 
+# Compressed files: `datasets` could read some, but the preflight and the trials read rows with the standard
+# library (`_read_json_rows`), so they are refused with how to decompress them.
+COMPRESSED = {".gz": "gunzip -c", ".bz2": "bunzip2 -c", ".xz": "unxz -c", ".zst": "unzstd -c", ".zip": "unzip -p"}
+MAGIC = {b"\x1f\x8b": ".gz", b"BZh": ".bz2", b"\xfd7zXZ\x00": ".xz", b"\x28\xb5\x2f\xfd": ".zst", b"PK\x03\x04": ".zip"}
+
+
+def _not_a_regular_path(path: Path, field: str) -> str | None:
+    """Why ``path`` exists but is neither a file nor a folder llmtune can read (a broken or looping symbolic
+    link, a named pipe, a device), or None."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if not path.is_symlink():
+            return None  # it does not exist: said where it was looked for
+        import errno
+
+        if e.errno == errno.ELOOP:
+            return f"data source {str(path)!r} is a symbolic link loop (it leads back to itself); point {field} at the file"
+        return (f"data source {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not exist; "
+                f"fix the link, or point {field} at the file")
+    if stat.S_ISFIFO(mode):
+        return (f"data source {str(path)!r} is a named pipe (FIFO), not a file: the data is read once by the check "
+                f"and again by every trial, and a pipe gives it only once; write it to a file and point {field} there")
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return f"data source {str(path)!r} is a device or socket, not a file; point {field} at a data file"
+    return None
+
+
+def _compressed(path: Path, how: str, field: str) -> DataError:
+    """``how``: the compression's suffix (from the name, or from the file's first bytes)."""
+    inner = path.name.removesuffix(how) if path.suffix == how else f"{path.stem}-plain{path.suffix}"
+    return DataError(f"data file {str(path)!r} is compressed ({how.lstrip('.')}); decompress it "
+                     f"({COMPRESSED[how]} {path.name} > {inner}) and point {field} at {inner!r}", field=field)
+
+
 def _load_file(path: Path, field: str = "data.source") -> list[dict[str, Any]]:
     kind = DATA_SUFFIXES.get(path.suffix)
+    if path.suffix in COMPRESSED:
+        raise _compressed(path, path.suffix, field)
     if kind is None:
         raise DataError(f"data file {str(path)!r} has the unsupported type {path.suffix or '(no suffix)'!r}; "
                         f"use one of {', '.join(DATA_SUFFIXES)}", field=field)
@@ -80,6 +120,9 @@ EXAMPLE_ROW = '{"instruction": "...", "output": "..."}'
 
 def _utf8_text(path: Path, field: str) -> str:
     data = path.read_bytes()
+    packed = next((suffix for magic, suffix in MAGIC.items() if data.startswith(magic)), None)
+    if packed:
+        raise _compressed(path, packed, field)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -163,6 +206,9 @@ def load_source(source: str, split: str | None, field: str = "data.source",
 
     resolved = resolve_data_source(source, log=None)
     path = Path(resolved).expanduser()
+    odd = _not_a_regular_path(path, field)
+    if odd:
+        raise DataError(odd, field=field)
     if path.is_file():
         return _load_file(path, field), {}
     if path.is_dir():
@@ -175,8 +221,10 @@ def load_source(source: str, split: str | None, field: str = "data.source",
         others = {name: f for name, f in files.items() if name != want}
         return _load_file(files[want], field), {name: _load_file(f, field) for name, f in others.items()
                                                  if name in EVAL_SPLIT_NAMES}
-    if path.suffix in DATA_SUFFIXES or resolved.startswith((".", "/", "~")):
-        raise DataError(f"data file {resolved!r} does not exist; check {field}", field=field)
+    if path.suffix in DATA_SUFFIXES or path.suffix in COMPRESSED or resolved.startswith((".", "/", "~")):
+        where = "" if path.is_absolute() else f" (looked for {str(path.absolute())!r}: a relative path is read from " \
+                                              "the folder the command runs in)"
+        raise DataError(f"data file {resolved!r} does not exist{where}; check {field}", field=field)
     from datasets import load_dataset
 
     try:

@@ -159,7 +159,10 @@ def evaluate(model: Any, batches: list[D.Batch], device: str) -> float:
         total += float(_loss_sum(model, b, device))
         count += b.label_tokens
     model.train(was_training)
-    return total / max(1, count)
+    if not count:  # never a loss over no tokens: it would read 0 and win (`D.eval_batches` refuses such a set)
+        raise D.DataError("the eval set has no answer token to score; raise data.eval_max_length",
+                          field="data.eval_max_length")
+    return total / count
 
 
 def probe_indices(plan: D.Plan, n: int) -> list[int]:
