@@ -147,8 +147,8 @@ class EnvironmentStop:
     """Counts this search process's `environment` endings in a row (any other ending resets it); at
     `ENVIRONMENT_STOP` the surroundings stay broken and the search stops (`message`)."""
 
-    def __init__(self, limit: int = ENVIRONMENT_STOP) -> None:
-        self.limit = limit
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit or ENVIRONMENT_STOP
         self.in_a_row = 0
         self.last = ""
         self.lock = threading.Lock()
