@@ -377,3 +377,166 @@ def test_a_storage_gone_longer_than_the_grace_ends_the_search_with_one_message(t
     private_pg.start()  # the trial it ran is found lost, as any lost trial is, and retried on the next start
     trials = optuna.load_study(study_name="test", storage=private_pg.url).get_trials()
     assert not [t for t in trials if t.state == TrialState.COMPLETE]
+
+
+# -- 3, 12, 14: what a finished search delivers -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, tiny_model_path, tiny_data_path):
+    import llmtune
+
+    tmp = tmp_path_factory.mktemp("faults-search")
+    data = fast_recipe(tmp, search={**fast_recipe(tmp)["search"], "lora_r": [2, 8]},
+                       study={"n_trials": 2, "sampler": "grid", "trial_timeout": 300})
+    result = llmtune.search(data)
+    assert result.best is not None
+    return result
+
+
+def test_export_never_deletes_a_folder_it_did_not_write_nor_a_file_a_user_added(searched, tmp_path):
+    from llmtune import HubError, export_adapter
+
+    # a folder that merely holds a file named llmtune.json is not an export: refused, untouched
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "llmtune.json").write_text('{"my": "settings"}')
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(HubError, match="is not empty and not an llmtune export .* nothing was written or removed"):
+        export_adapter(searched, project)
+    assert sorted(p.name for p in project.iterdir()) == ["llmtune.json", "notes.txt"]
+    assert (project / "llmtune.json").read_text() == '{"my": "settings"}'
+
+    # an export lists what it wrote; a re-export replaces those files and nothing else
+    out = tmp_path / "exp"
+    first = export_adapter(searched, out, trial=0)
+    manifest = json.loads((out / "llmtune.json").read_text())
+    assert sorted(manifest["files"]) == sorted(first.files) and "llmtune.json" in first.files
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(first.files)
+    (out / "my-eval.txt").write_text("a user's notes")
+    (out / "results").mkdir()
+    (out / "results" / "scores.csv").write_text("1,2")
+    second = export_adapter(searched, out, trial=1)
+    assert (out / "my-eval.txt").read_text() == "a user's notes"
+    assert (out / "results" / "scores.csv").read_text() == "1,2"
+    assert json.loads((out / "llmtune.json").read_text())["trial"] == 1
+    assert "my-eval.txt" not in second.files and "results/scores.csv" not in second.files  # push uploads only these
+    # the manifest never reaches outside the folder
+    listed = json.loads((out / "llmtune.json").read_text())
+    listed["files"].append("../outside.txt")
+    (out / "llmtune.json").write_text(json.dumps(listed))
+    (tmp_path / "outside.txt").write_text("keep")
+    export_adapter(searched, out, trial=1)
+    assert (tmp_path / "outside.txt").read_text() == "keep"
+
+
+def test_the_card_code_runs_offline_where_the_export_is(searched, tmp_path):
+    from llmtune import export_adapter
+    from llmtune.deliver.modelcard import read_card, usage_code
+
+    out = export_adapter(searched, tmp_path / "exp").path
+    _, body = read_card(out / "README.md")
+    code = body.split("## Use it\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "resolve_model_name('llmtune/tiny')" in code
+    code += "\nimport torch\nprint('logits', tuple(model(torch.tensor([[1, 2, 3]])).logits.shape))\n"
+    run = subprocess.run([sys.executable, "-c", code], cwd=out, capture_output=True, text=True, timeout=300,
+                         env=_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    assert run.returncode == 0 and "logits (1, 3," in run.stdout, run.stderr[-2000:]
+    # the other built-in base and a Hub base: loaded by llmtune, and by name
+    assert "resolve_model_name('llmtune/smollm2-135m')" in usage_code("llmtune/smollm2-135m", None, True)
+    hub = usage_code("Qwen/Qwen2.5-0.5B", "alice/x", False)
+    assert "base_path = 'Qwen/Qwen2.5-0.5B'" in hub and "adapter = 'alice/x'" in hub and "llmtune" not in hub
+
+
+def test_card_and_summary_count_trials_not_retries(searched, tmp_path):
+    from llmtune.deliver.modelcard import render_card
+    from llmtune.deliver.results import load_results
+    from llmtune.study import record
+
+    url = f"sqlite:///{tmp_path / 'copy.db'}"
+    src = f"sqlite:///{Path(searched.recipe.output_dir).resolve() / 'study.db'}"
+    optuna.copy_study(from_study_name="test", from_storage=src, to_storage=url, to_study_name="test")
+    study = optuna.load_study(study_name="test", storage=url)
+    for _ in range(3):  # an interrupted try, its retry waiting: not trials of their own
+        trial = study.ask()
+        trial.suggest_categorical("lora_r", [2, 8])
+        record.lost(study, trial._trial_id, "test: its worker died")
+    result = load_results(url)
+    assert result.counted_trials == 2 and len(result.all_trials) > 5
+    card = render_card(result, result.best)
+    assert f"## Pareto front ({len(result.pareto_front)} of 2 trials)" in card
+
+
+def test_export_push_and_report_read_llmtune_storage_as_search_does(searched, tmp_path, monkeypatch, capfd):
+    from llmtune.cli import main
+
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    src = f"sqlite:///{Path(searched.recipe.output_dir).resolve() / 'study.db'}"
+    optuna.copy_study(from_study_name="test", from_storage=src, to_storage=url, to_study_name="shared")
+    folder = tmp_path / "runs"  # a search's folder whose study lives in LLMTUNE_STORAGE
+    folder.mkdir()
+    monkeypatch.setenv("LLMTUNE_STORAGE", url)
+    assert main(["export", str(folder), "--output-dir", str(tmp_path / "x")]) == 0
+    assert json.loads((tmp_path / "x" / "llmtune.json").read_text())["study"] == "shared"
+    assert main(["push", str(folder), "--repo-id", "alice/x", "--dry-run", "--output-dir", str(tmp_path / "p")]) == 0
+    assert main(["report", str(folder), "--output-dir", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "trials.csv").exists()
+    capfd.readouterr()
+    monkeypatch.delenv("LLMTUNE_STORAGE")
+    assert main(["report", str(folder), "--output-dir", str(tmp_path / "r2")]) == 2  # without it: no study there
+    assert "holds no study.db" in capfd.readouterr().err
+
+
+def test_reading_a_data_file_writes_its_cache_under_llmtune_home(tmp_path, monkeypatch):
+    import datasets
+
+    from llmtune.builtin.cache import llmtune_home
+    from llmtune.harness.data_sources import _read_with_datasets
+
+    monkeypatch.setenv("LLMTUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    default = Path(datasets.config.HF_DATASETS_CACHE)
+    before = set(default.rglob("*")) if default.exists() else set()
+    path = tmp_path / "rows.csv"
+    path.write_text("text\nhello there\ngeneral kenobi\n")
+    rows = _read_with_datasets(path, "csv", "data.source")
+    assert [r["text"] for r in rows] == ["hello there", "general kenobi"]
+    assert any((llmtune_home() / "datasets").rglob("*.arrow"))
+    assert (set(default.rglob("*")) if default.exists() else set()) == before
+
+
+# -- 12: the fork server and its parent ------------------------------------------------------------------
+
+PARENT = r'''
+import sys, time
+from llmtune.trial.fork_server import prewarm
+server = prewarm()
+print(server.proc.pid, flush=True)
+time.sleep(600)
+'''
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in state  # exited; its new parent has not reaped it yet
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server runs on Linux only")
+def test_a_fork_server_exits_promptly_when_its_parent_dies_before_the_first_trial(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], env=_env(LLMTUNE_FORK_SERVER="1"),
+                              stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    server = int(parent.stdout.readline())
+    time.sleep(0.5)  # it is importing torch & co. now (seconds)
+    assert not _gone(server)
+    parent.kill()
+    parent.wait()
+    killed = time.time()
+    while not _gone(server) and time.time() - killed < 10:
+        time.sleep(0.05)
+    took = time.time() - killed
+    assert _gone(server), "the fork server outlived its parent by 10 s"
+    print(f"fork server gone {took:.2f}s after its parent")
