@@ -105,10 +105,14 @@ def _race(tmp_path: Path, script: str, args: list[str], processes: int, timeout:
     return outs
 
 
-def test_three_processes_on_one_sqlite_study_never_run_a_configuration_twice(tmp_path, tiny_assets):
+@pytest.mark.parametrize("learning_rate", [[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], {"low": 1e-4, "high": 3e-2}],
+                         ids=["discrete", "range"])
+def test_three_processes_on_one_sqlite_study_never_run_a_configuration_twice(tmp_path, tiny_assets, learning_rate):
     """3 processes x 6 trials on one default (SQLite) study, started at the same moment: every trial ran a
-    configuration no other ran (distinct configurations / trials = 1.0), each queued starting point ran once."""
-    search = {**fast_recipe(tmp_path)["search"], "learning_rate": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]}
+    configuration no other ran (distinct configurations / trials = 1.0), each queued starting point ran once.
+    A discrete space: the sampler never repeats what any process claimed, which the claim lock makes visible
+    to the next claim; a range: only distinct seeds keep the processes from drawing the same values."""
+    search = {**fast_recipe(tmp_path)["search"], "learning_rate": learning_rate}
     data = fast_recipe(tmp_path, search=search, study={"n_trials": 18, "trial_timeout": 300})
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))
@@ -538,5 +542,5 @@ def test_a_fork_server_exits_promptly_when_its_parent_dies_before_the_first_tria
     while not _gone(server) and time.time() - killed < 10:
         time.sleep(0.05)
     took = time.time() - killed
-    assert _gone(server), "the fork server outlived its parent by 10 s"
+    assert _gone(server) and took < 3, f"the fork server outlived its parent by {took:.1f}s"  # importing takes longer
     print(f"fork server gone {took:.2f}s after its parent")

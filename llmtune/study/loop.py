@@ -353,6 +353,11 @@ class Search:
             self.errors.append(e)
             self.stop.set()
 
+    def _storage_lost(self, error: BaseException) -> None:
+        """The storage stayed away past the heartbeat grace (`outages.StorageLost`): stop, say it once."""
+        self.errors.append(error)
+        self.stop.set()
+
     def _work(self, index: int) -> None:
         env: dict[str, str] = {}
         if self.gpus:
@@ -360,7 +365,7 @@ class Search:
         # each trial's share of the CPU: trials x threads fit the cores (hardware.trial_threads)
         env["LLMTUNE_THREADS"] = str(trial_threads(self.workers, self.recipe.train.threads))
         while (trial := self._claim()) is not None:
-            with Heartbeat(self.study, trial, self.log):
+            with Heartbeat(self.study, trial, self.log, lost=self._storage_lost):
                 self._run_one(trial, env)
 
     def _run_one(self, trial: optuna.Trial, env: dict[str, str]) -> None:

@@ -28,7 +28,7 @@ from llmtune.config.recipe import Recipe
 from llmtune.errors import SearchError
 from llmtune.study import engine
 from llmtune.study.attrs import OWNER, STATUS, VARIANT_OF
-from llmtune.study.outages import reconnect_all
+from llmtune.study.outages import StorageLost, reconnect_all
 from llmtune.study.record import lost, retry
 from llmtune.trial.endings import counts
 
@@ -353,8 +353,9 @@ class Heartbeat:
     """Records a running trial's heartbeat every interval from a thread of its own, so that no slow
     step of the search process (memory estimate, telling) makes a live worker look dead."""
 
-    def __init__(self, study: optuna.Study, trial: optuna.Trial, log: Callable[[str], None]):
-        self.study, self.trial, self.log = study, trial, log
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, log: Callable[[str], None],
+                 lost: Callable[[StorageLost], None] | None = None):
+        self.study, self.trial, self.log, self.lost = study, trial, log, lost  # lost: the storage stayed away
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True)
 
@@ -371,5 +372,9 @@ class Heartbeat:
         while not self.done.wait(interval):
             try:
                 engine.record_heartbeat(self.study, self.trial)
+            except StorageLost as e:  # gone for longer than the grace: the search stops (outages.py)
+                if self.lost is not None:
+                    self.lost(e)
+                return
             except Exception as e:  # a database hiccup must not stop the trial; the next beat retries
                 self.log(f"trial {self.trial.number}: heartbeat not recorded ({type(e).__name__}); retrying")
