@@ -47,9 +47,9 @@ class StorageLost(SearchError):
     """The study storage stayed unreachable for longer than the heartbeat grace period."""
 
 
-def dropped(error: BaseException) -> bool:
-    """Whether an error (or one it was raised from: Optuna wraps SQLAlchemy's as StorageInternalError) is a
-    lost or refused database connection rather than a refused statement."""
+def dropped(error: BaseException) -> BaseException | None:
+    """The lost or refused database connection behind an error (Optuna wraps SQLAlchemy's errors in a
+    StorageInternalError whose words blame the data), or None for a refused statement."""
     import sqlalchemy.exc
 
     seen: list[BaseException] = []
@@ -58,9 +58,9 @@ def dropped(error: BaseException) -> bool:
         seen.append(current)
         if isinstance(current, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or \
                 getattr(current, "connection_invalidated", False):
-            return True
+            return current
         current = current.__cause__ or current.__context__
-    return False
+    return None
 
 
 class _Outage:
@@ -79,7 +79,7 @@ class _Outage:
                 cls.since = now
                 why = " ".join(f"{type(error).__name__}: {error}".partition("(Background on this error")[0].split())
                 _log(storage, f"lost the study storage ({why[:200]}); reconnecting for up to "
-                              f"{_grace(storage)}s (the heartbeat grace)")
+                              f"{_grace(storage):g}s (the heartbeat grace)")
             return now - cls.since
 
     @classmethod
@@ -121,10 +121,11 @@ def reconnecting(method: F) -> F:
             try:
                 result = method(self, *args, **kwargs)
             except Exception as e:
-                if isinstance(e, StorageLost) or not dropped(e):
+                cause = None if isinstance(e, StorageLost) else dropped(e)
+                if cause is None:
                     raise
-                if _Outage.failed(self, e) >= _grace(self):
-                    raise _lost(self, e) from None
+                if _Outage.failed(self, cause) >= _grace(self):
+                    raise _lost(self, cause) from None
                 time.sleep(wait * random.uniform(0.5, 1.5))
                 wait = min(MAX_WAIT_S, wait * 2)
                 continue
