@@ -28,6 +28,7 @@ from conftest import tiny_recipe_dict
 from optuna.trial import TrialState
 
 from llmtune.study.attrs import PRIOR, RETRY_OF, STATUS
+from llmtune.study.storage import open_storage
 
 FAST = {
     "data": {"source": "llmtune/tiny-tasks", "eval_max_length": 128, "max_eval_examples": 16, "max_train_examples": 200},
@@ -152,8 +153,6 @@ print("popped", popped, flush=True)
 def test_queued_trials_are_popped_by_exactly_one_of_several_processes_on_sqlite(tmp_path):
     """Optuna's pop of a waiting trial reads it outside the write transaction on SQLite; under `claim_lock`
     four processes popping 24 queued trials at the same moment pop each exactly once."""
-    from llmtune.study.storage import open_storage
-
     url = f"sqlite:///{tmp_path / 'q.db'}"
     study = optuna.create_study(storage=open_storage(url), study_name="q")
     for x in range(24):
@@ -347,6 +346,8 @@ def _wait_for_a_running_trial(proc: subprocess.Popen, tmp_path: Path, log: Path)
 
 
 def test_a_postgres_restart_mid_search_loses_nothing_and_prints_no_traceback(tmp_path, tiny_assets, private_pg):
+    """The server stops while a trial trains and starts again ~4 s later: the search waits for it, carries on
+    and ends with every trial complete, none lost or retried, and no traceback."""
     proc, log = _search_on(private_pg, tmp_path, n_trials=2, grace=60)
     _wait_for_a_running_trial(proc, tmp_path, log)
     private_pg.stop()  # every pooled connection dies with the server
@@ -357,7 +358,7 @@ def test_a_postgres_restart_mid_search_loses_nothing_and_prints_no_traceback(tmp
     assert "Traceback" not in out and "exceeding max length" not in out, out
     assert "lost the study storage" in out and "the study storage is back after" in out, out
     assert private_pg.password not in out
-    study = optuna.load_study(study_name="test", storage=private_pg.url)
+    study = optuna.load_study(study_name="test", storage=open_storage(private_pg.url))
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2, [(t.state, t.user_attrs.get(STATUS)) for t in trials]
     assert all(t.user_attrs[STATUS] == "complete" for t in trials)
@@ -366,6 +367,8 @@ def test_a_postgres_restart_mid_search_loses_nothing_and_prints_no_traceback(tmp
 
 
 def test_a_storage_gone_longer_than_the_grace_ends_the_search_with_one_message(tmp_path, tiny_assets, private_pg):
+    """The server stays away past the heartbeat grace (6 s): one error line naming the storage (masked), exit 1,
+    no traceback, soon after the grace."""
     proc, log = _search_on(private_pg, tmp_path, n_trials=2, grace=6)
     _wait_for_a_running_trial(proc, tmp_path, log)
     private_pg.stop()
@@ -374,12 +377,13 @@ def test_a_storage_gone_longer_than_the_grace_ends_the_search_with_one_message(t
     took = time.time() - stopped
     out = log.read_text()
     assert code == 1 and "Traceback" not in out, out
+    print(f"search ended {took:.1f}s after the server stopped (grace 6s)")
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "lost the study storage" in errors[0] and "(6s)" in errors[0], out
     assert private_pg.password not in out and "llmtune:***@127.0.0.1" in errors[0]
     assert took < 60, took
     private_pg.start()  # the trial it ran is found lost, as any lost trial is, and retried on the next start
-    trials = optuna.load_study(study_name="test", storage=private_pg.url).get_trials()
+    trials = optuna.load_study(study_name="test", storage=open_storage(private_pg.url)).get_trials()
     assert not [t for t in trials if t.state == TrialState.COMPLETE]
 
 
