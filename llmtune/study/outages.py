@@ -34,9 +34,9 @@ STORAGE_CALLS = (
     "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
     "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
     "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
-    "set_trial_system_attr", "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "_get_trials",
-    "get_best_trial", "record_heartbeat", "_get_stale_trial_ids",
-)
+    "set_trial_system_attr", "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials",
+    "get_best_trial", "record_heartbeat",
+)  # and Optuna's private ones that read the database: `engine.PRIVATE_STORAGE_CALLS`
 FIRST_WAIT_S, MAX_WAIT_S = 0.5, 5.0
 
 # Trials in a row of one search process that ended `environment` before it stops: a disk that stays full.
@@ -136,9 +136,9 @@ def reconnecting(method: F) -> F:
     return call  # type: ignore[return-value]
 
 
-def reconnect_all(cls: type) -> type:
-    """`cls` (a storage class) with every method of `STORAGE_CALLS` it has made `reconnecting`."""
-    for name in STORAGE_CALLS:
+def reconnect_all(cls: type, names: tuple[str, ...] = STORAGE_CALLS) -> type:
+    """`cls` (a storage class) with every method of `names` it has made `reconnecting`."""
+    for name in names:
         if hasattr(cls, name):
             setattr(cls, name, reconnecting(getattr(cls, name)))
     return cls

@@ -28,7 +28,7 @@ from llmtune.config.recipe import Recipe
 from llmtune.errors import SearchError
 from llmtune.study import engine
 from llmtune.study.attrs import OWNER, STATUS, VARIANT_OF
-from llmtune.study.outages import StorageLost, reconnect_all
+from llmtune.study.outages import STORAGE_CALLS, StorageLost, reconnect_all
 from llmtune.study.record import lost, retry
 from llmtune.trial.endings import counts
 
@@ -219,7 +219,6 @@ def _with_driver(url: str) -> str:
     return f"postgresql+{driver}{sep}{rest}"
 
 
-@reconnect_all
 class _RDBStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage that closes its connections when creating it fails (e.g. on a schema race,
     before `_until_settled` tries again): else each failed try would hold its pool until collected. Its
@@ -235,6 +234,9 @@ class _RDBStorage(optuna.storages.RDBStorage):
             if hasattr(self, "engine"):
                 self.engine.dispose()
             raise
+
+
+reconnect_all(_RDBStorage, STORAGE_CALLS + engine.PRIVATE_STORAGE_CALLS)
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
