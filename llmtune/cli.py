@@ -123,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _print_results(result: Any) -> None:
     con = _console()
     front = result.summary_rows()
-    con.print(_table(f"Pareto front ({len(front)} of {len(result.all_trials)} trials)", front))
+    con.print(_table(f"Pareto front ({len(front)} of {result.counted_trials} trials)", front))
     best = result.best
     if best is None:
         con.print("no feasible completed trial: nothing chosen (see the statuses in trials.csv)")
@@ -249,7 +249,8 @@ def _with_threads(args: argparse.Namespace) -> list[str]:
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="what a search left: its output_dir (holds study.db), or a storage URL")
-    p.add_argument("--storage", help="the storage URL of the study, when run is a folder whose study lives elsewhere")
+    p.add_argument("--storage", help="the storage URL of the study, when run is a folder whose study lives elsewhere "
+                   "(default: env LLMTUNE_STORAGE, as search reads it)")
     p.add_argument("--study-name", help="which study of the storage (needed when it holds several)")
 
 

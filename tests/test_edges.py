@@ -341,7 +341,7 @@ def _ran(study: optuna.Study, recipe: Any, status: str) -> optuna.Trial:
     return trial
 
 
-def test_a_killed_trial_is_retried_once_and_an_environment_failure_up_to_its_limit(tmp_path, monkeypatch):
+def test_a_killed_trial_is_retried_once_and_an_environment_failure_is_never_final(tmp_path, monkeypatch):
     monkeypatch.setattr(record, "ENVIRONMENT_WAIT_S", 0.0)
     recipe = recipe_from_dict(tiny_recipe_dict(tmp_path))
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", directions=list(recipe.objectives.values()))
@@ -353,8 +353,6 @@ def test_a_killed_trial_is_retried_once_and_an_environment_failure_up_to_its_lim
     assert "ended killed 1 time(s) before: final" in trials[1].user_attrs[attrs.REASON]
     assert counted(study) == (1, 0)  # the first kill does not count towards n_trials, the final one does
     assert not study.get_trials(states=(TrialState.WAITING,))
-    from llmtune.trial.endings import ENVIRONMENT_RETRIES
-
     for _ in range(3):  # a disk that stays full: retried with the same settings...
         _ran(study, recipe, ENVIRONMENT)
     trials = study.get_trials(states=(TrialState.FAIL,))
@@ -363,10 +361,9 @@ def test_a_killed_trial_is_retried_once_and_an_environment_failure_up_to_its_lim
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 1 and waiting[0].user_attrs[RETRY_OF] == trials[-1].number
     assert counted(study) == (1, 0)
-    assert ENVIRONMENT_RETRIES is not None
-    for _ in range(ENVIRONMENT_RETRIES - 3 + 1):  # ...until its limit: then final, not a loop forever
+    for _ in range(10):  # ...as often as it fails: a full disk is never the configuration's fault
         _ran(study, recipe, ENVIRONMENT)
     last = study.get_trials(states=(TrialState.FAIL,))[-1]
-    assert last.user_attrs[STATUS] == CRASHED and f"ended environment {ENVIRONMENT_RETRIES} time(s) before: final" in \
-        last.user_attrs[attrs.REASON]
-    assert not study.get_trials(states=(TrialState.WAITING,)) and counted(study) == (2, 0)
+    assert last.user_attrs[STATUS] == ENVIRONMENT and "final" not in last.user_attrs[attrs.REASON]
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].user_attrs[RETRY_OF] == last.number and counted(study) == (1, 0)

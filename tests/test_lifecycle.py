@@ -45,11 +45,15 @@ def test_decide_a_missing_objective_is_a_crash_naming_it():
     assert r.status == CRASHED and "eval_loss" in r.reason
 
 
-@pytest.mark.parametrize("status, limit", [(KILLED, 1), (ENVIRONMENT, 8)])
+@pytest.mark.parametrize("status, limit", [(KILLED, 1)])
 def test_decide_retried_endings_become_final_at_their_limit(status, limit):
     assert decide(TrialResult(status, "x"), OBJECTIVES, earlier=lambda s: limit - 1).status == status
     final = decide(TrialResult(status, "x"), OBJECTIVES, earlier=lambda s: limit)
     assert final.status == CRASHED and f"{limit} time(s) before: final" in final.reason
+
+
+def test_decide_an_environment_failure_is_never_final():  # a full disk is not the configuration's fault
+    assert decide(TrialResult(ENVIRONMENT, "x"), OBJECTIVES, earlier=lambda s: 100).status == ENVIRONMENT
 
 
 def test_decide_interrupted_is_retried_without_limit():

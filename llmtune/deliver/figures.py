@@ -277,7 +277,7 @@ def pareto_png(result: SearchResult, path: str | Path, x: str | None = None, y: 
             for xv, yv, label in zip(tr.x, tr.y, tr.text or [], strict=False):
                 ax.annotate(label, (xv, yv), textcoords="offset points", xytext=(8, 6), fontsize=9)
     title = str(fig.layout.title.text or "").split(" <span")[0]
-    ax.set_title(f"{title}: {result.recipe.name} ({len(result.all_trials)} trials)", fontsize=12)
+    ax.set_title(f"{title}: {result.recipe.name} ({result.counted_trials} trials)", fontsize=12)
     ax.set_xlabel(textwrap.fill(str(fig.layout.xaxis.title.text), 70), fontsize=9)
     ax.set_ylabel(textwrap.fill(str(fig.layout.yaxis.title.text), 45), fontsize=9)
     ax.grid(alpha=0.3)

@@ -16,7 +16,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from optuna.trial import FrozenTrial
 
@@ -29,7 +29,11 @@ from llmtune.trial.endings import COMPLETE
 if TYPE_CHECKING:
     from llmtune.deliver.results import SearchResult
 
-MARKER = "llmtune.json"  # provenance of an export; also marks a folder export may overwrite
+MARKER = "llmtune.json"  # provenance of an export, and its manifest: the files it wrote ("files")
+# What an export of an llmtune before the manifest wrote (its llmtune.json has no "files"): all a re-export
+# may remove of such a folder.
+OLD_EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md", MARKER,
+                    "schedule.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -86,16 +90,59 @@ def pick_trial(result: SearchResult, trial: int | None) -> tuple[FrozenTrial, Pa
     return t, adapter
 
 
-def _prepare_dir(to: Path) -> None:
-    """Create `to`; an earlier export there is replaced, any other non-empty folder is refused."""
+def _files(to: Path) -> set[str]:
+    return {str(p.relative_to(to)) for p in to.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def _manifest(to: Path) -> list[str] | None:
+    """The files an earlier export in `to` wrote, from its llmtune.json (None: `to` holds no llmtune export)."""
+    try:
+        found = json.loads((to / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(found, dict) or "llmtune_version" not in found:
+        return None  # a file of that name that llmtune did not write
+    files = found.get("files")
+    if files is None:  # an export written before the manifest
+        return [*OLD_EXPORT_FILES, *TOKENIZER_FILES]
+    return [f for f in files if isinstance(f, str)] if isinstance(files, list) else None
+
+
+def _remove_export(to: Path, files: list[str]) -> None:
+    """Remove the files an earlier export wrote (and folders that leaves empty); never a file outside `to`."""
+    root = to.resolve()
+    for rel in files:
+        path = to / rel
+        if not path.resolve().is_relative_to(root) or path.resolve() == root:
+            continue
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+        parent = path.parent
+        while parent.resolve() != root and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+
+
+def _prepare_dir(to: Path) -> set[str]:
+    """Create `to`. In a folder an earlier export wrote, only the files its manifest lists are removed (a file
+    a user added stays); any other non-empty folder is refused. Returns the files left there: not this export's."""
     if to.exists() and not to.is_dir():
         raise HubError(f"export folder {str(to)!r} is a file; give a folder")
     if to.is_dir() and any(to.iterdir()):
-        if not (to / MARKER).exists():
-            raise HubError(f"export folder {str(to)!r} is not empty and not an llmtune export; give a new or empty folder")
-        shutil.rmtree(to)
+        earlier = _manifest(to)
+        if earlier is None:
+            raise HubError(f"export folder {str(to)!r} is not empty and not an llmtune export (it has no {MARKER} "
+                           "written by llmtune export), so nothing was written or removed; give a new or empty folder")
+        _remove_export(to, earlier)
     to.mkdir(parents=True, exist_ok=True)
-    (to / MARKER).write_text("{}")  # claimed now, so an export that fails half way can be redone in place
+    return _files(to)
+
+
+def _write_manifest(to: Path, kept: set[str], provenance: dict[str, Any]) -> list[str]:
+    """Write llmtune.json: the provenance and the files this export wrote (all but `kept`); returns them."""
+    files = sorted((_files(to) - kept) | {MARKER})
+    (to / MARKER).write_text(json.dumps({**provenance, "files": files}, indent=2, default=str))
+    return files
 
 
 def _copy_tokenizer(result: SearchResult, to: Path) -> None:
@@ -162,7 +209,24 @@ def export_adapter(result: SearchResult, output_dir: str | Path, trial: int | No
     """
     t, adapter = pick_trial(result, trial)
     to = Path(output_dir)
-    _prepare_dir(to)
+    kept = _prepare_dir(to)
+    from llmtune import __version__
+
+    try:
+        files = _export_files(result, t, adapter, to, merge=merge, tokenizer=tokenizer, repo_id=repo_id)
+    except BaseException:  # what was written so far is listed, so that the export can be redone in place
+        _write_manifest(to, kept, {"llmtune_version": __version__, "complete": False})
+        raise
+    include_tok, provenance = files
+    written = _write_manifest(to, kept, provenance)
+    return Export(path=to, trial=t.number, files=written, tokenizer_included=include_tok, merged=merge)
+
+
+def _export_files(result: SearchResult, t: FrozenTrial, adapter: Path, to: Path, *, merge: bool,
+                  tokenizer: bool | None, repo_id: str | None) -> tuple[bool, dict[str, Any]]:
+    """Write the export's files but llmtune.json; returns whether the tokenizer is in, and the provenance."""
+    from llmtune import __version__
+
     for f in adapter.iterdir():
         if f.is_file() and f.name != "README.md":  # peft's generic card is replaced by ours
             shutil.copy2(f, to / f.name)
@@ -182,18 +246,14 @@ def export_adapter(result: SearchResult, output_dir: str | Path, trial: int | No
             for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora") if k in config}
     (to / "README.md").write_text(render_card(result, t, repo_id=repo_id, versions=_versions(adapter.parent),
                                               tokenizer_included=include_tok, lora=lora), encoding="utf-8")
-    from llmtune import __version__
-
-    (to / MARKER).write_text(json.dumps({
-        "trial": t.number, "study": result.study.study_name, "base_model": result.recipe.model.name,
-        "selected_by": result.recipe.select.by, "chosen": result.best is not None and result.best.number == t.number,
-        "settings": t.user_attrs.get(SETTINGS), "metrics": t.user_attrs.get(METRICS_KEY),
-        "llmtune_version": __version__}, indent=2, default=str))
     schedule = schedule_document(t, result.study.user_attrs.get(FINGERPRINT, {}).get("recipe_fingerprint"))
     if schedule is not None:  # a PBT member: its settings per segment, for `llmtune train --schedule`
         (to / "schedule.json").write_text(json.dumps(schedule, indent=2, default=str))
-    files = sorted(str(p.relative_to(to)) for p in to.rglob("*") if p.is_file())
-    return Export(path=to, trial=t.number, files=files, tokenizer_included=include_tok, merged=merge)
+    return include_tok, {
+        "trial": t.number, "study": result.study.study_name, "base_model": result.recipe.model.name,
+        "selected_by": result.recipe.select.by, "chosen": result.best is not None and result.best.number == t.number,
+        "settings": t.user_attrs.get(SETTINGS), "metrics": t.user_attrs.get(METRICS_KEY),
+        "llmtune_version": __version__}
 
 
 def check_repo_id(repo_id: str | None) -> str:

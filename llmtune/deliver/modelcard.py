@@ -95,6 +95,27 @@ def card_metadata(result: SearchResult, trial: FrozenTrial, repo_id: str | None,
     return meta
 
 
+def usage_code(base: str, repo_id: str | None, tokenizer_included: bool) -> str:
+    """The card's "Use it" code, as it runs in the export's folder (or from the Hub with `repo_id`). The base is
+    loaded as the search loaded it: a Hub id by name; llmtune's built-in bases (not Hub names) through
+    llmtune, which builds them offline into $LLMTUNE_HOME; a local folder by its path on the machine that ran
+    the search (only its last part is published: the reader points it at their copy)."""
+    adapter = repr(repo_id) if repo_id else '"."  # this folder; or the Hub id it was pushed to'
+    lines = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
+    if base in MODELS:
+        lines[:0] = ["from llmtune.builtin.names import resolve_model_name  # pip install llmtune"]
+        lines += [f"base_path = resolve_model_name({base!r})  # llmtune's built-in base, built offline"]
+    elif hub_id(base) is None:
+        lines += [f"base_path = {Path(base).name!r}  # the base model's folder (the search used a local copy)"]
+    else:
+        lines += [f"base_path = {base!r}"]
+    lines += [f"adapter = {adapter}",
+              "base = AutoModelForCausalLM.from_pretrained(base_path)",
+              f"tokenizer = AutoTokenizer.from_pretrained({'adapter' if tokenizer_included else 'base_path'})",
+              "model = PeftModel.from_pretrained(base, adapter)"]
+    return "```python\n" + "\n".join(lines) + "\n```\n"
+
+
 def render_card(result: SearchResult, trial: FrozenTrial, *, repo_id: str | None = None,
                 versions: dict[str, str] | None = None, tokenizer_included: bool = False,
                 lora: dict[str, Any] | None = None) -> str:
@@ -111,8 +132,6 @@ def render_card(result: SearchResult, trial: FrozenTrial, *, repo_id: str | None
     searched = recipe.space.searched
     best = result.best
     chosen = best is not None and best.number == trial.number
-    target = repo_id or "path/to/this/folder"
-    load_tok = target if tokenizer_included else recipe.model.name
     front = result.summary_rows()
     for row in front:
         row["chosen"] = "yes" if row["trial"] == trial.number else ""
@@ -129,10 +148,7 @@ def render_card(result: SearchResult, trial: FrozenTrial, *, repo_id: str | None
         f"{versions['llmtune']}: a search over LoRA/QLoRA hyperparameters that trades "
         f"{', '.join(recipe.objectives)} against each other. This is {how}.\n",
         "## Use it\n",
-        "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f"base = AutoModelForCausalLM.from_pretrained({recipe.model.name!r})\n"
-        f"tokenizer = AutoTokenizer.from_pretrained({load_tok!r})\n"
-        f"model = PeftModel.from_pretrained(base, {target!r})\n```\n",
+        usage_code(recipe.model.name, repo_id, tokenizer_included),
         ("The tokenizer files are included (the base is not a Hub repository)." if tokenizer_included else
          "llmtune never changes the tokenizer or the vocabulary, so the base model's tokenizer is the one to use.") + "\n",
         f"## Chosen hyperparameters (trial {trial.number})\n",
@@ -150,7 +166,7 @@ def render_card(result: SearchResult, trial: FrozenTrial, *, repo_id: str | None
         body += ["Eval loss over the training budget: "
                  + ", ".join(f"{frac:.2f}: {loss:.4f}" for frac, loss in curve) + "\n"]
     body += [
-        f"## Pareto front ({len(front)} of {len(result.all_trials)} trials)\n", _md_table(front),
+        f"## Pareto front ({len(front)} of {result.counted_trials} trials)\n", _md_table(front),
         "## Search space\n",
         _md_table([{"setting": n, "range": recipe.space.specs[n].describe()} for n in searched])
         if searched else "Nothing was searched (one configuration).\n",

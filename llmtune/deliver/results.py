@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from llmtune.config.recipe import Recipe, recipe_from_dict
 from llmtune.deliver.front import feasible, pareto_front, select
 from llmtune.errors import SearchError
 from llmtune.study.attrs import CURVE, DIR, METRICS_KEY, REASON, RECIPE, SETTINGS, STATUS
-from llmtune.study.storage import has_studies, mask_url, open_storage, storage_error
+from llmtune.study.storage import counted, has_studies, mask_url, open_storage, storage_error
 
 
 class SearchResult:
@@ -28,6 +29,12 @@ class SearchResult:
     @property
     def all_trials(self) -> list[FrozenTrial]:
         return self.study.get_trials(deepcopy=False)
+
+    @property
+    def counted_trials(self) -> int:
+        """Trials that ran to an ending of their own, as n_trials counts them: not the tries a retry repeats
+        (interrupted, killed, environment), not surplus trials, not execution variants (`storage.counted`)."""
+        return counted(self.study)[0]
 
     @property
     def pareto_front(self) -> list[FrozenTrial]:
@@ -120,6 +127,8 @@ def load_results(target: str | Path, study_name: str | None = None, storage: str
         storage, out = target, None
     else:
         out = Path(target)
+        # as `search` reads it (storage.storage_url): --storage, then LLMTUNE_STORAGE, then the folder's study.db
+        storage = os.path.expandvars(storage or os.environ.get("LLMTUNE_STORAGE", "")) or None
         if storage is None and not (out / "study.db").exists():
             why = "does not exist" if not out.exists() else "holds no study.db"
             raise SearchError(f"{target!r} {why}; pass the output_dir of a search, or a storage URL (--storage)")

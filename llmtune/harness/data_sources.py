@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmtune.builtin.cache import llmtune_home
 from llmtune.config.sections import DataConfig
 from llmtune.errors import DataError
 from llmtune.harness.formats import Row, TooManyBadRows, screen
@@ -100,7 +101,10 @@ def _read_with_datasets(path: Path, kind: str, field: str) -> list[dict[str, Any
     logger.setLevel(logging.CRITICAL)
     disable_progress_bars()
     try:
-        return list(load_dataset(kind, data_files=str(path), split="train"))
+        # its Arrow cache under $LLMTUNE_HOME (not ~/.cache/huggingface): reading a file for `validate` or a
+        # trial leaves nothing outside llmtune's own cache; HF_DATASETS_CACHE, when set, wins
+        cache = None if os.environ.get("HF_DATASETS_CACHE") else str(llmtune_home() / "datasets")
+        return list(load_dataset(kind, data_files=str(path), split="train", cache_dir=cache))
     except Exception as e:  # pyarrow, pandas and datasets each raise their own types: say which file and why
         root: BaseException = e
         while root.__cause__ is not None or root.__context__ is not None:  # the parser's own words

@@ -86,6 +86,12 @@ def uncached(study: optuna.Study) -> Any:
     return getattr(s, "_backend", s)
 
 
+# RDBStorage's private methods that read the database, which a storage that outlasts a dropped connection
+# (`storage._RDBStorage`, `outages.reconnecting`) wraps as it wraps the public ones: `_get_trials` is how
+# Optuna's per-process cache (`_CachedStorage.get_all_trials`) reads trials, `_get_stale_trial_ids` is
+# llmtune's own read (`stale_trial_ids`).
+PRIVATE_STORAGE_CALLS = ("_get_trials", "_get_stale_trial_ids")
+
 # Every private name above, for the canary test: (object, attribute) pairs as Optuna must still have them.
 PRIVATE_NAMES = (
     ("optuna.study.Study", "_storage"),
@@ -94,6 +100,7 @@ PRIVATE_NAMES = (
     ("optuna.trial.Trial", "_cached_frozen_trial"),
     ("optuna.trial.FrozenTrial", "_trial_id"),
     ("optuna.storages.RDBStorage", "_get_stale_trial_ids"),
+    ("optuna.storages.RDBStorage", "_get_trials"),
     ("optuna.storages.RDBStorage", "record_heartbeat"),
     ("optuna.storages._CachedStorage", "_backend"),
     ("optuna.storages._heartbeat", "is_heartbeat_enabled"),

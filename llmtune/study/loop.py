@@ -42,17 +42,21 @@ from llmtune.hardware import trial_threads
 from llmtune.study import attrs, engine, promotion, record
 from llmtune.study.attrs import CURVE, OWNER, RUNG_METRICS
 from llmtune.study.gate import MemoryGate
+from llmtune.study.outages import EnvironmentStop
 from llmtune.study.pruners import make_pruner
 from llmtune.study.samplers import study_sampler
 from llmtune.study.storage import (
     Heartbeat,
+    claim_lock,
     fail_stale,
     heartbeat_settings,
     join_study,
     mask_url,
     masked_recipe,
+    others_at_work,
     recover_lost_trials,
     storage_url,
+    watch_storage,
     worker_id,
 )
 from llmtune.study.strategy import Job, Strategy, make_strategy
@@ -166,6 +170,13 @@ def _physical_gpus(entry: str) -> str:
 FAIL_FAST_TRIALS = 3
 
 
+def fail_fast_message(count: int, reason: str) -> str:
+    """Why a search stopped on crashes: how many of its first trials crashed (the true count) and the reason."""
+    which = "the first trial crashed" if count == 1 else f"the first {count} trials all crashed with the same reason"
+    return (f"{which}, so the search stopped: {reason}. Fix that and run the same command again (the study keeps "
+            "its trials); each trial's trial.log has the details")
+
+
 class Progress(Protocol):
     """What the loop tells a progress display (`llmtune.study.progress`)."""
 
@@ -211,7 +222,9 @@ class Search:
         self.started = time.time()
         self.errors: list[BaseException] = []
         self.finished: list[tuple[str, str]] = []  # (status, reason) of this process's trials, in order
-        self.failed_fast = ""
+        self.failed_fast, self.failed_fast_count = "", 0
+        self.environment = EnvironmentStop()  # a disk that stays full stops the search (outages.py)
+        self.stopped_by = ""  # why the search stopped before its budget, said once at the end
         self.fork_server: ForkServer | None = None
         self.gate = MemoryGate(recipe, log)
 
@@ -235,7 +248,9 @@ class Search:
         # Trials run in parallel with other threads, or with other processes on a named (shared) storage:
         # TPE then treats running trials as bad guesses (constant liar) so workers spread out. On a shared
         # storage each process seeds its sampler differently (`process_seed`).
-        shared = bool(self.storage_given or os.environ.get("LLMTUNE_STORAGE") or self.recipe.study.storage)
+        # The default SQLite file is shared too when other processes work on it (`others_at_work`).
+        shared = bool(self.storage_given or os.environ.get("LLMTUNE_STORAGE") or self.recipe.study.storage
+                      or others_at_work(study, created))
         study_cfg = self.recipe.study
         self.sampler, self.sampler_why = study_sampler(
             study, study_cfg.sampler, self.sample_space, len(self.recipe.objectives), study_cfg.n_trials, study_cfg.seed,
@@ -247,7 +262,9 @@ class Search:
         self.study = study
         if created:
             self.strategy.created(self)
-        lost = recover_lost_trials(study)
+        watch_storage(study, self.log)
+        with claim_lock(self.url):
+            lost = recover_lost_trials(study)
         if lost:
             self.log(f"retrying trial(s) {', '.join(map(str, lost))} that a stopped search left unfinished")
         self.strategy.prepare(self)
@@ -284,9 +301,9 @@ class Search:
             raise self.errors[0]
         self.redraw(force=True)
         if self.failed_fast:
-            raise SearchError(f"the first {FAIL_FAST_TRIALS} trials all crashed with the same reason, so the search "
-                              f"stopped: {self.failed_fast}. Fix that and run the same command again (the study "
-                              "keeps its trials); each trial's trial.log has the details", code=1)
+            raise SearchError(fail_fast_message(self.failed_fast_count, self.failed_fast), code=1)
+        if self.stopped_by:
+            raise SearchError(self.stopped_by, code=1)
         return study
 
     def _next(self) -> str:
@@ -311,7 +328,7 @@ class Search:
         race on the storage, which every strategy's claim accounts for."""
         interval = heartbeat_settings()[0]
         while True:
-            with self._lock:
+            with self._lock, claim_lock(self.url):  # SQLite: one process at a time, as one thread at a time
                 state = self._next()
                 if state == "start":
                     trial = self.study.ask()
@@ -337,6 +354,11 @@ class Search:
             self.errors.append(e)
             self.stop.set()
 
+    def _storage_lost(self, error: BaseException) -> None:
+        """The storage stayed away past the heartbeat grace (`outages.StorageLost`): stop, say it once."""
+        self.errors.append(error)
+        self.stop.set()
+
     def _work(self, index: int) -> None:
         env: dict[str, str] = {}
         if self.gpus:
@@ -344,7 +366,7 @@ class Search:
         # each trial's share of the CPU: trials x threads fit the cores (hardware.trial_threads)
         env["LLMTUNE_THREADS"] = str(trial_threads(self.workers, self.recipe.train.threads))
         while (trial := self._claim()) is not None:
-            with Heartbeat(self.study, trial, self.log):
+            with Heartbeat(self.study, trial, self.log, lost=self._storage_lost):
                 self._run_one(trial, env)
 
     def _run_one(self, trial: optuna.Trial, env: dict[str, str]) -> None:
@@ -369,6 +391,9 @@ class Search:
         if self.progress:
             self.progress.trial_finished(trial.number, result)
         self._fail_fast(result)
+        if self.environment.ended(result.status, result.reason) and not self.stopped_by:
+            self.stopped_by = self.environment.message()
+            self.stop.set()
         self.redraw()
         if result.status == ENVIRONMENT:  # not the settings' fault: wait, and let a worker elsewhere retry it
             self.stop.wait(record.environment_wait(self.study, trial))
@@ -459,8 +484,8 @@ class Search:
         if len(first) < min(FAIL_FAST_TRIALS, self.n_trials or FAIL_FAST_TRIALS) or self.failed_fast:
             return
         if all(status == CRASHED for status, _ in first) and len({reason for _, reason in first}) == 1:
-            self.failed_fast = first[0][1]
-            self.log(f"stopping: the first {len(first)} trials all crashed with the same reason: {first[0][1]}")
+            # said once, when the search ends (run): the count is the trials that crashed, not FAIL_FAST_TRIALS
+            self.failed_fast, self.failed_fast_count = first[0][1], len(first)
             self.stop.set()
 
     def eval_fractions(self) -> list[float]:

@@ -8,6 +8,7 @@ do not pull in the search loop and its trial runner.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -15,7 +16,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ from llmtune.config.recipe import Recipe
 from llmtune.errors import SearchError
 from llmtune.study import engine
 from llmtune.study.attrs import OWNER, RESUME_OF, STATUS, VARIANT_OF
+from llmtune.study.outages import STORAGE_CALLS, StorageLost, reconnect_all
 from llmtune.study.record import lost, retry
 from llmtune.trial.endings import counts
 
@@ -34,6 +36,11 @@ from llmtune.trial.endings import counts
 # what these warnings are about; they would only confuse users.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover  (Windows: one SQLite process at a time, or PostgreSQL)
+    fcntl = None  # type: ignore[assignment]
 
 T = TypeVar("T")
 
@@ -214,7 +221,11 @@ def _with_driver(url: str) -> str:
 
 class _RDBStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage that closes its connections when creating it fails (e.g. on a schema race,
-    before `_until_settled` tries again): else each failed try would hold its pool until collected."""
+    before `_until_settled` tries again): else each failed try would hold its pool until collected. Its
+    calls outlast a dropped connection for up to the heartbeat grace period (`outages.reconnecting`),
+    telling `log` (set by the search: `watch_storage`) when the storage goes and comes back."""
+
+    log: Callable[[str], None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -225,6 +236,9 @@ class _RDBStorage(optuna.storages.RDBStorage):
             raise
 
 
+reconnect_all(_RDBStorage, STORAGE_CALLS + engine.PRIVATE_STORAGE_CALLS)
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """Optuna's RDB storage at `url`, creating its schema if needed (safe with other processes doing it at once)."""
     if url.startswith("sqlite:") or "://" in url:
@@ -232,8 +246,55 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return _until_settled(lambda: _RDBStorage(
             _with_driver(url), heartbeat_interval=interval, grace_period=grace,
             heartbeat_stale_trial_callback=_retry_failed,
-            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None))
+            # a server that restarted closed every pooled connection: each is checked out anew (pool_pre_ping)
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {"pool_pre_ping": True}))
     raise SearchError(f"study.storage {url!r} is not a database URL; use sqlite:///path.db or postgresql://user@host/db")
+
+
+def watch_storage(study: optuna.Study, log: Callable[[str], None]) -> None:
+    """Tell `log` when the study's storage drops out and when it is back (`outages.reconnecting`)."""
+    backend = engine.uncached(study)
+    if isinstance(backend, _RDBStorage):
+        backend.log = log
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for another database, or SQLite in memory)."""
+    if not url.startswith("sqlite:"):
+        return None
+    path = url.partition(":///")[2].partition("?")[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def claim_lock(url: str) -> Iterator[None]:
+    """Held while a search process takes its next trial (`Search._claim`: the lost-trial check, `ask`, the
+    strategy's claim). On PostgreSQL nothing: its row locks make Optuna's pop of a queued trial and the
+    failing of a lost one atomic, and every proposal is visible to the next `ask`. SQLite has no row locks:
+    two processes could pop one queued trial, fail one lost trial twice, or propose one configuration at
+    the same moment; an exclusive lock on a file beside the database (`<db>.llmtune-lock`) makes the
+    processes on one SQLite study take their trials one at a time, as the threads of one process do."""
+    db = sqlite_path(url)
+    if db is None or fcntl is None:
+        yield
+        return
+    with open(db.with_name(db.name + ".llmtune-lock"), "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def others_at_work(study: optuna.Study, created: bool) -> bool:
+    """Whether other search processes may share this study now, on a storage nobody named shared (the
+    default SQLite file): this process joined it rather than created it, and it is fresh (created by another
+    process a moment ago) or holds a running trial of a live process other than this one."""
+    if created:
+        return False
+    trials = study.get_trials(deepcopy=False)
+    return not trials or any(t.state == TrialState.RUNNING and _running_elsewhere(str(t.system_attrs.get(OWNER, "")))
+                             for t in trials)
 
 
 def has_studies(url: str) -> bool:
@@ -295,8 +356,9 @@ class Heartbeat:
     """Records a running trial's heartbeat every interval from a thread of its own, so that no slow
     step of the search process (memory estimate, telling) makes a live worker look dead."""
 
-    def __init__(self, study: optuna.Study, trial: optuna.Trial, log: Callable[[str], None]):
-        self.study, self.trial, self.log = study, trial, log
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, log: Callable[[str], None],
+                 lost: Callable[[StorageLost], None] | None = None):
+        self.study, self.trial, self.log, self.lost = study, trial, log, lost  # lost: the storage stayed away
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True)
 
@@ -313,5 +375,9 @@ class Heartbeat:
         while not self.done.wait(interval):
             try:
                 engine.record_heartbeat(self.study, self.trial)
+            except StorageLost as e:  # gone for longer than the grace: the search stops (outages.py)
+                if self.lost is not None:
+                    self.lost(e)
+                return
             except Exception as e:  # a database hiccup must not stop the trial; the next beat retries
                 self.log(f"trial {self.trial.number}: heartbeat not recorded ({type(e).__name__}); retrying")

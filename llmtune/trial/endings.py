@@ -69,12 +69,11 @@ ENDINGS: dict[str, Ending] = {e.status: e for e in [
            "memory (see `classify`); retried once, a second kill of the same settings is final (crashed)",
            retry_limit=1),
     Ending(ENVIRONMENT,  "FAIL",     False,  False, True,   False, "its surroundings failed, not its settings: the disk "
-           "filled up or a connection dropped (ENVIRONMENT_MARKERS); retried, with a growing wait, up to "
-           "ENVIRONMENT_RETRIES times for one configuration, then final (crashed): a disk that stays full must not "
-           "loop forever", retry_limit=8),
+           "filled up or a connection dropped (ENVIRONMENT_MARKERS); retried, with a growing wait, and never final: "
+           "a disk that stays full stops the search instead (study/outages.py, ENVIRONMENT_STOP endings in a row), "
+           "and the next start runs the configuration again"),
     Ending(SURPLUS,      "FAIL",     False,  False, False,  False, "never run: another worker took the last of n_trials"),
 ]}
-ENVIRONMENT_RETRIES = ENDINGS[ENVIRONMENT].retry_limit
 STATUSES = tuple(ENDINGS)
 RUNNING = "running"  # the status a trial carries while it runs; not an ending
 

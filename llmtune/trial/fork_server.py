@@ -22,7 +22,8 @@ Safety:
 Protocol: the search process and the server share a SOCK_SEQPACKET socket pair. The search sends
 ``{"id", "spec", "env", "cwd"}`` with two file descriptors (the trial's event channel and its log); the
 server forks and answers ``{"id", "pid"}``, and ``{"exited": pid, "returncode": rc}`` when it ends. The
-server exits when the search process closes its end (or dies), and its children follow (they watch
+server exits when the search process closes its end (or dies: while it still imports, a thread polls
+its parent, so a search killed before its first trial takes its server along), and its children follow (they watch
 their parent and the search, see `llmtune.harness.worker`); it also exits after
 ``LLMTUNE_FORK_SERVER_IDLE`` seconds (default 300) without a trial, saying ``{"idle": true}`` first.
 """
@@ -334,8 +335,20 @@ def _reap(sock: socket.socket) -> set[int]:
         sock.send(json.dumps({"exited": pid, "returncode": os.waitstatus_to_exitcode(status)}).encode())
 
 
+def _exit_with_parent(parent: int, done: threading.Event) -> None:
+    """While the server imports it reads no socket, so it would not see its search die: it polls its parent
+    instead and exits at once when that is gone (a search killed before its first trial must not leave a
+    server importing for a minute). `done`: the server is ready, and its loop watches the socket."""
+    while not done.wait(0.2):
+        if os.getppid() != parent:
+            os._exit(0)
+
+
 def main(fd: int) -> None:
     sock = socket.socket(fileno=fd)
+    importing = threading.Event()
+    watcher = threading.Thread(target=_exit_with_parent, args=(os.getppid(), importing), daemon=True)
+    watcher.start()
     try:
         for name in PRELOAD:
             __import__(name)
@@ -345,6 +358,8 @@ def main(fd: int) -> None:
     except Exception as e:  # a broken install: the runner falls back to fresh processes, which report it
         sock.send(json.dumps({"ready": False, "why": f"{type(e).__name__}: {e}"[:300]}).encode())
         return
+    importing.set()
+    watcher.join()  # no thread of its own when it forks trials
     sys.stdout.flush()
     sys.stderr.flush()
     gc.freeze()  # the imported objects: a collection in a trial then neither walks nor copies their pages
