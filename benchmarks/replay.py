@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import multiprocessing as mp
 import sys
 import time
@@ -55,6 +56,7 @@ from replay_table import (  # noqa: E402  (re-exported: tests and other benchmar
     Table,
     at_rung,
     exclude,
+    final_loss,
     hypervolume,
     load_table,
     pool_speed,
@@ -62,7 +64,7 @@ from replay_table import (  # noqa: E402  (re-exported: tests and other benchmar
     true_front_size,
 )
 
-from llmtune.config.space import Fixed, SearchSpace  # noqa: E402
+from llmtune.config.space import PARAMS, Choice, Fixed, SearchSpace  # noqa: E402
 from llmtune.study import engine, probes, promotion  # noqa: E402
 from llmtune.study.attrs import CURVE, PAUSED, PRIOR, RUNG_METRICS, STATUS, VARIANT_OF  # noqa: E402
 from llmtune.study.priors import COST_METRICS, cheap_config, prior_configs  # noqa: E402
@@ -129,7 +131,7 @@ def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trial
     probing = sampler_name == "llmtune-probes"
     if probing and not table.execution:
         raise ValueError("llmtune-probes needs a table with execution settings (the meta's \"execution\")")
-    space = SearchSpace.from_dict(table.grid)
+    space = replay_space(table.grid)
     sample_space = learning_space(table, space) if probing else space
     budget = planned or n_trials
     base = "llmtune" if sampler_name in PRIORS_SAMPLERS else sampler_name
@@ -149,7 +151,11 @@ def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trial
                for combo in itertools.product(*(table.grid[n] for n in table.execution))]
     spent, front = 0.0, []
     out: dict[str, list] = {"seconds": [], "hv_ratio": [], "pruned": [], "cost": [], "rung": [], "key": [],
-                            "probe_s": [], "resumed": []}
+                            "probe_s": [], "resumed": [], "regret": []}
+    # Single-objective view: the best loss found so far over the table's best (relative regret)
+    loss = table.objectives[0][0]
+    table_best = min(float(r[loss]) for r in table.rows.values() if r["status"] == "complete" and r.get(loss) is not None)
+    best = math.inf
     if base.startswith("llmtune") or base == "grid":
         # These never repeat a configuration: past the grid's size they would only spin on repeats.
         n_trials = min(n_trials, sample_space.grid_size() or n_trials)
@@ -177,6 +183,8 @@ def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trial
             found, probe_s = ([row] if pruned_at is None and row["status"] == "complete" else []), 0.0
         spent += cost
         front += [table.scaled(r) for r in found]
+        best = min([best, *(float(r[loss]) for r in found if r.get(loss) is not None)])
+        out["regret"].append((best - table_best) / abs(table_best) if math.isfinite(best) else math.inf)
         out["seconds"].append(spent)
         out["hv_ratio"].append(hypervolume(np.array(front)) / table.true_hv if front else 0.0)
         out["pruned"].append(pruned_at is not None)
@@ -189,6 +197,16 @@ def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trial
         if stop_at_front and out["hv_ratio"][-1] >= 1.0 - 1e-9:
             break
     return out
+
+
+def replay_space(grid: dict[str, list[Any]]) -> SearchSpace:
+    """llmtune's search space over a table's grid; a setting llmtune does not know (a table of another tool's
+    sweep: a PEFT method, an optimizer) is one more categorical the samplers choose like any other."""
+    space = SearchSpace.from_dict({n: v for n, v in grid.items() if n in PARAMS})
+    for name, choices in grid.items():
+        if name not in PARAMS:
+            space.specs[name] = Choice(tuple(choices))
+    return space
 
 
 def learning_space(table: Table, space: SearchSpace) -> SearchSpace:
@@ -327,7 +345,7 @@ def replay_trial(study: optuna.Study, trial: optuna.Trial, row: dict[str, Any], 
                 storage.set_trial_user_attr(tid, PAUSED, {"fraction": rung, "state": "(replayed)"})
             study.tell(trial, state=TrialState.PRUNED)
             return charge(row, rung) - spent, rung
-    curve.append([1.0, float(row["eval_loss"])])
+    curve.append([1.0, final_loss(row, objectives)])
     storage.set_trial_user_attr(tid, CURVE, curve)
     storage.set_trial_user_attr(tid, STATUS, "complete")
     study.tell(trial, [float(row[m]) for m, _ in objectives])
@@ -358,7 +376,7 @@ def _job(job: tuple[str, int]) -> tuple[str, int, dict[str, list]]:
     try:
         return method, seed, replay(_TABLE, sampler, pruner or "none", seed, _OPTIONS["trials"], _OPTIONS["planned"],
                                     _OPTIONS["variant_values"], stop_at_front=True, facts=_OPTIONS.get("facts"))
-    except (ValueError, KeyError, TypeError) as e:  # a table or option problem: one line, not a pool traceback
+    except Exception as e:  # a table or option problem: one line, not a pool traceback
         raise SystemExit(f"replay of {method} (seed {seed}) failed: {type(e).__name__}: {e}") from None
 
 

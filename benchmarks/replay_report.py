@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 SECOND_SHARES = (0.01, 0.02, 0.05)  # training-seconds budgets, as shares of what the whole grid cost
+LOSS_BUDGETS = (5, 10, 20)  # configurations after which the best loss found is reported (single-objective view)
 LEVELS = (0.9, 0.95)  # HV ratios whose seconds are reported
 # Issue 15's targets: seconds to 90% of the true front, llmtune's default over a baseline (or with / without
 # pruning, same sampler), at most this ratio.
@@ -51,12 +52,12 @@ def configurations(run: dict[str, list]) -> list[int]:
     return out
 
 
-def at_trials(run: dict[str, list], n: int) -> float:
-    """The HV ratio once ``n`` configurations (and the continuations promoted before the next) were told; a
-    run that found the whole front stopped early: its last value holds."""
+def at_trials(run: dict[str, list], n: int, what: str = "hv_ratio") -> float:
+    """The HV ratio (or ``what``) once ``n`` configurations (and the continuations promoted before the next)
+    were told; a run that found the whole front stopped early: its last value holds."""
     counts = configurations(run)
     last = max((i for i, c in enumerate(counts) if c <= n), default=0)
-    return run["hv_ratio"][last]
+    return run[what][last]
 
 
 def summarise(runs: dict[str, list[dict[str, list]]], budgets: list[int], grid_seconds: float) -> dict[str, dict[str, Any]]:
@@ -77,6 +78,9 @@ def summarise(runs: dict[str, list[dict[str, list]]], budgets: list[int], grid_s
         entry["probe_share_to_90"] = float(np.mean(probe)) if probe else 0.0
         entry["trials_to_90"] = quantiles([float(next((c for c, hv in zip(configurations(r), r["hv_ratio"], strict=True)
                                                        if hv >= 0.9 - 1e-9), math.inf)) for r in seeds])
+        if all("regret" in r for r in seeds):
+            for n in LOSS_BUDGETS:
+                entry[f"regret@{n}"] = quantiles([at_trials(r, n, "regret") for r in seeds])
         entry["resumed_share"] = float(np.mean([np.mean(r.get("resumed") or [False]) for r in seeds]))
         out[method] = entry
     return out
@@ -128,6 +132,13 @@ def _fmt(q: tuple[float, float, float], digits: int = 3) -> str:
     return f"{q[1]:.{digits}g} [{q[0]:.{digits}g}, {hi}]"
 
 
+def _pct(q: list[float]) -> str:
+    """Quantiles of a relative regret as percentages ("never": no loss found)."""
+    if math.isinf(q[1]):
+        return "never"
+    return f"{100 * q[1]:.1f}% [{100 * q[0]:.1f}, " + ("never" if math.isinf(q[2]) else f"{100 * q[2]:.1f}") + "]"
+
+
 def markdown(summary: dict[str, dict[str, Any]], rat: dict[str, Any], budgets: list[int], meta: dict[str, Any]) -> str:
     lines = [
         f"# Replay of samplers and pruners on `{meta['table']}`",
@@ -149,6 +160,13 @@ def markdown(summary: dict[str, dict[str, Any]], rat: dict[str, Any], budgets: l
                  + [_fmt(e[f"hv@{n}"]) for n in budgets] + [_fmt(e["trials_to_90"])])
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {e['pruned_share']:.0%} | {e.get('resumed_share', 0):.0%} | "
                      f"{e['probe_share_to_90']:.0%} |")
+    if all(f"regret@{LOSS_BUDGETS[0]}" in e for e in summary.values()):
+        lines += ["", "Single objective: the best loss found after 5 / 10 / 20 configurations, relative to the table's "
+                  "best (the first objective; a stopped run's last value holds):", "",
+                  "| sampler + pruner | " + " | ".join(f"regret @{n}" for n in LOSS_BUDGETS) + " |",
+                  "|---" * (len(LOSS_BUDGETS) + 1) + "|"]
+        for method, e in summary.items():
+            lines.append(f"| {method} | " + " | ".join(_pct(e[f"regret@{n}"]) for n in LOSS_BUDGETS) + " |")
     lines += ["", "Ratios of medians (seconds to 90% / to 95%; — : one of the two never got there):", ""]
     for key, value in rat.items():
         lines.append(f"- {key}: " + " / ".join("—" if v is None else f"{v:.2f}" for v in value.values()))
@@ -258,14 +276,14 @@ def rung_correlations(table: Any, rungs: list[float]) -> dict[str, float]:
     """Spearman rank correlation between the eval loss at each rung and the final eval loss, over the
     table's distinct curves (rows sharing a learning configuration share one): how well a pruner's
     early look can rank trials."""
-    from replay_table import at_rung
+    from replay_table import at_rung, final_loss
 
     curves: dict[Any, tuple[float, list[float | None]]] = {}
     learn = [list(table.grid).index(n) for n in table.learning]
     for key, row in table.rows.items():
         if row["status"] == "complete":
             curves.setdefault(tuple(key[j] for j in learn),
-                              (float(row["eval_loss"]), [at_rung(row, "loss", f) for f in rungs]))
+                              (final_loss(row, table.objectives), [at_rung(row, "loss", f) for f in rungs]))
     out = {}
     for i, f in enumerate(rungs):
         pairs = np.array([(final, early[i]) for final, early in curves.values() if early[i] is not None])

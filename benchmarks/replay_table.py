@@ -94,6 +94,12 @@ def hypervolume(points: np.ndarray) -> float:
     return float(compute_hypervolume(points, np.full(points.shape[1], REF)))
 
 
+def final_loss(row: dict[str, Any], objectives: list[tuple[str, str]]) -> float:
+    """A row's loss at the end of its run, the last point of its curve: ``eval_loss``, or for a table whose loss
+    objective is named otherwise (no eval_loss column), the first objective."""
+    return float(row["eval_loss"] if row.get("eval_loss") is not None else row[objectives[0][0]])
+
+
 def at_rung(row: dict[str, Any], what: str, fraction: float) -> float | None:
     """A row's ``loss`` or ``train_s`` at a fraction of the budget: the recorded point (columns are named
     like ``loss@0.111111``; an empty cell: never evaluated there), else linear interpolation between the

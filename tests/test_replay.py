@@ -267,3 +267,24 @@ def test_a_rung_before_the_first_curve_point_never_decides() -> None:
                               rungs=(1 / 9, 1 / 3))
     run = R.replay(table, "random", "asha:min_fraction=0.037037", seed=0, n_trials=9)  # rungs 1/27, 1/9, 1/3
     assert len(run["key"]) == 9 and all(r != pytest.approx(1 / 27) for r in run["rung"] if r is not None)
+
+
+def test_a_table_of_another_tools_sweep_replays(tmp_path) -> None:
+    """A setting llmtune does not train with (a PEFT method) is one more choice; the loss objective may be named
+    otherwise (no eval_loss column); a diverged run costs the seconds it ran."""
+    rows = []
+    for i, (method, lr, r) in enumerate([(m, lr, r) for m in ("lora", "dora") for lr in (1e-4, 1e-3) for r in (4, 8)]):
+        rows.append({"peft_method": method, "learning_rate": lr, "lora_r": r, "status": "complete",
+                     "val_loss": 3.0 + i / 10, "train_time_s": 10.0 + i, "loss@0.5": 3.5 + i / 10, "train_s@0.5": 5.0})
+    rows[0].update(status="diverged", val_loss="")
+    with open(tmp_path / "other.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = R.load_table(tmp_path / "other.csv", [("val_loss", "minimize"), ("train_time_s", "minimize")])
+    assert table.grid["peft_method"] == ["dora", "lora"]
+    for sampler in ("random", "llmtune", "tpe"):
+        run = R.replay(table, sampler, "asha:min_fraction=0.5:eta=2", seed=0, n_trials=8)
+        assert set(run["key"]) == set(table.rows) and run["hv_ratio"][-1] == pytest.approx(1.0)
+        diverged = run["key"].index(("lora", 1e-4, 4))
+        assert run["cost"][diverged] == 10.0 and run["rung"][diverged] is None

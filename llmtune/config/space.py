@@ -270,6 +270,14 @@ def check_search(search: Any, recipe: Recipe | None = None) -> list[Problem]:
     return problems
 
 
+def is_active(name: str, values: dict[str, Any]) -> bool:
+    """Whether a setting takes part given the others' values (`Param.when`); a name llmtune does not train with
+    (a replayed table's own choice, benchmarks/replay.py) always does."""
+    param = PARAMS.get(name)
+    when = param.when if param is not None else None
+    return when is None or values.get(when[0]) == when[1]
+
+
 @dataclass
 class SearchSpace:
     specs: dict[str, Spec]
@@ -302,8 +310,7 @@ class SearchSpace:
         return [n for n, s in self.specs.items() if not isinstance(s, Fixed)]
 
     def _active(self, name: str, values: dict[str, Any]) -> bool:
-        when = PARAMS[name].when
-        return when is None or values.get(when[0]) == when[1]
+        return is_active(name, values)
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         """Sample one assignment; only searched, active settings become Optuna parameters."""

@@ -37,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from llmtune import hardware
 from llmtune.config.problems import one_of
-from llmtune.config.space import PARAMS, Choice, Fixed, SearchSpace
+from llmtune.config.space import Choice, Fixed, SearchSpace, is_active
 from llmtune.errors import SearchError
 from llmtune.study import engine
 from llmtune.study.attrs import PROPOSAL
@@ -79,7 +79,7 @@ def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
 def active_params(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:
     """The parameters a trial given `params` has: a conditional setting only under its condition."""
     values = {n: s.value for n, s in space.specs.items() if isinstance(s, Fixed)} | params
-    return {n: v for n, v in params.items() if (when := PARAMS[n].when) is None or values.get(when[0]) == when[1]}
+    return {n: v for n, v in params.items() if is_active(n, values)}
 
 
 def _configurations(study: Study, trial: FrozenTrial) -> Iterable[dict[str, Any]]:
