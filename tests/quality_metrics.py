@@ -9,7 +9,7 @@ def answer_chars(predictions, references, rows):
 
 
 def first_letter_match(predictions, references, rows):
-    return sum(p[:1].lower() == r[:1].lower() for p, r in zip(predictions, references)) / len(predictions)
+    return sum(p[:1].lower() == r[:1].lower() for p, r in zip(predictions, references, strict=True)) / len(predictions)
 
 
 def broken(predictions, references, rows):

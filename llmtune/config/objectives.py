@@ -48,6 +48,14 @@ def _canonical_metric(name: str) -> str:
     return METRIC_ALIASES.get(name, name)
 
 
+def meaning(name: str, user_metrics: dict[str, str] | None = None) -> str:
+    """What a metric means: its registry line, or the user's function that computes it."""
+    if name in METRICS:
+        return METRICS[name][1]
+    spec = (user_metrics or {}).get(name)
+    return f"user metric on generations ({spec})" if spec else ""
+
+
 def needs_generations(recipe: Recipe) -> bool:
     """Whether a trial must answer eval rows after training: an objective or constraint is scored on them."""
     named = set(recipe.objectives) | set(recipe.constraints)

@@ -30,8 +30,7 @@ from llmtune.files import write_atomic
 from llmtune.harness import data as D
 from llmtune.harness import formats as F
 from llmtune.harness.quality import BUILTIN, user_metric
-
-GENERATIONS_FILE = "generations.jsonl"  # beside result.json: what the adapter said, with the reference
+from llmtune.trial.result import GENERATIONS_FILE
 
 # General questions and sentence openings whose answers a base model already knows (the default reference
 # of forgetting): facts, arithmetic, language, common sense. Fixed, so that every trial is measured alike.
@@ -93,7 +92,7 @@ def greedy(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens:
         generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                    num_beams=1, pad_token_id=pad, eos_token_id=eos, temperature=None, top_p=None,
                                    top_k=None)
-        for i, row in zip(chunk, generated[:, width:].tolist()):
+        for i, row in zip(chunk, generated[:, width:].tolist(), strict=True):
             out[i] = row[: row.index(eos) + 1] if eos is not None and eos in row else row
     return out
 
@@ -109,7 +108,7 @@ def answer(model: Any, tokenizer: Any, recipe: Recipe, rows: list[dict[str, Any]
     new = greedy(model, tokenizer, prompts, recipe.measure.max_new_tokens, device, recipe.train.eval_batch_size)
     return [{"prompt": str(tokenizer.decode(p, skip_special_tokens=False)), "prediction": _decode(tokenizer, n),
              "reference": reference_of(r, cfg, tokenizer, p), "new_tokens": len(n)}
-            for r, p, n in zip(rows, prompts, new)]
+            for r, p, n in zip(rows, prompts, new, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------- forgetting
@@ -144,7 +143,7 @@ def _mean_loss(model: Any, sequences: list[list[int]], starts: list[int], device
         width = max(len(s) for s in seqs)
         ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-        labels = torch.tensor([[D.IGNORE] * st + s[st:] + [D.IGNORE] * (width - len(s)) for s, st in zip(seqs, begin)],
+        labels = torch.tensor([[D.IGNORE] * st + s[st:] + [D.IGNORE] * (width - len(s)) for s, st in zip(seqs, begin, strict=True)],
                               device=device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
         target = labels[:, 1:]
@@ -174,7 +173,7 @@ def forgetting(model: Any, tokenizer: Any, recipe: Recipe, device: str) -> tuple
             prompts = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in GENERAL_PROMPTS]
         with model.disable_adapter():
             answers = greedy(model, tokenizer, prompts, recipe.measure.max_new_tokens, device, batch)
-        sequences = [p + a for p, a in zip(prompts, answers)]
+        sequences = [p + a for p, a in zip(prompts, answers, strict=True)]
         starts = [len(p) - 1 for p in prompts]  # the loss of each answer token, the first included
         source = "base greedy answers to GENERAL_PROMPTS"
     with model.disable_adapter():

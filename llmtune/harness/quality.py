@@ -39,12 +39,12 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-    return _mean([float(normalize(p) == normalize(r)) for p, r in zip(predictions, references)])
+    return _mean([float(normalize(p) == normalize(r)) for p, r in zip(predictions, references, strict=True)])
 
 
 def contains(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Share of predictions in which the reference appears (both normalised)."""
-    return _mean([float(normalize(r) in normalize(p)) for p, r in zip(predictions, references)])
+    return _mean([float(normalize(r) in normalize(p)) for p, r in zip(predictions, references, strict=True)])
 
 
 def _words(text: str) -> list[str]:
@@ -65,7 +65,7 @@ def _lcs(a: list[str], b: list[str]) -> int:
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Mean ROUGE-L F1 (Lin 2004, beta 1, as rouge-score's ``fmeasure``): LCS of the word lists over each length."""
     scores = []
-    for p, r in zip(predictions, references):
+    for p, r in zip(predictions, references, strict=True):
         pw, rw = _words(p), _words(r)
         lcs = _lcs(pw, rw) if pw and rw else 0
         scores.append(0.0 if lcs == 0 else 2 * lcs / (len(pw) + len(rw)))
@@ -80,7 +80,7 @@ def chrf(predictions: Sequence[str], references: Sequence[str], order: int = 6, 
     """chrF (Popovic 2015), corpus-level: character n-grams (n = 1..6) of each text without whitespace, matches
     summed over the corpus; precision and recall averaged over the orders that have n-grams, then F-beta (2)."""
     hyp, ref, match = [0] * order, [0] * order, [0] * order
-    for p, r in zip(predictions, references):
+    for p, r in zip(predictions, references, strict=True):
         pc, rc = list("".join(p.split())), list("".join(r.split()))
         for n in range(1, order + 1):
             pn, rn = _ngrams(pc, n), _ngrams(rc, n)
@@ -109,7 +109,7 @@ def bleu(predictions: Sequence[str], references: Sequence[str], order: int = 4) 
     n-grams), k = 1, 2, ... for each such order (sacrebleu's default 'exp' smoothing)."""
     matches, totals = [0] * order, [0] * order
     hyp_len = ref_len = 0
-    for p, r in zip(predictions, references):
+    for p, r in zip(predictions, references, strict=True):
         pt, rt = _bleu_tokens(p), _bleu_tokens(r)
         hyp_len, ref_len = hyp_len + len(pt), ref_len + len(rt)
         for n in range(1, order + 1):
@@ -119,7 +119,7 @@ def bleu(predictions: Sequence[str], references: Sequence[str], order: int = 4) 
     if hyp_len == 0:
         return 0.0
     log_sum, k = 0.0, 1
-    for m, t in zip(matches, totals):
+    for m, t in zip(matches, totals, strict=True):
         if m == 0:
             k *= 2
             log_sum += math.log(1 / (k * max(t, 1)))
@@ -145,7 +145,7 @@ def length_ok(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Share of predictions that are not empty and at most max(2 x, 10 more than) the reference's characters
     (stripped): the answer keeps to the reference's length, neither silent nor rambling."""
     return _mean([float(0 < len(p.strip()) <= max(2 * len(r.strip()), len(r.strip()) + 10))
-                  for p, r in zip(predictions, references)])
+                  for p, r in zip(predictions, references, strict=True)])
 
 
 # The built-in task metrics, by the names in `llmtune.config.objectives.TASK_METRICS`.
