@@ -169,3 +169,50 @@ def test_a_user_metric_that_raises_is_the_trials_reason(tmp_path, tiny_model_pat
     assert res.status == "crashed"
     assert "metric bad (quality_metrics:broken) raised ValueError: no score today" in res.reason
     assert len((tmp_path / "t" / "generations.jsonl").read_text().splitlines()) == 2  # saved before scoring
+
+
+# ------------------------------------------------------------------------------ what the user gets
+
+
+def test_report_table_and_card_carry_task_and_user_metrics(tmp_path):
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState
+
+    from llmtune.deliver.modelcard import card_metadata, render_card
+    from llmtune.deliver.report import write_report
+    from llmtune.deliver.results import SearchResult
+
+    r = recipe_from_dict({
+        "name": "quality-report", "model": {"name": "llmtune/tiny"}, "data": {"source": "llmtune/tiny-tasks"},
+        "search": {"learning_rate": {"low": 1e-4, "high": 1e-2}},
+        "objectives": {"exact_match": None, "forgetting": None,
+                       "my_score": {"metric": "quality_metrics:first_letter_match"}},
+        "select": {"by": "exact_match"}, "output_dir": str(tmp_path)})
+    study = optuna.create_study(directions=list(r.objectives.values()))
+    for n, em in enumerate((0.25, 0.75)):
+        folder = tmp_path / f"trial-{n}"
+        folder.mkdir()
+        (folder / "generations.jsonl").write_text("".join(
+            json.dumps({"prompt": f"Q{n}-{i}?", "prediction": f"<answer {n}-{i}>", "reference": f"ref {i}"}) + "\n"
+            for i in range(12)))
+        metrics = {"exact_match": em, "forgetting": 0.1 * n, "my_score": 0.5, "eval_loss": 1.0}
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.COMPLETE, values=[em, 0.1 * n, 0.5], params={"learning_rate": 1e-3 * (n + 1)},
+            distributions={"learning_rate": FloatDistribution(1e-4, 1e-2, log=True)},
+            user_attrs={"llmtune.status": "complete", "llmtune.metrics": metrics, "llmtune.dir": str(folder),
+                        "llmtune.settings": {"learning_rate": 1e-3 * (n + 1)}, "llmtune.curve": []},
+            constraints={"infeasible": 0.0}))
+    result = SearchResult(study, r)
+    assert result.best.number == 1  # select.by: exact_match
+    assert {"exact_match", "forgetting", "my_score"} <= set(result.trials.columns)  # trials.csv's columns
+    text = write_report(result, tmp_path / "report.html").read_text()
+    start = text.index('id="generations"')
+    table = text[start:text.index("</table>", start)]
+    assert "&lt;answer 1-0&gt;" in table and "ref 0" in table and "Q1-0?" in table and "answer 0-" not in table
+    assert table.count("<tr>") == 1 + 8  # head and SHOWN_GENERATIONS answers
+    meta = card_metadata(result, result.best, None, {})
+    names = [m["name"] for m in meta["model-index"][0]["results"][0]["metrics"]] if "model-index" in meta else []
+    assert {"exact_match", "forgetting", "my_score"} <= set(names), meta
+    card = render_card(result, result.best)
+    assert "user metric on generations (quality_metrics:first_letter_match)" in card
