@@ -216,3 +216,26 @@ def test_report_table_and_card_carry_task_and_user_metrics(tmp_path):
     assert {"exact_match", "forgetting", "my_score"} <= set(names), meta
     card = render_card(result, result.best)
     assert "user metric on generations (quality_metrics:first_letter_match)" in card
+
+
+def test_a_search_optimises_a_user_metric_from_a_file_and_a_task_metric(tmp_path, tiny_model_path, tiny_data_path):
+    """In trial processes (forked): the user's file imports there, the study names the metrics, trials.csv has them."""
+    import llmtune
+
+    script = tmp_path / "score.py"
+    script.write_text("def score(predictions, references, rows):\n"
+                      "    return sum(len(p) for p in predictions) / len(predictions)\n")
+    data = tiny_recipe_dict(tmp_path, objectives={"eval_loss": None, "peak_memory_gb": None, "contains": None,
+                                                  "chars": {"metric": f"{script}:score", "direction": "minimize"}},
+                            constraints={"exact_match": {"min": 0.0}},
+                            measure={"latency": False, "generation_examples": 4, "max_new_tokens": 4},
+                            train={"budget": {"examples": 32}, "eval_points": 1},
+                            study={"n_trials": 1, "trial_timeout": 300, "sampler": "random"})
+    result = llmtune.search(data)
+    assert result.study.metric_names == ["eval_loss", "peak_memory_gb", "contains", "chars"]
+    row = result.trials.iloc[0]
+    assert row["status"] == "complete", row["reason"]
+    assert 0 <= row["contains"] <= 1 and row["chars"] >= 0 and row["exact_match"] >= 0
+    trial_dir = result.trial_dir(0)
+    assert len((trial_dir / "generations.jsonl").read_text().splitlines()) == 4
+    assert "chars" in (Path(data["output_dir"]) / "trials.csv").read_text().splitlines()[0]
