@@ -25,6 +25,9 @@ trial. The recipe itself was checked when it was built (`config/recipe.py`); thi
   optimizer is 8-bit (and, for 4-bit on the CPU, layer shapes its CPU kernels can pack); the trackers
   ``train.report_to`` names (``wandb`` on an offline machine only with ``WANDB_MODE=offline``); a
   ``LLMTUNE_THREADS`` that is a whole number above 0;
+- the metrics on generations: each user metric (``measure.metrics``, from an objective written
+  ``{metric: 'module:function'}``) imports and takes (predictions, references, rows)
+  (`harness/quality.py`); ``data.reference_source`` (forgetting's general text) is a readable file;
 - where it writes, without writing: the output folder can be made (no file in its way, a file system that
   takes it); the study storage (``--storage``, ``LLMTUNE_STORAGE`` or ``study.storage``) is a URL whose
   ``${VARIABLES}`` are set, a SQLite file (not ``:memory:``) in an existing folder (and a SQLite database if it exists), or a
@@ -508,6 +511,24 @@ def _builtins(recipe: Recipe, log: Callable[[str], None] | None) -> None:
                 pass
 
 
+def _quality(recipe: Recipe) -> list[Problem]:
+    """User metrics that do not import or take the wrong arguments; a reference set that cannot be read."""
+    from llmtune.harness.quality import metric_problem
+
+    problems = []
+    for name, spec in recipe.measure.metrics.items():
+        why = metric_problem(spec)
+        if why:
+            path = f"objectives.{name}" if name in recipe.objectives else f"measure.metrics.{name}"
+            problems.append(Problem(path, f"{why}; check that the module imports from here (or give "
+                                          "'path/to/file.py:function') and what the function takes"))
+    ref = recipe.data.reference_source
+    if ref and not Path(ref).expanduser().is_file():
+        problems.append(Problem("data.reference_source", f"{shorten(ref)!r} is not a file; give a .txt (one passage a "
+                                                         "line) or .jsonl ('text' a line) file, or leave it unset"))
+    return problems
+
+
 def preflight(recipe: Recipe, *, data: bool = True, model: bool = True, study: bool = True,
               storage: str | None = None, output_dir: tuple[str, str] | None = None,
               log: Callable[[str], None] | None = _say) -> Checked:
@@ -518,7 +539,7 @@ def preflight(recipe: Recipe, *, data: bool = True, model: bool = True, study: b
     ``output_dir``: (folder, field) of where the command writes; default the recipe's output_dir.
     ``log``: where the one-time build of a built-in model or data set reports its progress (default stderr)."""
     _builtins(recipe, log)
-    problems = _machine(recipe)
+    problems = _machine(recipe) + _quality(recipe)
     where = folder_problem(*(output_dir or (recipe.output_dir, "output_dir")))
     if where:
         problems.append(where)

@@ -278,6 +278,10 @@ search:
 objectives:
   eval_loss: minimize
   peak_memory_gb: minimize
+  # Scored on the adapter's answers to eval rows, and what the base knew (README: Quality on generations):
+  # exact_match: maximize
+  # forgetting: minimize         # loss increase over the base on general text (the base's own answers)
+  # my_score: {{metric: "mypkg.metrics:score", direction: maximize}}
 study:
   sampler: auto                  # known-good configurations first, then multivariate TPE
   n_trials: 16

@@ -22,9 +22,23 @@ METRICS: dict[str, tuple[str, str]] = {
     "generation_memory_gb": ("minimize", "peak memory during generation, GiB"),
     "trainable_params": ("minimize", "LoRA parameter count"),
     "train_time_s": ("minimize", "seconds spent in training steps"),
+    # Scored on the adapter's greedy answers to measure.generation_examples eval rows (`harness/quality.py`
+    # defines each; all are shares or scores in [0, 1], averaged over the answers unless said otherwise).
+    "exact_match": ("maximize", "share of answers equal to the reference after stripping, lower-casing, collapsing "
+                                "whitespace and dropping trailing . , ; : ! ?"),
+    "contains": ("maximize", "share of answers that contain the reference (normalised as for exact_match)"),
+    "rouge_l": ("maximize", "ROUGE-L F1 (longest common subsequence of lower-cased alphanumeric words), mean"),
+    "chrf": ("maximize", "chrF (character 1-6-grams without spaces, beta 2, corpus-level), 0-1"),
+    "bleu": ("maximize", "BLEU-4 (corpus-level, brevity penalty, exponential smoothing of empty orders), 0-1"),
+    "json_valid": ("maximize", "share of answers that parse as JSON (the whole answer, stripped)"),
+    "length_ok": ("maximize", "share of answers that are not empty and at most max(2 x, +10) the reference's characters"),
+    "forgetting": ("minimize", "mean per-token loss increase (nats) of the adapted model over the base on general "
+                               "text (data.reference_source; default the base's own greedy answers to built-in prompts)"),
 }
 # Measured on generations after training, only while measure.latency is on (`harness/train.py`).
 GENERATION_METRICS = ("latency_ms", "ttft_ms", "generation_memory_gb")
+# Scored on the adapter's answers to eval rows after training (`harness/generate.py`); never by probes.
+TASK_METRICS = ("exact_match", "contains", "rouge_l", "chrf", "bleu", "json_valid", "length_ok")
 METRIC_ALIASES = {"peak_memory": "peak_memory_gb", "latency": "latency_ms", "throughput": "train_throughput",
                   "memory": "peak_memory_gb", "loss": "eval_loss"}
 DIRECTIONS = ("minimize", "maximize")
@@ -34,11 +48,57 @@ def _canonical_metric(name: str) -> str:
     return METRIC_ALIASES.get(name, name)
 
 
+def meaning(name: str, user_metrics: dict[str, str] | None = None) -> str:
+    """What a metric means: its registry line, or the user's function that computes it."""
+    if name in METRICS:
+        return METRICS[name][1]
+    spec = (user_metrics or {}).get(name)
+    return f"user metric on generations ({spec})" if spec else ""
+
+
+def needs_generations(recipe: Recipe) -> bool:
+    """Whether a trial must answer eval rows after training: an objective or constraint is scored on them."""
+    named = set(recipe.objectives) | set(recipe.constraints)
+    return bool(named & set(TASK_METRICS) or named & set(recipe.measure.metrics))
+
+
+def _user_metric(recipe: Recipe, name: str, spec: dict, add: Callable[[str, str], None]) -> str | None:
+    """``{metric: 'module:function', direction: ...}``: the user's metric goes to measure.metrics; its direction."""
+    path = f"objectives.{name}"
+    unknown = set(spec) - {"metric", "direction"}
+    if unknown:
+        add(path, f"{fmt(spec)} has {', '.join(sorted(unknown))}; a user metric is {{metric: 'module:function', "
+                  "direction: maximize}}")
+        return None
+    target = spec.get("metric")
+    if not isinstance(target, str) or ":" not in target:
+        add(f"{path}.metric", f"{fmt(target)} must be 'module:function' (or 'path/to/file.py:function'), "
+                              "e.g. 'mypkg.metrics:score'")
+        return None
+    if name in METRICS or name in METRIC_ALIASES:
+        add(path, f"{name} is a built-in metric; give your metric its own name")
+        return None
+    direction = spec.get("direction", "maximize")
+    if direction not in DIRECTIONS:
+        add(f"{path}.direction", one_of(direction, list(DIRECTIONS)))
+        return None
+    if not isinstance(recipe.measure.metrics, dict):
+        recipe.measure.metrics = {}
+    recipe.measure.metrics[name] = target
+    return str(direction)
+
+
 def check_objectives(recipe: Recipe, add: Callable[[str, str], None]) -> None:
     """Check and normalise ``objectives``, ``constraints`` and ``select`` in place (aliases become
-    metric names, a bare constraint number an upper limit); each problem goes to ``add(path, message)``."""
+    metric names, a bare constraint number an upper limit, a user metric's function goes to
+    ``measure.metrics``); each problem goes to ``add(path, message)``. Whether a user metric imports is the
+    preflight's check (`llmtune.preflight`)."""
     raw = recipe.objectives
     objectives: dict[str, str] = {}
+    if not isinstance(recipe.measure.metrics, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and ":" in v for k, v in recipe.measure.metrics.items()):
+        add("measure.metrics", f"{fmt(recipe.measure.metrics)} must map names to 'module:function'")
+        recipe.measure.metrics = {}
     if isinstance(raw, list):  # a list of names takes each metric's natural direction
         raw = {str(n): None for n in raw}
     if not isinstance(raw, dict) or not raw:
@@ -46,8 +106,21 @@ def check_objectives(recipe: Recipe, add: Callable[[str, str], None]) -> None:
         raw = {}
     for name, direction in raw.items():
         canon = _canonical_metric(str(name))
+        if isinstance(direction, dict):  # a user's metric on generations
+            user_direction = _user_metric(recipe, str(name), direction, add)
+            if user_direction is not None:
+                objectives[str(name)] = user_direction
+            continue
+        if canon in recipe.measure.metrics and canon not in METRICS:  # named in measure.metrics (a loaded recipe)
+            direction = "maximize" if direction is None else direction
+            if direction not in DIRECTIONS:
+                add(f"objectives.{name}", one_of(direction, list(DIRECTIONS)))
+            else:
+                objectives[canon] = direction
+            continue
         if canon not in METRICS:
-            add(f"objectives.{name}", f"unknown metric{did_you_mean(str(name), list(METRICS) + list(METRIC_ALIASES))} (known: {', '.join(METRICS)})")
+            add(f"objectives.{name}", f"unknown metric{did_you_mean(str(name), list(METRICS) + list(METRIC_ALIASES))} (known: {', '.join(METRICS)}; "
+                                        "or your own: {name}: {{metric: 'module:function', direction: maximize}})")
             continue
         natural = METRICS[canon][0]
         direction = natural if direction is None else direction
@@ -70,7 +143,7 @@ def check_objectives(recipe: Recipe, add: Callable[[str, str], None]) -> None:
         for name, bound in recipe.constraints.items():
             canon = _canonical_metric(str(name))
             path = f"constraints.{name}"
-            if canon not in METRICS:
+            if canon not in METRICS and canon not in recipe.measure.metrics:
                 add(path, f"unknown metric{did_you_mean(str(name), list(METRICS))} (known: {', '.join(METRICS)})")
                 continue
             if canon in GENERATION_METRICS and not recipe.measure.latency:

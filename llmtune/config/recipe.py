@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from llmtune.config.objectives import check_objectives
+from llmtune.config.objectives import TASK_METRICS, check_objectives
 from llmtune.config.problems import did_you_mean, fmt, one_of, yaml_bool_hint
 from llmtune.config.recipe_file import read_recipe_file
 from llmtune.config.sections import (
@@ -88,6 +88,14 @@ class Recipe:
             d.pop(k, None)
         for execution in ("report_to", "threads"):  # how a trial runs, not what it learns
             d["train"].pop(execution, None)
+        # Settings of the metrics on generations count only where they are used, so a study made before they
+        # existed keeps its fingerprint.
+        if not d["measure"].get("metrics"):
+            d["measure"].pop("metrics", None)
+            if not (set(self.objectives) | set(self.constraints)) & set(TASK_METRICS):
+                d["measure"].pop("generation_examples", None)
+        if d["data"].get("reference_source") is None:
+            d["data"].pop("reference_source", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

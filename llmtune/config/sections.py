@@ -35,6 +35,7 @@ class DataConfig:
     eval_max_length: int = field(default=512, metadata={"help": "Eval examples are cut to this many tokens for every trial, whatever its sequence_len, so eval losses compare."})
     max_eval_examples: int | None = field(default=200, metadata={"help": "Cap on eval examples (the same ones for every trial)."})
     max_train_examples: int | None = field(default=None, metadata={"help": "Cap on training examples."})
+    reference_source: str | None = field(default=None, metadata={"help": "General text the forgetting metric is measured on: a .txt file (one passage a line) or .jsonl (a 'text' field a line). Unset: the base model's own greedy answers to llmtune's built-in general prompts."})
 
 
 @dataclass
@@ -71,8 +72,10 @@ class TrainConfig:
 @dataclass
 class MeasureConfig:
     latency_prompts: int = field(default=4, metadata={"help": "Eval prompts used to time generation (the same for every trial)."})
-    max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per prompt when timing latency."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per prompt when timing latency, and at most per answer when scoring generations (exact_match, rouge_l, a user's metric...)."})
     latency: bool = field(default=True, metadata={"help": "Measure generation latency after training (latency_ms, ttft_ms, generation_memory_gb: an objective or constraint on them needs it)."})
+    generation_examples: int | None = field(default=64, metadata={"help": "Eval rows each trial answers (greedy, with the adapter) when an objective or constraint is measured on generations: a fixed subset drawn with data.split_seed, the same for every trial; null: every eval row."})
+    metrics: dict[str, str] = field(default_factory=dict, metadata={"help": "User metrics on generations, name -> 'module:function' (or 'path/to/file.py:function'); filled from objectives written as {my_score: {metric: 'mypkg.metrics:score', direction: maximize}}. The function takes (predictions, references, rows) and returns a float or a dict of floats."})
 
 
 @dataclass

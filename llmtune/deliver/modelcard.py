@@ -14,7 +14,7 @@ import yaml
 from optuna.trial import FrozenTrial
 
 from llmtune.builtin.names import DATA, MODELS
-from llmtune.config.objectives import METRICS
+from llmtune.config.objectives import METRICS, meaning
 from llmtune.study.attrs import CURVE, METRICS_KEY, SETTINGS
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def card_metadata(result: SearchResult, trial: FrozenTrial, repo_id: str | None,
     evals = [EvalResult(task_type="text-generation", dataset_type=data or "custom", dataset_name=data or local_data,
                         dataset_split="eval", metric_type=name, metric_name=name, metric_value=float(metrics[name]))
              for name in [*recipe.objectives, *(m for m in metrics if m not in recipe.objectives)]
-             if name in METRICS and isinstance(metrics.get(name), (int, float))]
+             if (name in METRICS or name in recipe.objectives) and isinstance(metrics.get(name), (int, float))]
     settings = trial.user_attrs.get(SETTINGS) or dict(trial.params)
     tags = ["llmtune", "peft", "lora", "base_model:adapter:" + (base or recipe.model.name)]
     if settings.get("quantization") == "4bit":
@@ -135,9 +135,9 @@ def render_card(result: SearchResult, trial: FrozenTrial, *, repo_id: str | None
     front = result.summary_rows()
     for row in front:
         row["chosen"] = "yes" if row["trial"] == trial.number else ""
-    objective_rows = [{"metric": k, "value": metrics.get(k), "direction": d, "meaning": METRICS.get(k, ("", ""))[1]}
+    objective_rows = [{"metric": k, "value": metrics.get(k), "direction": d, "meaning": meaning(k, recipe.measure.metrics)}
                       for k, d in recipe.objectives.items()]
-    other_rows = [{"metric": k, "value": v, "meaning": METRICS.get(k, ("", ""))[1]}
+    other_rows = [{"metric": k, "value": v, "meaning": meaning(k, recipe.measure.metrics)}
                   for k, v in metrics.items() if k not in recipe.objectives]
     curve = trial.user_attrs.get(CURVE) or []
     how = (f"the trial chosen from the Pareto front by `select.by: {recipe.select.by}`" if chosen

@@ -66,6 +66,38 @@ def _chosen_box(result: SearchResult) -> str:
             f'<div><h3>Metrics</h3><ul>{metrics}</ul></div></div></div>')
 
 
+SHOWN_GENERATIONS = 8  # answers of the chosen trial shown beside their references
+
+
+def _generations_box(result: SearchResult) -> str:
+    """A few of the chosen trial's answers beside the references (its generations.jsonl), when it has one."""
+    import json
+
+    from llmtune.study.attrs import DIR
+    from llmtune.trial.result import GENERATIONS_FILE
+
+    best = result.best
+    folder = best.user_attrs.get(DIR) if best is not None else None
+    path = Path(folder) / GENERATIONS_FILE if folder else None
+    if path is None or not path.is_file():
+        return ""
+    rows: list[dict[str, Any]] = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if len(rows) == SHOWN_GENERATIONS:
+                    break
+                rows.append(json.loads(line))
+    except (OSError, ValueError):
+        return ""
+    cells = "".join(f"<tr><td class=gen>{html.escape(str(r.get('prompt', ''))[-300:])}</td><td class=gen>"
+                    f"{html.escape(str(r.get('prediction', '')))}</td><td class=gen>{html.escape(str(r.get('reference', '')))}"
+                    "</td></tr>" for r in rows)
+    return (f'<h2>What the chosen trial answers (first {len(rows)} of its generations)</h2><p class="note">Greedy, '
+            f'with the adapter; every answer is in <code>{html.escape(str(path))}</code>.</p><table id="generations">'
+            f"<thead><tr><th>prompt (end)</th><th>answer</th><th>reference</th></tr></thead><tbody>{cells}</tbody></table>")
+
+
 CSS = """body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f5f6f8;color:#1f2933}
 main{max-width:1150px;margin:auto;padding:24px}h1{margin:0 0 4px}h2{margin:28px 0 8px;font-size:20px}
 .meta{color:#5f6b7a}.pill{display:inline-block;background:#e4e8ee;border-radius:10px;padding:1px 9px;margin:2px;font-size:13px}
@@ -74,7 +106,7 @@ main{max-width:1150px;margin:auto;padding:24px}h1{margin:0 0 4px}h2{margin:28px 
 table{border-collapse:collapse;background:#fff;font-size:13px;width:100%;box-shadow:0 1px 3px #0002}
 th,td{padding:4px 8px;border-bottom:1px solid #e4e8ee;text-align:right}th{background:#eef1f5;position:sticky;top:0}
 tr.chosen td{background:#fff4d6;font-weight:600}.plot{background:#fff;border-radius:6px;margin:12px 0;padding:4px;box-shadow:0 1px 3px #0002}
-.note{color:#5f6b7a;font-style:italic}details{margin:12px 0}summary{cursor:pointer;font-weight:600}"""
+.note{color:#5f6b7a;font-style:italic}td.gen{text-align:left;white-space:pre-wrap;vertical-align:top}details{margin:12px 0}summary{cursor:pointer;font-weight:600}"""
 
 
 def write_report(result: SearchResult, path: str | Path) -> Path:
@@ -133,6 +165,7 @@ objectives: {objectives}{' &middot; constraints: ' + constraints if constraints 
 {_chosen_box(result)}
 <h2>Pareto front ({len(result.pareto_front)} trial(s))</h2>
 {_table(result.summary_rows(), chosen, "pareto-table")}
+{_generations_box(result)}
 {''.join(parts)}
 <details><summary>All trials ({len(trials)})</summary>{_table(all_rows, chosen, "all-trials")}</details>
 </main></body></html>

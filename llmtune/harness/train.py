@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from llmtune import hardware
+from llmtune.config.objectives import needs_generations
 from llmtune.config.recipe import Recipe
 from llmtune.config.space import global_batch, trial_settings
 from llmtune.harness import data as D
@@ -511,9 +512,19 @@ def _finish_probe(job: _Job, s: _Setup, steps: _Steps, peak: Any, probe: list[in
     job.result.info.update(probe_steps=probe, peak_memory=vars(peak), train_cpu_s=steps.cpu_s)
 
 
+def _quality(job: _Job, s: _Setup) -> None:
+    """The metrics on the adapter's answers to eval rows and on the base (forgetting): `harness/generate.py`."""
+    from llmtune.harness.generate import measure_quality
+
+    job.emit({"event": "phase", "phase": "generate"})
+    metrics, details = measure_quality(s.model, s.tokenizer, job.recipe, s.splits.eval, s.device, job.out)
+    job.result.metrics.update(metrics)
+    job.result.info.update(details)
+
+
 def _finish(job: _Job, s: _Setup, steps: _Steps, peak: Any, evaluator: _Evaluator, first: int, last: int) -> None:
     """A full run's or a segment's metrics; then, unless it stopped: its state saved (a segment), latency
-    measured, the adapter saved."""
+    measured, the metrics on generations and forgetting measured (when the recipe names them), the adapter saved."""
     result, info, plan, recipe = job.result, job.result.info, s.plan, job.recipe
     i = steps.last
     done_before = plan.progress[first - 1] if first else 0.0
@@ -543,6 +554,8 @@ def _finish(job: _Job, s: _Setup, steps: _Steps, peak: Any, evaluator: _Evaluato
         lat = measure_latency(s.model, prompts, recipe.measure.max_new_tokens, s.device)
         result.metrics.update(ttft_ms=lat.ttft_ms, latency_ms=lat.ms_per_token, generation_memory_gb=lat.memory.bytes / GiB)
         info["latency_s"] = time.perf_counter() - t
+    if needs_generations(recipe) or "forgetting" in recipe.objectives or "forgetting" in recipe.constraints:
+        _quality(job, s)
     if job.save_adapter and (s.seg is None or last == len(plan.steps)):
         job.emit({"event": "phase", "phase": "saving"})
         s.model.save_pretrained(str(job.out / "adapter"))

@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Beside result.json: each answer the adapter gave to an eval row, with the reference (`harness/generate.py`).
+GENERATIONS_FILE = "generations.jsonl"
+
 
 @dataclass
 class TrialResult:
