@@ -78,14 +78,16 @@ __all__ = ["REF", "Table", "at_rung", "exclude", "hv_at_seconds", "hypervolume",
 # only, execution variants probed (`study.execution: probe`, llmtune's default).
 PRIORS_SAMPLERS = ("llmtune-priors", "llmtune-probes")
 SAMPLERS = ("llmtune", "llmtune-new", *PRIORS_SAMPLERS, "random", "grid", "nsga2", "tpe", "gp")
-# The baselines as a real llmtune search runs them (`study.sampler: random` and so on): in a discrete space
-# wrapped in `UniqueSampler`, so that no sampler, ours or theirs, pays twice for one configuration.
+# The baselines as a real llmtune search runs them (`study.sampler: random` and so on, llmtune's sampler registry:
+# tpe is multivariate TPE): in a discrete space wrapped in `UniqueSampler`, so that no sampler, ours or theirs,
+# pays twice for one configuration. (Before 2026-12-07 "tpe" was Optuna's independent TPE inside `UniqueSampler`,
+# which has no relative proposal to check and so drew uniformly: it replayed as random search.)
 BASELINES = ("random", "nsga2", "tpe", "gp")
 DEFAULT_OBJECTIVES = "eval_loss:minimize,train_throughput:maximize"
 
 
 def make_sampler(name: str, table: Table, space: SearchSpace, seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
-    """The samplers compared: llmtune's choice for this recipe, and Optuna's defaults."""
+    """The samplers compared: llmtune's choice for this recipe, and the baselines as llmtune's registry builds them."""
     if name == "llmtune":
         from llmtune.study.samplers import make_sampler as llmtune_sampler
 
@@ -94,14 +96,10 @@ def make_sampler(name: str, table: Table, space: SearchSpace, seed: int, n_trial
         from llmtune.study.samplers import default_sampler
 
         return default_sampler(space, n_objectives=len(table.objectives), n_trials=n_trials, seed=seed)[0]
-    if name in BASELINES:  # Optuna's sampler with its defaults (tpe: llmtune's `tpe` is multivariate; this is not)
-        from llmtune.study.samplers import UniqueSampler
+    if name in BASELINES:  # as `study.sampler: <name>` builds it: llmtune's registry, never repeating a configuration
+        from llmtune.study.samplers import make_sampler as llmtune_sampler
 
-        base = {"random": lambda: optuna.samplers.RandomSampler(seed=seed),
-                "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-                "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-                "gp": lambda: optuna.samplers.GPSampler(seed=seed)}[name]()
-        return UniqueSampler(base, space=space, seed=seed) if space.grid() is not None else base
+        return llmtune_sampler(name, space, len(table.objectives), n_trials, seed, parallel=False)[0]
     if name == "grid":  # llmtune's `sampler: grid` (Optuna's grid sampler): every grid point once, seeded order
         from llmtune.study.samplers import SAMPLERS
 

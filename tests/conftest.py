@@ -60,6 +60,18 @@ def tiny_recipe_dict(tmp_path, **sections):
     return base
 
 
+def resumable_recipe(tmp_path, **sections):
+    """The tiny recipe with one fixed configuration (dropout on, no latency, one eval point): a run that is cut
+    and resumed (PBT segments, a paused trial continued) must equal the run that was never cut."""
+    from llmtune.config.recipe import recipe_from_dict
+
+    base = {"train": {"budget": {"examples": 96}, "eval_points": 1, "threads": 1},
+            "measure": {"latency": False}, "search": {"learning_rate": 2e-3, "lora_r": 8, "sequence_len": 128,
+                                                       "micro_batch_size": 8, "lora_dropout": 0.1}}
+    base.update(sections)
+    return recipe_from_dict(tiny_recipe_dict(tmp_path, **base))
+
+
 @pytest.fixture()
 def pg_url() -> str:
     """The test PostgreSQL server's URL (LLMTUNE_TEST_POSTGRES_URL, which .ci/run sets), or a skip."""

@@ -4,7 +4,7 @@ changes only the settings it may, the study keeps each segment's lineage, kill +
 from __future__ import annotations
 
 import torch
-from conftest import tiny_recipe_dict
+from conftest import resumable_recipe, tiny_recipe_dict
 
 from llmtune.config.recipe import recipe_from_dict
 from llmtune.harness.resume import STATE_FILE
@@ -14,12 +14,6 @@ SCHEDULE = [{"until": 0.5, "values": {"learning_rate": 2e-3, "lora_dropout": 0.1
             {"until": 1.0, "values": {"learning_rate": 8e-4, "lora_dropout": 0.3}}]
 
 
-def _recipe(tmp_path, **sections):
-    base = {"train": {"budget": {"examples": 96}, "eval_points": 1, "threads": 1},
-            "measure": {"latency": False}, "search": {"learning_rate": 2e-3, "lora_r": 8, "sequence_len": 128,
-                                                       "micro_batch_size": 8, "lora_dropout": 0.1}}
-    base.update(sections)
-    return recipe_from_dict(tiny_recipe_dict(tmp_path, **base))
 
 
 def _state(path):
@@ -36,7 +30,7 @@ def _same_state(a, b) -> bool:
 def test_segments_resume_bit_for_bit_and_a_copy_continues_like_the_original(tmp_path, tiny_model_path, tiny_data_path):
     """One run with a schedule == the same schedule cut into two trial runs (state saved, then resumed);
     a second member resumed from the same state (exploit's copy) continues on exactly the same curve."""
-    recipe = _recipe(tmp_path)
+    recipe = resumable_recipe(tmp_path)
     values = recipe.space.complete({})
     later = {**values, **SCHEDULE[1]["values"]}
     whole = run_trial(recipe, values, tmp_path / "whole", fractions=[0.5, 1.0],
@@ -64,7 +58,7 @@ def test_segments_resume_bit_for_bit_and_a_copy_continues_like_the_original(tmp_
 
 def test_a_constant_schedule_is_a_plain_trial(tmp_path, tiny_model_path, tiny_data_path):
     """lr(step) = peak x the scheduler's factor, as torch's LambdaLR computes it: one entry == no schedule."""
-    recipe = _recipe(tmp_path)
+    recipe = resumable_recipe(tmp_path)
     values = recipe.space.complete({})
     plain = run_trial(recipe, values, tmp_path / "plain", fractions=[1.0], save_adapter=False)
     one = run_trial(recipe, values, tmp_path / "one", fractions=[1.0], save_adapter=False,

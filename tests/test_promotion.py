@@ -13,7 +13,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import tiny_recipe_dict
+from conftest import resumable_recipe, tiny_recipe_dict
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 from safetensors.torch import load_file
@@ -28,14 +28,6 @@ from llmtune.study.pruners import ASHAPruner, make_pruner
 from llmtune.study.storage import counted, open_storage
 
 
-def _recipe(tmp_path, **sections):
-    base = {"train": {"budget": {"examples": 96}, "eval_points": 1, "threads": 1},
-            "measure": {"latency": False}, "search": {"learning_rate": 2e-3, "lora_r": 8, "sequence_len": 128,
-                                                       "micro_batch_size": 8, "lora_dropout": 0.1}}
-    base.update(sections)
-    return recipe_from_dict(tiny_recipe_dict(tmp_path, **base))
-
-
 def _adapter(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
 
@@ -43,7 +35,7 @@ def _adapter(folder: Path) -> dict[str, torch.Tensor]:
 def test_a_paused_trial_continues_bit_for_bit_where_it_stopped(tmp_path, tiny_model_path, tiny_data_path):
     """Stopped at the rung with its state saved, then continued from it: the same curve and the same adapter,
     to the bit, as the run that was never stopped (dropout on, so the RNG state matters too)."""
-    recipe = _recipe(tmp_path)
+    recipe = resumable_recipe(tmp_path)
     values = recipe.space.complete({})
     whole = run_trial(recipe, values, tmp_path / "whole", fractions=[1 / 3, 1.0])
     stop_at_rung = lambda event: event.get("event") == "eval"  # noqa: E731  (the pruner's "stop")
