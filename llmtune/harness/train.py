@@ -473,10 +473,13 @@ def _pause(job: _Job, s: _Setup, steps_done: int, fraction: float) -> None:
     from llmtune.harness.resume import save_state
 
     assert job.pause is not None
-    save_state(Path(job.pause), s.model, s.optimizer, s.device, steps_done, len(s.plan.steps), job.settings,
-               s.seg.spec.schedule if s.seg is not None else None)
-    job.result.info["paused"] = {"state": job.pause, "steps_done": steps_done,
-                                 "fraction": fraction}
+    try:
+        save_state(Path(job.pause), s.model, s.optimizer, s.device, steps_done, len(s.plan.steps), job.settings,
+                   s.seg.spec.schedule if s.seg is not None else None)
+    except OSError as e:  # a full disk: the trial is stopped as before (killed), not failed
+        job.result.info["pause_failed"] = f"{type(e).__name__}: {e}"[:300]
+        return
+    job.result.info["paused"] = {"state": job.pause, "steps_done": steps_done, "fraction": fraction}
 
 
 def _one_step(job: _Job, s: _Setup, step: list[D.Batch], out: _Steps) -> float:
