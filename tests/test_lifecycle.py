@@ -246,3 +246,20 @@ def test_estimate_memory_names_every_other_bad_argument(model, kwargs, named):
 
     with pytest.raises(LlmtuneError, match=named):
         estimate_memory(model, **kwargs)
+
+
+def test_a_lost_trial_holds_its_slot_until_its_retry_is_queued():
+    """Failing a lost trial and queueing its retry are two writes: a worker counting in between must not see a
+    free slot (it would start a fresh trial, and the lost configuration would never run once n_trials is met)."""
+    from optuna.trial import TrialState, create_trial
+
+    from llmtune.study.attrs import RETRY_OF, STATUS
+    from llmtune.study.storage import counted
+
+    study = optuna.create_study()
+    study.add_trial(create_trial(state=TrialState.FAIL, params={}, distributions={}, user_attrs={STATUS: "interrupted"}))
+    assert counted(study) == (0, 1)  # failed a moment ago, its retry not queued yet: still holds its slot
+    study.enqueue_trial({}, user_attrs={RETRY_OF: 0})
+    assert counted(study) == (0, 0)  # the queued retry takes it from here (the next ask runs it first)
+    study.add_trial(create_trial(state=TrialState.FAIL, params={}, distributions={}, user_attrs={STATUS: "crashed"}))
+    assert counted(study) == (1, 0)  # a final ending counts as done

@@ -27,10 +27,10 @@ from optuna.trial import FrozenTrial, TrialState
 from llmtune.config.recipe import Recipe
 from llmtune.errors import SearchError
 from llmtune.study import engine
-from llmtune.study.attrs import OWNER, RESUME_OF, STATUS, VARIANT_OF
+from llmtune.study.attrs import OWNER, RESUME_OF, RETRY_OF, STATUS, VARIANT_OF
 from llmtune.study.outages import STORAGE_CALLS, StorageLost, reconnect_all
 from llmtune.study.record import lost, retry
-from llmtune.trial.endings import counts
+from llmtune.trial.endings import counts, retried
 
 # llmtune drives heartbeats itself around ask/tell (the trial runs in a child process), which is
 # what these warnings are about; they would only confuse users.
@@ -336,18 +336,32 @@ def recover_lost_trials(study: optuna.Study) -> list[int]:
     return numbers + fail_stale(study)
 
 
+# A trial failed as retried (lost with its worker, an environment ending) holds its slot for this long until its
+# retry is queued: failing it and queueing the retry are two writes, and a worker that counted in between would
+# start a fresh trial in the slot, leaving the lost configuration never run once n_trials is reached.
+RETRY_PENDING_S = 60.0
+
+
 def counted(study: optuna.Study) -> tuple[int, int]:
-    """(finished trials that count towards n_trials, running trials)."""
+    """(finished trials that count towards n_trials, running trials; a trial just failed as retried, whose retry
+    is not queued yet, counts as running: `RETRY_PENDING_S`)."""
     done = running = 0
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    queued_again = {t.user_attrs.get(RETRY_OF) for t in trials}
+    now = time.time()
+    for t in trials:
         if VARIANT_OF in t.user_attrs or RESUME_OF in t.user_attrs:
             continue  # an execution variant measured by a probe (study/probes.py), or a paused trial's continuation
             #           (study/promotion.py): the same configuration, not a trial of its own
+        status = t.user_attrs.get(STATUS)
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
             done += 1
-        elif t.state == TrialState.FAIL and counts(t.user_attrs.get(STATUS)):
+        elif t.state == TrialState.FAIL and counts(status):
             done += 1
         elif t.state == TrialState.RUNNING:
+            running += 1
+        elif (t.state == TrialState.FAIL and retried(status) and t.number not in queued_again
+              and t.datetime_complete is not None and now - t.datetime_complete.timestamp() < RETRY_PENDING_S):
             running += 1
     return done, running
 

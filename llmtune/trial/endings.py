@@ -93,6 +93,12 @@ def counts(status: str | None) -> bool:
     return row is not None and row.counts
 
 
+def retried(status: str | None) -> bool:
+    """Whether a trial that ended so is queued again (its configuration is not done)."""
+    row = ending(status)
+    return row is not None and row.retried
+
+
 def pruner_ignores(status: str | None) -> bool:
     """True for trials that stopped for reasons unrelated to their loss: their curves say nothing
     honest about the configuration, so they must not raise or lower anyone's cutoff."""
