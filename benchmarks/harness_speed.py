@@ -360,6 +360,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads, the same for every contestant (1: robust on a shared CPU, where OpenMP spin-waits)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak (H100 SXM bf16 dense: 989)")
+    p.add_argument("--note", default=None, help="a line for the results header (e.g. what else loaded the machine)")
     p.add_argument("--no-overhead", action="store_true", help="skip the child-process overhead trials")
     p.add_argument("--out", default=None, help="results path without suffix (default results/harness_speed[_cuda])")
     args = p.parse_args()
@@ -415,7 +416,7 @@ def main() -> int:
                 print(f"round {rnd + 1} {launch} trial: overhead share {rows[key][-1]['overhead_share']:.1%} "
                       f"of {rows[key][-1]['wall_s']:.1f} s", flush=True)
     summary = summarize(args, rows, trl_note, load_before)
-    summary["dtype"] = dtype
+    summary["dtype"], summary["note"] = dtype, args.note
     summary["matmul_tflops"] = {str(d).removeprefix("torch."): matmul_tflops(d, args.device)
                                 for d in (torch.float32, torch.bfloat16)}
     flops_per_token = 4 * rows["trainer"][0]["flops_model"]["n_linear"] + 2 * rows["trainer"][0]["flops_model"]["n_lora"]
@@ -530,7 +531,7 @@ def write(summary: dict[str, Any], out: Path) -> None:
              f"{' ' + summary['gpu'] if summary['gpu'] else ''}, model {summary['model']}, {summary.get('dtype')})", "",
              f"{summary['machine']}, {summary['cpu_count']} CPUs, {summary['threads']} torch threads; "
              f"load average {summary['load_avg_before_after'][0]:.1f} -> {summary['load_avg_before_after'][1]:.1f}. "
-             f"{summary['shared_machine_note']}. Versions: {summary['versions']}.", "",
+             f"{summary['shared_machine_note']}. {summary.get('note') or ''} Versions: {summary['versions']}.", "",
              f"Settings {summary['settings']}; all contestants trained on the same {summary['real_tokens']} real tokens: "
              f"{summary['same_real_tokens_for_all']}. Padding share: unpacked {summary['padding_share']['unpacked']:.0%}, "
              f"packed {summary['padding_share']['packed']:.0%}. Eval loss: llmtune's, on the same eval batches, after "
@@ -539,8 +540,11 @@ def write(summary: dict[str, Any], out: Path) -> None:
              "| contestant | real tokens/s (median) | llmtune packed / it | llmtune unpacked / it | peak memory MB | "
              "optimizer steps | eval loss | max abs diff vs llmtune unpacked |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    def vs(ours: str, k: str) -> float:  # the within-round ratio where there is one, else of the medians
+        return 1.0 if ours == k else ratios["loop_wall"].get(f"{ours}_over_{k}", t[ours] / t[k])
+
     for k in t:
-        lines.append(f"| {LABELS.get(k, k)} | {t[k]:.0f} | {t['llmtune_packed'] / t[k]:.2f}x | {t['llmtune'] / t[k]:.2f}x | "
+        lines.append(f"| {LABELS.get(k, k)} | {t[k]:.0f} | {vs('llmtune_packed', k):.2f}x | {vs('llmtune', k):.2f}x | "
                      f"{mem[k]:.0f} | {summary['steps'][k]} | {loss[k]['eval_loss']:.5f} | "
                      f"{loss[k]['max_abs_diff_vs_llmtune_unpacked']:.1e} |")
     if summary["trl_sft_trainer"] != "ran":
