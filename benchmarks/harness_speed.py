@@ -1,12 +1,20 @@
-"""Harness speed: llmtune's training loop against a plain transformers.Trainer + peft, side by side.
+"""Harness speed: llmtune's training loop against the baselines users already have, side by side.
 
-Same model, data (llmtune/tiny-tasks: variable-length instruction examples), LoRA settings, examples,
-micro batch, optimizer (AdamW), schedule (cosine, 5% warmup), grad clipping and threads. Contestants
-run interleaved, one after the other in each round; the table holds the median over rounds of:
+Contestants: llmtune unpacked and packed; transformers.Trainer + peft with padded batches and with
+DataCollatorWithFlattening (packing without cross-contamination: position ids restart per example); TRL's
+SFTTrainer with packing=True (skipped, with a line in the results, when trl is not importable:
+``pip install 'llmtune[bench]'``). Same model, dtype (as llmtune picks it), data (llmtune/tiny-tasks, or
+llmtune/tiny-chat for SmolLM2), LoRA settings, examples (llmtune's plan, in its order; TRL packs them in its
+own), optimizer steps, optimizer (AdamW), schedule (cosine, 5% warmup), grad clipping and threads. Each
+contestant runs in its own forked process (CPU), interleaved, one after the other in each round; the table
+holds, per contestant:
 
 - real (non-padding) training tokens per second, over the whole training loop (llmtune: batch planning
-  + loop wall time without evals; Trainer: on_train_begin..on_train_end, which includes its collator);
-- llmtune unpacked / Trainer and llmtune packed / Trainer (the Trainer is unpacked: what users run);
+  + loop wall time without evals; Trainer: on_train_begin..on_train_end, which includes its collator),
+  and the median over rounds of the within-round ratios llmtune / each baseline;
+- peak memory (CPU: the contestant process's peak RSS; CUDA: torch's reserved peak);
+- llmtune's eval loss on the same eval batches after training, and its largest difference from llmtune
+  unpacked (float error for the Trainer contestants: the comparison is fair by construction);
 - llmtune's per-trial overhead: a real child-process trial (`llmtune.train`) of the shipped tiny-cpu
   recipe, split into process start, load, eval, latency, other, as shares of its wall time.
 
@@ -16,6 +24,7 @@ weights; N_lin = weights of all linear layers incl. LoRA and lm_head; attention 
 and the conventional 6*N_lin, against a peak of --peak-tflops (H100 SXM bf16 dense: 989).
 
     python benchmarks/harness_speed.py                       # tiny model, CPU
+    python benchmarks/harness_speed.py --model smollm2 --rounds 3 --examples 64 --sequence-len 128 --no-overhead
     python benchmarks/harness_speed.py --device cuda --model llama-1b   # random-weight 1.1B Llama
 """
 
