@@ -1,12 +1,20 @@
-"""Harness speed: llmtune's training loop against a plain transformers.Trainer + peft, side by side.
+"""Harness speed: llmtune's training loop against the baselines users already have, side by side.
 
-Same model, data (llmtune/tiny-tasks: variable-length instruction examples), LoRA settings, examples,
-micro batch, optimizer (AdamW), schedule (cosine, 5% warmup), grad clipping and threads. Contestants
-run interleaved, one after the other in each round; the table holds the median over rounds of:
+Contestants: llmtune unpacked and packed; transformers.Trainer + peft with padded batches and with
+DataCollatorWithFlattening (packing without cross-contamination: position ids restart per example); TRL's
+SFTTrainer with packing=True (skipped, with a line in the results, when trl is not importable:
+``pip install 'llmtune[bench]'``). Same model, dtype (as llmtune picks it), data (llmtune/tiny-tasks, or
+llmtune/tiny-chat for SmolLM2), LoRA settings, examples (llmtune's plan, in its order; TRL packs them in its
+own), optimizer steps, optimizer (AdamW), schedule (cosine, 5% warmup), grad clipping and threads. Each
+contestant runs in its own forked process (CPU), interleaved, one after the other in each round; the table
+holds, per contestant:
 
 - real (non-padding) training tokens per second, over the whole training loop (llmtune: batch planning
-  + loop wall time without evals; Trainer: on_train_begin..on_train_end, which includes its collator);
-- llmtune unpacked / Trainer and llmtune packed / Trainer (the Trainer is unpacked: what users run);
+  + loop wall time without evals; Trainer: on_train_begin..on_train_end, which includes its collator),
+  and the median over rounds of the within-round ratios llmtune / each baseline;
+- peak memory (CPU: the contestant process's peak RSS; CUDA: torch's reserved peak);
+- llmtune's eval loss on the same eval batches after training, and its largest difference from llmtune
+  unpacked (float error for the Trainer contestants: the comparison is fair by construction);
 - llmtune's per-trial overhead: a real child-process trial (`llmtune.train`) of the shipped tiny-cpu
   recipe, split into process start, load, eval, latency, other, as shares of its wall time.
 
@@ -16,6 +24,7 @@ weights; N_lin = weights of all linear layers incl. LoRA and lm_head; attention 
 and the conventional 6*N_lin, against a peak of --peak-tflops (H100 SXM bf16 dense: 989).
 
     python benchmarks/harness_speed.py                       # tiny model, CPU
+    python benchmarks/harness_speed.py --model smollm2 --rounds 3 --examples 64 --sequence-len 128 --no-overhead
     python benchmarks/harness_speed.py --device cuda --model llama-1b   # random-weight 1.1B Llama
 """
 
@@ -71,7 +80,7 @@ def bench_recipe(args: argparse.Namespace, model_path: str, work: Path, dtype: s
     chat = getattr(args, "model", "tiny") == "smollm2"  # a chat model: the same tasks as conversations, through its chat template
     return {
         "name": "harness-speed",
-        "model": {"name": model_path, "dtype": dtype or getattr(args, "dtype", None) or ("bfloat16" if on_gpu else "float32")},
+        "model": {"name": model_path, "dtype": dtype or getattr(args, "dtype", None) or ("bfloat16" if on_gpu else "auto")},
         "data": {"source": "llmtune/tiny-chat" if chat else "llmtune/tiny-tasks", "format": "chat" if chat else "instruction",
                  "eval_max_length": 256, "max_eval_examples": 32},
         "train": {"budget": {"examples": args.examples}, "eval_points": 1, "device": args.device,
@@ -104,14 +113,63 @@ def run_llmtune(recipe: Any, packing: bool, work: Path) -> dict[str, Any]:
     return {"tokens": info["trained_tokens"], "examples": info["trained_examples"], "loop_s": loop_s,
             "tokens_per_s": info["trained_tokens"] / loop_s, "step_tokens_per_s": res.metrics["train_throughput"],
             "step_tokens_per_cpu_s": info["trained_tokens"] / info["train_cpu_s"],
-            "padding_share": info["padding_share"], "steps": info["steps_done"], "eval_loss": res.metrics["eval_loss"]}
+            "padding_share": info["padding_share"], "steps": info["steps_done"], "eval_loss": res.metrics["eval_loss"],
+            "dtype": info["dtype"]}
 
 
-def run_trainer(recipe: Any, device: str, work: Path) -> dict[str, Any]:
-    """transformers.Trainer + peft on exactly the examples llmtune's unpacked plan trains on, in its order."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+def isolated(fn: Any, *args: Any) -> dict[str, Any]:
+    """``fn(*args)`` in a forked child on CPU, with the child's peak RSS (``peak_memory_mb``): every contestant
+    starts from the same process state and no allocator cache is left over from the one before. On CUDA (no
+    fork after CUDA is initialised) it runs here, with torch's reserved peak."""
+    from llmtune.harness.measure import track_peak_memory
 
-    from llmtune.config.space import global_batch, trial_settings
+    device = "cuda" if torch.cuda.is_initialized() else "cpu"
+    if device == "cuda" or not hasattr(os, "fork"):
+        with track_peak_memory(device) as peak:
+            out = fn(*args)
+        return {**out, "peak_memory_mb": peak.bytes / 2**20}
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: run, send the result as JSON, leave without running the parent's exit handlers
+        os.close(r)
+        try:
+            with track_peak_memory("cpu") as peak:
+                out = fn(*args)
+            data = json.dumps({**out, "peak_memory_mb": peak.bytes / 2**20})
+        except BaseException:
+            import traceback
+
+            data = json.dumps({"error": traceback.format_exc()[-3000:]})
+        with os.fdopen(w, "w") as f:
+            f.write(data)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    out = json.loads(data) if data else {"error": "the contestant's process died without a result"}
+    if "error" in out:
+        raise RuntimeError(f"{getattr(fn, '__name__', fn)}{args[1:]} failed:\n{out['error']}")
+    return out
+
+
+BASELINES = {"trainer": "transformers.Trainer + peft, unpacked (padded)",
+             "trainer_flat": "Trainer + DataCollatorWithFlattening (packed, position ids restart per example)",
+             "trl_packed": "TRL SFTTrainer, packing=True (bfd, padding-free)"}
+
+
+def trl_missing() -> str | None:
+    """Why the TRL contestant cannot run here, or None."""
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return "skipped: trl is not importable (pip install 'llmtune[bench]')"
+    return None
+
+
+def _train_data(recipe: Any) -> tuple[dict[str, Any], Any, list[dict[str, Any]], list[Any]]:
+    """Settings, tokenizer, the examples llmtune's plan trains on (in its order) and llmtune's eval batches."""
+    from llmtune.config.space import trial_settings
     from llmtune.harness import data as D
     from llmtune.harness import model as M
     from llmtune.harness.data_sources import load_splits
@@ -123,16 +181,47 @@ def run_trainer(recipe: Any, device: str, work: Path) -> dict[str, Any]:
     stream = D._example_stream(examples, recipe.train.seed)  # the order llmtune's plan draws them in
     chosen = [e for _, e in itertools.islice(stream, int(recipe.train.budget.amount))]
     dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in chosen]
+    eval_examples, _ = D.encode_all(splits.eval, recipe.data, tok, recipe.data.eval_max_length)
+    return s, tok, dataset, D.eval_batches(eval_examples, recipe.train.eval_batch_size, tok.pad_token_id)
 
+
+def run_trainer(recipe: Any, device: str, work: Path, kind: str = "trainer") -> dict[str, Any]:
+    """A Hugging Face baseline + peft on exactly the examples llmtune's plan trains on, with the same
+    optimizer steps; afterwards llmtune's eval loss on llmtune's eval batches (the loss compared).
+
+    ``kind``: "trainer" (padded batches: DataCollatorForSeq2Seq), "trainer_flat" (transformers'
+    DataCollatorWithFlattening: each micro batch of examples concatenated into one row, position ids
+    restarting per example, the first label of each example dropped) or "trl_packed" (TRL's SFTTrainer
+    with packing=True: best-fit-decreasing rows of sequence_len tokens, padding-free; its rows are grouped
+    by length, not in llmtune's order, so its loss agrees only approximately)."""
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from llmtune.config.space import global_batch
+    from llmtune.harness import data as D
+    from llmtune.harness import model as M
+    from llmtune.harness.train import evaluate
+
+    s, tok, dataset, eval_set = _train_data(recipe)
     torch.manual_seed(recipe.train.seed)
-    dtype = M.pick_dtype(recipe.model.dtype, device)
+    dtype = M.pick_dtype(recipe.model.dtype, device, M.checkpoint_dtype(recipe.model))  # as llmtune picks it
     model = M.apply_lora(M.load_base(recipe.model, s, device, dtype), s)
-    pad = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=D.IGNORE, return_tensors="pt")
+    micro = int(s["micro_batch_size"])
+    accum = max(1, global_batch(s, recipe.train.gradient_accumulation_steps) // micro)
+    steps = -(-len(dataset) // (micro * accum))  # llmtune's optimizer steps: batch_size examples each
     counted = {"tokens": 0}
+    pad = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=D.IGNORE, return_tensors="pt")
+    flat = DataCollatorWithFlattening(return_position_ids=True, separator_id=D.IGNORE)
 
     def collate(features: list[dict[str, Any]]) -> Any:
-        batch = pad(features)
-        counted["tokens"] += int(batch["attention_mask"].sum())  # the non-padding tokens it trains on
+        batch = pad(features) if kind == "trainer" else flat(features)
+        # the non-padding tokens it trains on (a flattened row has no padding)
+        counted["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         return batch
 
     clock: dict[str, float] = {"step_s": 0.0, "step_cpu_s": 0.0}
@@ -155,25 +244,43 @@ def run_trainer(recipe: Any, device: str, work: Path) -> dict[str, Any]:
             sync(device)
             clock["end"] = time.perf_counter()
 
-    targs = TrainingArguments(
-        output_dir=str(work / f"trainer-{time.time_ns()}"), per_device_train_batch_size=int(s["micro_batch_size"]),
-        # the same examples per optimizer step as llmtune's plan (search.batch_size)
-        gradient_accumulation_steps=max(1, global_batch(s, recipe.train.gradient_accumulation_steps) // int(s["micro_batch_size"])),
-        num_train_epochs=1,
+    common = dict(
+        output_dir=str(work / f"{kind}-{time.time_ns()}"), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accum, num_train_epochs=1,
         learning_rate=float(s["learning_rate"]), lr_scheduler_type=recipe.train.lr_scheduler,
         warmup_steps=float(s["warmup_ratio"]), weight_decay=recipe.train.weight_decay,
         max_grad_norm=recipe.train.max_grad_norm, optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
         bf16=dtype == torch.bfloat16, use_cpu=device == "cpu", save_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_pin_memory=device == "cuda", train_sampling_strategy="sequential",
         seed=recipe.train.seed)
-    trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collate, callbacks=[Clock()])
+    prep_s = 0.0
+    if kind == "trl_packed":
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+        from trl.data_utils import pack_dataset
+
+        data = Dataset.from_list(dataset)
+        # TRL packs the whole dataset into rows first; micro batches of rows chosen so its optimizer steps
+        # are llmtune's (each step's examples differ: bfd groups them by length)
+        rows = len(pack_dataset(data, int(s["sequence_len"]), "bfd"))
+        common["per_device_train_batch_size"] = max(1, -(-rows // (steps * accum)))
+        targs = SFTConfig(**common, packing=True, packing_strategy="bfd", max_length=int(s["sequence_len"]),
+                          shuffle_dataset=False, dataset_num_proc=None)
+        t = time.perf_counter()
+        trainer = SFTTrainer(model=model, args=targs, train_dataset=data, processing_class=tok, callbacks=[Clock()])
+        prep_s = time.perf_counter() - t  # its dataset preparation (packing): llmtune's plan_s is in its loop time
+        counted["tokens"] = sum(len(r) for r in trainer.train_dataset["input_ids"])
+    else:
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset, data_collator=collate,
+                          callbacks=[Clock()])
     out = trainer.train()
     loop_s = clock["end"] - clock["start"]
-    return {"tokens": counted["tokens"], "examples": len(dataset), "loop_s": loop_s,
+    return {"tokens": counted["tokens"], "examples": len(dataset), "loop_s": loop_s, "prep_s": prep_s,
             "tokens_per_s": counted["tokens"] / loop_s, "train_runtime": out.metrics.get("train_runtime"),
             "step_tokens_per_s": counted["tokens"] / clock["step_s"],
             "step_tokens_per_cpu_s": counted["tokens"] / clock["step_cpu_s"],
-            "steps": out.global_step, "flops_model": _linear_params(model)}
+            "steps": out.global_step, "eval_loss": evaluate(model, eval_set, device), "dtype": str(dtype).removeprefix("torch."),
+            "flops_model": _linear_params(model)}
 
 
 def matmul_tflops(dtype: torch.dtype, device: str, n: int = 1024, repeats: int = 10) -> float:
@@ -249,7 +356,8 @@ def main() -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--model", default="tiny", help="tiny, smollm2 (SmolLM2-135M-Instruct), llama-1b (random weights, built in a temp dir) or a path")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                   help="weights/compute dtype of every contestant (default: bf16 on GPU, fp32 on CPU)")
+                   help="weights/compute dtype of every contestant (default: as llmtune picks it: bf16 on GPU; on CPU bf16 "
+                        "for a bf16 checkpoint on an AMX CPU, else fp32)")
     p.add_argument("--compare-dtypes", action="store_true",
                    help="CPU: also run llmtune in the other dtype each round (bf16 vs fp32: speed at equal loss)")
     p.add_argument("--rounds", type=int, default=5)
@@ -261,6 +369,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads, the same for every contestant (1: robust on a shared CPU, where OpenMP spin-waits)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak (H100 SXM bf16 dense: 989)")
+    p.add_argument("--note", default=None, help="a line for the results header (e.g. what else loaded the machine)")
     p.add_argument("--no-overhead", action="store_true", help="skip the child-process overhead trials")
     p.add_argument("--out", default=None, help="results path without suffix (default results/harness_speed[_cuda])")
     args = p.parse_args()
@@ -277,35 +386,35 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="llmtune-harness-speed-"))
     model_path = build_model(args.model, args.device)
     recipe = recipe_from_dict(bench_recipe(args, model_path, work))
-    try:
-        import trl  # noqa: F401
-        trl_note = "trl is installed but an SFTTrainer contestant is not wired in yet"
-    except ImportError:
-        trl_note = "skipped: trl is not installed"
+    from llmtune.harness import model as M
+
+    dtype = str(M.pick_dtype(recipe.model.dtype, args.device, M.checkpoint_dtype(recipe.model))).removeprefix("torch.")
+    trl_note = trl_missing()
     if args.device == "cuda":  # CUDA context, cuBLAS handles and allocator warm-up must not land in round 1
         warm = recipe_from_dict(bench_recipe(argparse.Namespace(**{**vars(args), "examples": 64}), model_path, work))
         run_llmtune(warm, False, work)
         run_trainer(warm, args.device, work)
     load_before = os.getloadavg()
-    rows: dict[str, list[dict[str, Any]]] = {"llmtune": [], "llmtune_packed": [], "trainer": [],
-                                             "overhead_fresh": [], "overhead_forked": [], "overhead_forked_reused": []}
-    contestants = ["llmtune", "llmtune_packed", "trainer"]
-    other = "float32" if recipe.model.dtype == "bfloat16" else "bfloat16"
+    contestants = ["llmtune", "llmtune_packed", "trainer", "trainer_flat"] + ([] if trl_note else ["trl_packed"])
+    other = "float32" if dtype == "bfloat16" else "bfloat16"
     other_recipe = recipe_from_dict(bench_recipe(args, model_path, work, dtype=other))
     if args.compare_dtypes:
         contestants.append(f"llmtune_packed_{other}")
-        rows[contestants[-1]] = []
+    rows: dict[str, list[dict[str, Any]]] = {k: [] for k in [*contestants, "overhead_fresh", "overhead_forked",
+                                                              "overhead_forked_reused"]}
     for rnd in range(args.rounds):
         # Rotate the order each round so no contestant always runs first (warm caches, load drift).
         order = contestants[rnd % len(contestants):] + contestants[:rnd % len(contestants)]
         for name in order:
-            if name == "trainer":
-                rows[name].append(run_trainer(recipe, args.device, work))
+            if name in BASELINES:
+                rows[name].append(isolated(run_trainer, recipe, args.device, work, name))
             elif name.endswith(other):
-                rows[name].append(run_llmtune(other_recipe, True, work))
+                rows[name].append(isolated(run_llmtune, other_recipe, True, work))
             else:
-                rows[name].append(run_llmtune(recipe, name == "llmtune_packed", work))
-            print(f"round {rnd + 1} {name:<15} {rows[name][-1]['tokens_per_s']:10.0f} real tokens/s", flush=True)
+                rows[name].append(isolated(run_llmtune, recipe, name == "llmtune_packed", work))
+            r = rows[name][-1]
+            print(f"round {rnd + 1} {name:<24} {r['tokens_per_s']:10.0f} real tokens/s, peak {r['peak_memory_mb']:.0f} MB, "
+                  f"eval loss {r['eval_loss']:.5f}, {r['steps']} steps", flush=True)
         if not args.no_overhead:
             # fresh and forked alternate who goes first; the reused-loss trial goes last: it takes the
             # untrained adapter's loss from this round's first trial, as a search's later trials do
@@ -316,7 +425,7 @@ def main() -> int:
                 print(f"round {rnd + 1} {launch} trial: overhead share {rows[key][-1]['overhead_share']:.1%} "
                       f"of {rows[key][-1]['wall_s']:.1f} s", flush=True)
     summary = summarize(args, rows, trl_note, load_before)
-    summary["dtype"] = recipe.model.dtype
+    summary["dtype"], summary["note"] = dtype, args.note
     summary["matmul_tflops"] = {str(d).removeprefix("torch."): matmul_tflops(d, args.device)
                                 for d in (torch.float32, torch.bfloat16)}
     flops_per_token = 4 * rows["trainer"][0]["flops_model"]["n_linear"] + 2 * rows["trainer"][0]["flops_model"]["n_lora"]
@@ -327,7 +436,7 @@ def main() -> int:
     if args.compare_dtypes:
         key = f"llmtune_packed_{other}"
         summary["dtype_compare"] = {
-            "dtypes": [recipe.model.dtype, other],
+            "dtypes": [dtype, other],
             "eval_loss": [rows["llmtune_packed"][0]["eval_loss"], rows[key][0]["eval_loss"]],
             "speed_ratio_other_over_default": statistics.median(
                 x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(rows[key], rows["llmtune_packed"], strict=True))}
@@ -336,20 +445,28 @@ def main() -> int:
     return 0
 
 
-def summarize(args: argparse.Namespace, rows: dict[str, list[dict[str, Any]]], trl_note: str,
+def summarize(args: argparse.Namespace, rows: dict[str, list[dict[str, Any]]], trl_note: str | None,
               load_before: tuple[float, ...]) -> dict[str, Any]:
-    tps = {k: median(v, "tokens_per_s") for k, v in rows.items() if not k.startswith("overhead") and v}
+    runs = {k: v for k, v in rows.items() if not k.startswith("overhead") and v}
+    tps = {k: median(v, "tokens_per_s") for k, v in runs.items()}
+    baselines = [k for k in BASELINES if k in runs]
 
     def round_ratios(a: str, b: str, key: str) -> float:
         # Ratio within each round (contestants ran back to back), then the median: robust to load drift.
         return statistics.median(x[key] / y[key] for x, y in zip(rows[a], rows[b], strict=True))
 
-    ratios = {}
+    ratios: dict[str, dict[str, float]] = {}
     for key, tag in (("tokens_per_s", "loop_wall"), ("step_tokens_per_s", "step_wall"), ("step_tokens_per_cpu_s", "step_cpu")):
-        ratios[tag] = {"llmtune_unpacked_over_trainer": round_ratios("llmtune", "trainer", key),
-                       "llmtune_packed_over_trainer_unpacked": round_ratios("llmtune_packed", "trainer", key),
-                       "llmtune_packed_over_llmtune_unpacked": round_ratios("llmtune_packed", "llmtune", key)}
-    same_tokens = rows["llmtune"][0]["tokens"] == rows["trainer"][0]["tokens"] == rows["llmtune_packed"][0]["tokens"]
+        ratios[tag] = {f"{ours}_over_{base}": round_ratios(ours, base, key)
+                       for ours in ("llmtune", "llmtune_packed") for base in baselines}
+        ratios[tag]["llmtune_packed_over_llmtune"] = round_ratios("llmtune_packed", "llmtune", key)
+        # against the fastest baseline of each round
+        ratios[tag]["llmtune_packed_over_best_baseline"] = statistics.median(
+            rows["llmtune_packed"][i][key] / max(rows[b][i][key] for b in baselines) for i in range(len(rows["llmtune"])))
+    reference = [r["eval_loss"] for r in rows["llmtune"]]
+    loss = {k: {"eval_loss": v[0]["eval_loss"],
+                "max_abs_diff_vs_llmtune_unpacked": max(abs(r["eval_loss"] - ref) for r, ref in zip(v, reference, strict=True))}
+            for k, v in runs.items()}
     out: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
         "cpu_count": os.cpu_count(), "threads": args.threads, "load_avg_before_after": [load_before[0], os.getloadavg()[0]],
@@ -357,14 +474,19 @@ def summarize(args: argparse.Namespace, rows: dict[str, list[dict[str, Any]]], t
         "device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
         "model": args.model, "settings": {k: getattr(args, k) for k in ("examples", "micro_batch", "batch_size", "sequence_len", "lora_r", "rounds")},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "same_real_tokens_for_all": same_tokens, "real_tokens": rows["trainer"][0]["tokens"],
-        "tokens_per_s_median": tps, "ratios": ratios, "trl_sft_trainer": trl_note,
+        "same_real_tokens_for_all": len({v[0]["tokens"] for v in runs.values()}) == 1, "real_tokens": rows["llmtune"][0]["tokens"],
+        "tokens_per_s_median": tps, "ratios": ratios, "trl_sft_trainer": trl_note or "ran",
+        "peak_memory_mb_median": {k: median(v, "peak_memory_mb") for k, v in runs.items()},
+        "steps": {k: v[0]["steps"] for k, v in runs.items()}, "loss": loss,
         "padding_share": {"unpacked": rows["llmtune"][0]["padding_share"], "packed": rows["llmtune_packed"][0]["padding_share"]},
         "rounds": rows,
     }
     import peft
     import transformers
     out["versions"].update(transformers=transformers.__version__, peft=peft.__version__)
+    if "trl_packed" in runs:
+        import trl
+        out["versions"]["trl"] = trl.__version__
     if args.device == "cuda":
         out["mfu"] = mfu(tps, rows["trainer"][0]["flops_model"], args.peak_tflops)
     for key, launch in (("overhead_fresh", "fresh"), ("overhead_forked", "fork-server"),
@@ -405,32 +527,45 @@ def write_extra(summary: dict[str, Any], out: Path) -> None:
     print(text)
 
 
+LABELS = {"llmtune": "llmtune harness, unpacked", "llmtune_packed": "llmtune harness, packed", **BASELINES}
+
+
 def write(summary: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str))
-    t, ratios = summary["tokens_per_s_median"], summary["ratios"]
+    t, ratios, mem, loss = (summary[k] for k in ("tokens_per_s_median", "ratios", "peak_memory_mb_median", "loss"))
+    where = "peak RSS of the contestant's own forked process (load + train + eval)" if summary["device"] == "cpu" \
+        else "torch's reserved peak (load + train + eval)"
     lines = [f"# Harness speed ({summary['date']}, {summary['device']}"
-             f"{' ' + summary['gpu'] if summary['gpu'] else ''}, model {summary['model']})", "",
+             f"{' ' + summary['gpu'] if summary['gpu'] else ''}, model {summary['model']}, {summary.get('dtype')})", "",
              f"{summary['machine']}, {summary['cpu_count']} CPUs, {summary['threads']} torch threads; "
              f"load average {summary['load_avg_before_after'][0]:.1f} -> {summary['load_avg_before_after'][1]:.1f}. "
-             f"{summary['shared_machine_note']}.", "",
+             f"{summary['shared_machine_note']}. {summary.get('note') or ''} Versions: {summary['versions']}.", "",
              f"Settings {summary['settings']}; all contestants trained on the same {summary['real_tokens']} real tokens: "
              f"{summary['same_real_tokens_for_all']}. Padding share: unpacked {summary['padding_share']['unpacked']:.0%}, "
-             f"packed {summary['padding_share']['packed']:.0%}.", "",
-             "| contestant | real tokens/s (median) | vs Trainer |", "| --- | --- | --- |"]
-    for k, label in (("trainer", "transformers.Trainer + peft, unpacked"), ("llmtune", "llmtune harness, unpacked"),
-                     ("llmtune_packed", "llmtune harness, packed")):
-        lines.append(f"| {label} | {t[k]:.0f} | {t[k] / t['trainer']:.2f}x |")
-    lines.append(f"| TRL SFTTrainer | — | {summary['trl_sft_trainer']} |")
-    lines += ["", "Ratios (median over rounds of the within-round ratio; targets: unpacked >= 1.0x, packed >= 1.5x):", "",
-              "| measure | llmtune / Trainer, unpacked | llmtune packed / Trainer unpacked | llmtune packed / unpacked |",
-              "| --- | --- | --- | --- |"]
-    labels = {"loop_wall": "whole training loop, wall clock", "step_wall": "optimizer steps only, wall clock",
-              "step_cpu": "optimizer steps only, CPU seconds"}
-    for tag, label in labels.items():
-        q = ratios[tag]
-        lines.append(f"| {label} | {q['llmtune_unpacked_over_trainer']:.2f}x | "
-                     f"{q['llmtune_packed_over_trainer_unpacked']:.2f}x | {q['llmtune_packed_over_llmtune_unpacked']:.2f}x |")
+             f"packed {summary['padding_share']['packed']:.0%}. Eval loss: llmtune's, on the same eval batches, after "
+             "training; the Trainer contestants see llmtune's examples in llmtune's order, TRL packs them in its own "
+             f"order (best-fit decreasing), so only its loss may differ beyond float error. Peak memory: {where}.", "",
+             "| contestant | real tokens/s (median) | llmtune packed / it | llmtune unpacked / it | peak memory MB | "
+             "optimizer steps | eval loss | max abs diff vs llmtune unpacked |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    def vs(ours: str, k: str) -> float:  # the within-round ratio where there is one, else of the medians
+        return 1.0 if ours == k else ratios["loop_wall"].get(f"{ours}_over_{k}", t[ours] / t[k])
+
+    for k in t:
+        lines.append(f"| {LABELS.get(k, k)} | {t[k]:.0f} | {vs('llmtune_packed', k):.2f}x | {vs('llmtune', k):.2f}x | "
+                     f"{mem[k]:.0f} | {summary['steps'][k]} | {loss[k]['eval_loss']:.5f} | "
+                     f"{loss[k]['max_abs_diff_vs_llmtune_unpacked']:.1e} |")
+    if summary["trl_sft_trainer"] != "ran":
+        lines.append(f"| TRL SFTTrainer | — | | | | | | {summary['trl_sft_trainer']} |")
+    labels = {"loop_wall": "whole training loop, wall", "step_wall": "optimizer steps only, wall",
+              "step_cpu": "optimizer steps only, CPU s"}
+    lines += ["", "Ratios of real tokens/s (median over rounds of the within-round ratio; target: llmtune >= 1.0x the "
+              "best baseline):", "", "| ratio | " + " | ".join(labels.values()) + " |", "| --- |" + " --- |" * len(labels)]
+    for pair in ratios["loop_wall"]:
+        ours, base = pair.split("_over_")
+        name = f"{LABELS.get(ours, ours)} / {LABELS.get(base, 'the fastest baseline of the round' if base == 'best_baseline' else base)}"
+        lines.append(f"| {name} | " + " | ".join(f"{ratios[tag][pair]:.2f}x" for tag in labels) + " |")
     if "mfu" in summary:
         m = summary["mfu"]
         lines += ["", f"MFU ({m['formula']}; N_lin={m['n_linear']:,}, N_lora={m['n_lora']:,}):"]

@@ -96,7 +96,7 @@ def data_file(data: str) -> tuple[Path, str]:
 
 # Training throughput of a LoRA trial on a CPU, in FLOP/s per thread, counted as 4 x the linear layers'
 # parameters per real token: SmolLM2-135M in float32 on one thread reached 0.056 TFLOP/s (~100 tokens/s;
-# benchmarks/results/harness_speed_smollm2_cpu.md, 2026-12-03). bfloat16 on AMX CPUs is ~1.8x faster.
+# benchmarks/results/harness_speed_smollm2_cpu_2026-12-03.md, 2026-12-03). bfloat16 on AMX CPUs is ~1.8x faster.
 CPU_FLOPS_PER_THREAD = 5e10
 CPU_TRIAL_SECONDS = 300  # the default budget on a CPU: a trial of about 5 minutes, so a search takes hours, not days
 MIN_EXAMPLES = 64

@@ -16,7 +16,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def pick_dtype(requested: str, device: str, checkpoint: str | None = None) -> torch.dtype:
     """auto: bf16 where the GPU supports it, fp16 on older GPUs; on a CPU, bf16 when the checkpoint is bf16
     and the CPU multiplies bf16 natively (AMX / AVX512-BF16: 1.8x the tokens/s of fp32 on SmolLM2 at eval loss
-    within 1%, benchmarks/results/harness_speed_smollm2_cpu.md), else fp32 (exact, and fast for small models)."""
+    within 1%, benchmarks/results/harness_speed_smollm2_cpu_2026-12-03.md), else fp32 (exact, and fast for small models)."""
     if requested != "auto":
         return DTYPES[requested]
     if device == "cuda":
