@@ -47,6 +47,6 @@ step build_tiny 150 python3 -c 'from llmtune.builtin.tiny import ensure_tiny_mod
 step gpu_tests 150 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
 step memory_accuracy 150 python3 benchmarks/memory_accuracy.py --device cuda --max-seconds 120 \
   --out "$RESULTS/memory_accuracy"
-step harness_speed 120 python3 benchmarks/harness_speed.py --device cuda --model llama-1b --rounds 2 \
+step harness_speed 180 python3 benchmarks/harness_speed.py --device cuda --model llama-1b --rounds 2 \
   --no-overhead --out "$RESULTS/harness_speed_cuda"
 cat "$RESULTS/summary.txt"
