@@ -167,8 +167,9 @@ def test_a_continuation_under_probes_finds_the_variant_its_paused_trial_trained_
     records = [{"settings": {"learning_rate": 1e-3, "sample_packing": packing}, "status": "complete", "reason": "",
                 "feasible": True, "metrics": {"train_time_s": 2.0 - packing, "peak_memory_gb": 1.0}, "wall_s": 1.0}
                for packing in (False, True)]
-    prober = Probes(recipe, lambda settings, folder: None, lambda settings: (None, None))  # type: ignore[arg-type,return-value]
-    chosen = prober.restore(records, {"learning_rate": 1e-3, "sample_packing": True})
+    prober = Probes.restored(recipe, records)
+    chosen = prober.variant({"learning_rate": 1e-3, "sample_packing": True})
     assert chosen is not None and chosen.settings["sample_packing"] is True and chosen.feasible
     assert [p.settings["sample_packing"] for p in prober.found] == [False, True]
-    assert prober.restore(None, {"sample_packing": True}) is None and prober.found == []
+    empty = Probes.restored(recipe, None)
+    assert empty.variant({"sample_packing": True}) is None and empty.found == []

@@ -120,13 +120,21 @@ class Probes:
         engine.storage(study).set_trial_user_attr(engine.trial_id(trial), PROBES, [p.as_record() for p in self.found])
         return min(fits, key=lambda p: p.result.metrics.get("train_time_s", float("inf"))) if fits else None
 
-    def restore(self, records: Any, settings: dict[str, Any]) -> Probed | None:
+    @classmethod
+    def restored(cls, recipe: Recipe, records: Any) -> Probes:
         """The probes a paused trial stored (`PROBES`), for its continuation to record the variants when it
-        completes; returns the variant it trains in (the one matching ``settings``), None if there is none."""
-        self.found = [Probed(dict(r["settings"]), TrialResult(status=r["status"], reason=r.get("reason") or "",
-                                                              settings=dict(r["settings"]), metrics=dict(r["metrics"])),
-                             bool(r.get("feasible")), r.get("reason") or "")
-                      for r in records or [] if isinstance(r, dict) and "settings" in r]
+        completes; nothing is probed or gated again."""
+        def never(*args: Any) -> Any:
+            raise RuntimeError("restored probes do not probe again")
+
+        found = [Probed(dict(r["settings"]), TrialResult(status=r["status"], reason=r.get("reason") or "",
+                                                         settings=dict(r["settings"]), metrics=dict(r["metrics"])),
+                        bool(r.get("feasible")), r.get("reason") or "")
+                 for r in records or [] if isinstance(r, dict) and "settings" in r]
+        return cls(recipe, never, never, found)
+
+    def variant(self, settings: dict[str, Any]) -> Probed | None:
+        """The probed variant whose execution settings are ``settings``' (None if none was probed)."""
         names = probed_settings(self.recipe.space)
         return next((p for p in self.found if all(p.settings.get(n) == settings.get(n) for n in names)), None)
 

@@ -214,9 +214,9 @@ class ProbeStrategy(Strategy):
     def run(self, search: Search, job: Job) -> TrialResult:
         if job.resume is not None:  # a continuation trains on in the variant its paused trial was given
             self._record_variant(search, job)
-            prober = probes.Probes(self.recipe, lambda settings, folder: TrialResult(status=COMPLETE), lambda s: (None, None))
             paused = search.study.get_trials(deepcopy=False)[job.resume.trial]
-            job.state.update(prober=prober, chosen=prober.restore(paused.user_attrs.get(PROBES), job.values))
+            prober = probes.Probes.restored(self.recipe, paused.user_attrs.get(PROBES))
+            job.state.update(prober=prober, chosen=prober.variant(job.values))
             return self.continue_paused(search, job, job.resume)
         prober = probes.Probes(self.recipe, lambda settings, folder: search.probe(job, settings, folder, probes.PROBE_STEPS),
                                lambda settings: search.gate.check(search.study, settings))
