@@ -16,10 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - no flock on Windows; the atomic rename still protects readers
-    fcntl = None  # type: ignore[assignment]
+from filelock import FileLock
 
 MARKER = "llmtune-build.json"  # written last inside the temp folder, so its presence means "complete"
 Log = Callable[[str], None] | None
@@ -33,15 +30,11 @@ def llmtune_home() -> Path:
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock; a second process blocks here until the first is done."""
-    with open(path, "a+") as f:
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    """Exclusive lock on ``path`` across processes (flock on POSIX, msvcrt on Windows, via `filelock`); a
+    second process blocks here until the first is done. The lock file itself is left in place: deleting it
+    while another process waits on it would let a third take a fresh lock beside the waiter's."""
+    with FileLock(str(path)):
+        yield
 
 
 def ensure_built(name: str, build: Callable[[Path, Callable[[str], None]], dict[str, Any]], log: Log,

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy.exc
+from filelock import FileLock
 from optuna.trial import FrozenTrial, TrialState
 
 from llmtune.config.recipe import Recipe
@@ -36,11 +37,6 @@ from llmtune.trial.endings import counts, retried
 # what these warnings are about; they would only confuse users.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover  (Windows: one SQLite process at a time, or PostgreSQL)
-    fcntl = None  # type: ignore[assignment]
 
 T = TypeVar("T")
 
@@ -275,15 +271,11 @@ def claim_lock(url: str) -> Iterator[None]:
     the same moment; an exclusive lock on a file beside the database (`<db>.llmtune-lock`) makes the
     processes on one SQLite study take their trials one at a time, as the threads of one process do."""
     db = sqlite_path(url)
-    if db is None or fcntl is None:
+    if db is None:
         yield
         return
-    with open(db.with_name(db.name + ".llmtune-lock"), "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    with FileLock(str(db.with_name(db.name + ".llmtune-lock"))):  # flock on POSIX, msvcrt on Windows
+        yield
 
 
 def others_at_work(study: optuna.Study, created: bool) -> bool:
