@@ -29,6 +29,7 @@ def main() -> None:
     from llmtune import hardware
     from llmtune.config.objectives import TASK_METRICS
     from llmtune.config.recipe import load_recipe
+    from llmtune.config.settings import TrialSettings
     from llmtune.harness import model as M
     from llmtune.harness.data_sources import load_splits
     from llmtune.harness.generate import answer, pick_rows
@@ -41,7 +42,7 @@ def main() -> None:
     dtype = M.pick_dtype(recipe.model.dtype, device, M.checkpoint_dtype(recipe.model))
     tokenizer = M.load_tokenizer(recipe.model)
     splits = load_splits(recipe.data)
-    settings = recipe.space.complete(recipe.space.default())
+    settings = TrialSettings.of(recipe.space.complete(recipe.space.default()))
     model = M.apply_lora(M.load_base(recipe.model, settings, device, dtype), settings)
     rows = pick_rows(splits.eval, recipe.measure.generation_examples, recipe.data.split_seed)
     t = time.perf_counter()

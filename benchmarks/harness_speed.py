@@ -169,15 +169,15 @@ def trl_missing() -> str | None:
 
 def _train_data(recipe: Any) -> tuple[dict[str, Any], Any, list[dict[str, Any]], list[Any]]:
     """Settings, tokenizer, the examples llmtune's plan trains on (in its order) and llmtune's eval batches."""
-    from llmtune.config.space import trial_settings
+    from llmtune.config.settings import TrialSettings
     from llmtune.harness import data as D
     from llmtune.harness import model as M
     from llmtune.harness.data_sources import load_splits
 
-    s = trial_settings(recipe.space.complete({"sample_packing": False}))
+    s = TrialSettings.of(recipe.space.complete({"sample_packing": False}))
     tok = M.load_tokenizer(recipe.model)
     splits = load_splits(recipe.data)
-    examples, _ = D.encode_all(splits.train, recipe.data, tok, int(s["sequence_len"]))
+    examples, _ = D.encode_all(splits.train, recipe.data, tok, s.sequence_len)
     stream = D._example_stream(examples, recipe.train.seed)  # the order llmtune's plan draws them in
     chosen = [e for _, e in itertools.islice(stream, int(recipe.train.budget.amount))]
     dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in chosen]
@@ -202,7 +202,6 @@ def run_trainer(recipe: Any, device: str, work: Path, kind: str = "trainer") -> 
         TrainingArguments,
     )
 
-    from llmtune.config.space import global_batch
     from llmtune.harness import data as D
     from llmtune.harness import model as M
     from llmtune.harness.train import evaluate
@@ -211,8 +210,8 @@ def run_trainer(recipe: Any, device: str, work: Path, kind: str = "trainer") -> 
     torch.manual_seed(recipe.train.seed)
     dtype = M.pick_dtype(recipe.model.dtype, device, M.checkpoint_dtype(recipe.model))  # as llmtune picks it
     model = M.apply_lora(M.load_base(recipe.model, s, device, dtype), s)
-    micro = int(s["micro_batch_size"])
-    accum = max(1, global_batch(s, recipe.train.gradient_accumulation_steps) // micro)
+    micro = s.micro_batch_size
+    accum = max(1, s.global_batch(recipe.train.gradient_accumulation_steps) // micro)
     steps = -(-len(dataset) // (micro * accum))  # llmtune's optimizer steps: batch_size examples each
     counted = {"tokens": 0}
     pad = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=D.IGNORE, return_tensors="pt")
@@ -247,8 +246,8 @@ def run_trainer(recipe: Any, device: str, work: Path, kind: str = "trainer") -> 
     common = dict(
         output_dir=str(work / f"{kind}-{time.time_ns()}"), per_device_train_batch_size=micro,
         gradient_accumulation_steps=accum, num_train_epochs=1,
-        learning_rate=float(s["learning_rate"]), lr_scheduler_type=recipe.train.lr_scheduler,
-        warmup_steps=float(s["warmup_ratio"]), weight_decay=recipe.train.weight_decay,
+        learning_rate=s.learning_rate, lr_scheduler_type=recipe.train.lr_scheduler,
+        warmup_steps=s.warmup_ratio, weight_decay=recipe.train.weight_decay,
         max_grad_norm=recipe.train.max_grad_norm, optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
         bf16=dtype == torch.bfloat16, use_cpu=device == "cpu", save_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_pin_memory=device == "cuda", train_sampling_strategy="sequential",
@@ -262,9 +261,9 @@ def run_trainer(recipe: Any, device: str, work: Path, kind: str = "trainer") -> 
         data = Dataset.from_list(dataset)
         # TRL packs the whole dataset into rows first; micro batches of rows chosen so its optimizer steps
         # are llmtune's (each step's examples differ: bfd groups them by length)
-        rows = len(pack_dataset(data, int(s["sequence_len"]), "bfd"))
+        rows = len(pack_dataset(data, s.sequence_len, "bfd"))
         common["per_device_train_batch_size"] = max(1, -(-rows // (steps * accum)))
-        targs = SFTConfig(**common, packing=True, packing_strategy="bfd", max_length=int(s["sequence_len"]),
+        targs = SFTConfig(**common, packing=True, packing_strategy="bfd", max_length=s.sequence_len,
                           shuffle_dataset=False, dataset_num_proc=None)
         t = time.perf_counter()
         trainer = SFTTrainer(model=model, args=targs, train_dataset=data, processing_class=tok, callbacks=[Clock()])

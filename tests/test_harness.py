@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_recipe_dict
 
 from llmtune.config.recipe import recipe_from_dict
-from llmtune.config.space import trial_settings
+from llmtune.config.settings import TrialSettings
 from llmtune.harness import data as D
 from llmtune.harness import model as M
 from llmtune.harness.data_sources import load_splits
@@ -22,7 +22,7 @@ def make_recipe(tmp_path, **sections):
 
 
 def settings_of(recipe, **values):
-    return trial_settings(recipe.space.complete(values))
+    return TrialSettings.of(recipe.space.complete(values))
 
 
 def build(recipe, **values):
@@ -70,7 +70,7 @@ def test_quantization_uses_bitsandbytes_layers(recipe, quantization, layer):
         import bitsandbytes as bnb
 
         w = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
-        assert w.quant_state.quant_type == s["bnb_4bit_quant_type"] == "nf4"
+        assert w.quant_state.quant_type == s.bnb_4bit_quant_type == "nf4"
 
 
 def test_gradient_checkpointing_is_enabled_on_the_model(recipe):

@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
+from llmtune.config.settings import TrialSettings
 from llmtune.study.calibration import MemoryCalibration
 from llmtune.study.memory import (
     CUDA_CONTEXT_BYTES,
@@ -326,9 +327,9 @@ def test_harness_step_matches_estimate_on_cpu(tiny_model_path, quantization, che
     from llmtune.harness.data import Batch
     from llmtune.harness.train import _loss_sum
 
-    settings = dict(quantization=quantization, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+    settings = TrialSettings.of(dict(quantization=quantization, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                     gradient_checkpointing=checkpointing, lora_r=16, lora_alpha=16, lora_dropout=0.0,
-                    lora_target_modules="all-linear", use_rslora=False)
+                    lora_target_modules="all-linear", use_rslora=False))
     model = M.apply_lora(M.load_base(ModelConfig(name=str(tiny_model_path)), settings, "cpu", torch.bfloat16), settings)
     model.train()
     batch_size, seq = 4, 128

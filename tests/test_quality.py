@@ -127,9 +127,9 @@ def test_identity_adapter_forgets_nothing(tmp_path, tiny_model_path, tiny_data_p
 
     r = _recipe(tmp_path, measure={"max_new_tokens": 6})
     settings = {**r.space.complete({}), "lora_r": 8}
-    from llmtune.config.space import trial_settings
+    from llmtune.config.settings import TrialSettings
 
-    s = trial_settings(settings)
+    s = TrialSettings.of(settings)
     model = M.apply_lora(M.load_base(r.model, s, "cpu", torch.float32), s)  # B = 0: the identity
     value, info = forgetting(model, M.load_tokenizer(r.model), r, "cpu")
     assert value == 0.0 and info["forgetting_base_loss"] > 0 and info["forgetting_sequences"] == 16

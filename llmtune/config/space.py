@@ -389,16 +389,3 @@ class SearchSpace:
 EXECUTION = tuple(name for name, p in PARAMS.items() if p.execution)
 
 
-def global_batch(settings: dict[str, Any], gradient_accumulation_steps: int = 1) -> int:
-    """Examples per optimizer step: ``batch_size``, or micro batches x accumulation when it is unset."""
-    if settings.get("batch_size") is not None:
-        return int(settings["batch_size"])
-    return int(settings["micro_batch_size"]) * gradient_accumulation_steps
-
-
-def trial_settings(values: dict[str, Any]) -> dict[str, Any]:
-    """Resolve derived settings: lora_alpha from the ratio, warmup as steps or ratio."""
-    out = dict(values)
-    if out.get("lora_alpha") is None:
-        out["lora_alpha"] = float(out.get("lora_alpha_ratio") or 2.0) * int(out["lora_r"])
-    return out

@@ -8,6 +8,7 @@ import torch
 
 from llmtune import hardware
 from llmtune.config.sections import ModelConfig
+from llmtune.config.settings import TrialSettings
 from llmtune.harness.targets import attention_implementation, check_dropout, resolve_targets
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -34,17 +35,17 @@ def checkpoint_dtype(cfg: ModelConfig) -> str | None:
     return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
-def quantization_config(settings: dict[str, Any], dtype: torch.dtype):
+def quantization_config(settings: TrialSettings, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
-    q = settings["quantization"]
+    q = settings.quantization
     if q == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if q == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type=settings["bnb_4bit_quant_type"],
-            bnb_4bit_use_double_quant=bool(settings["bnb_4bit_use_double_quant"]),
+            bnb_4bit_quant_type=settings.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=settings.bnb_4bit_use_double_quant,
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=torch.uint8,
         )
@@ -67,7 +68,7 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_base(cfg: ModelConfig, settings: dict[str, Any], device: str, dtype: torch.dtype):
+def load_base(cfg: ModelConfig, settings: TrialSettings, device: str, dtype: torch.dtype):
     """The frozen base model on `device`, quantized as the trial asks."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -89,13 +90,13 @@ def load_base(cfg: ModelConfig, settings: dict[str, Any], device: str, dtype: to
     return model
 
 
-def apply_lora(model: Any, settings: dict[str, Any]):
+def apply_lora(model: Any, settings: TrialSettings):
     """Wrap the base with the trial's LoRA adapter; gradient checkpointing as asked."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    checkpointing = bool(settings["gradient_checkpointing"])
+    checkpointing = settings.gradient_checkpointing
     ckpt_kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen inputs, no input grads hack
-    if settings["quantization"] != "none":
+    if settings.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
     elif checkpointing:
@@ -104,13 +105,13 @@ def apply_lora(model: Any, settings: dict[str, Any]):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     # presets mean this model's own modules (GPT-2's c_attn, Falcon's query_key_value, MoE experts...)
-    plan = resolve_targets(model, settings["lora_target_modules"])
+    plan = resolve_targets(model, settings.lora_target_modules)
     lora = LoraConfig(
-        r=int(settings["lora_r"]),
-        lora_alpha=float(settings["lora_alpha"]),  # type: ignore[arg-type]  # alpha = ratio * r may be fractional
-        lora_dropout=check_dropout(plan, float(settings["lora_dropout"])),
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,  # type: ignore[arg-type]  # alpha = ratio * r may be fractional
+        lora_dropout=check_dropout(plan, settings.lora_dropout),
         **plan.lora_kwargs(),
-        use_rslora=bool(settings["use_rslora"]),
+        use_rslora=settings.use_rslora,
         bias="none",
         task_type="CAUSAL_LM",
     )

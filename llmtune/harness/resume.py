@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from llmtune.config.settings import TrialSettings
 from llmtune.config.space import PERTURBABLE
 from llmtune.harness.data import Plan
 
@@ -100,9 +101,9 @@ def boundary(plan: Plan, fraction: float) -> int:
     return plan.step_at(fraction) + 1
 
 
-def shape_settings(settings: dict[str, Any]) -> dict[str, Any]:
+def shape_settings(settings: TrialSettings) -> dict[str, Any]:
     """The settings that must be the same across a member's segments (all but `PERTURBABLE`)."""
-    return {k: v for k, v in settings.items() if k not in PERTURBABLE}
+    return {k: v for k, v in settings.as_dict().items() if k not in PERTURBABLE}
 
 
 def set_lora_dropout(model: Any, p: float) -> None:
@@ -118,7 +119,7 @@ class SegmentRun:
     """Drives one segment inside the harness's training loop: which steps run, each step's learning rate
     and dropout, loading the state it starts from and saving the one it ends with."""
 
-    def __init__(self, spec: SegmentSpec, plan: Plan, settings: dict[str, Any], scheduler_kind: str,
+    def __init__(self, spec: SegmentSpec, plan: Plan, settings: TrialSettings, scheduler_kind: str,
                  model: Any, optimizer: torch.optim.Optimizer, device: str):
         self.spec, self.plan, self.settings, self.kind = spec, plan, settings, scheduler_kind
         self.model, self.optimizer, self.device = model, optimizer, device
@@ -145,11 +146,11 @@ class SegmentRun:
 
     def value(self, step: int, name: str) -> Any:
         values = self.entry(step)["values"]
-        return values[name] if name in values else self.settings.get(name)
+        return values[name] if name in values else getattr(self.settings, name)
 
     def warmup(self, step: int) -> int:
         values = self.entry(step)["values"]
-        if "warmup_steps" in values or ("warmup_ratio" not in values and self.settings.get("warmup_steps") is not None):
+        if "warmup_steps" in values or ("warmup_ratio" not in values and self.settings.warmup_steps is not None):
             return int(self.value(step, "warmup_steps"))
         return int(math.ceil(float(self.value(step, "warmup_ratio")) * self.n_steps))
 
@@ -212,7 +213,7 @@ class SegmentRun:
 
 
 def save_state(path: Path, model: Any, optimizer: torch.optim.Optimizer, device: str, steps_done: int, n_steps: int,
-               settings: dict[str, Any], schedule: list[dict[str, Any]] | None = None) -> None:
+               settings: TrialSettings, schedule: list[dict[str, Any]] | None = None) -> None:
     """Write everything the next step reads (LoRA tensors, optimizer state, the RNG dropout draws from, the
     step index) to ``path``, atomically (a folder renamed into place): a reader sees a whole state or none,
     and a retried job replaces the one it left. A `SegmentRun` resumes from it: PBT's next segment, or a

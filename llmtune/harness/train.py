@@ -22,7 +22,7 @@ import torch
 from llmtune import hardware
 from llmtune.config.objectives import needs_generations
 from llmtune.config.recipe import Recipe
-from llmtune.config.space import global_batch, trial_settings
+from llmtune.config.settings import TrialSettings
 from llmtune.harness import data as D
 from llmtune.harness import model as M
 from llmtune.harness.data_sources import load_splits
@@ -213,9 +213,9 @@ def run_trial(recipe: Recipe, values: dict[str, Any], out_dir: str | Path, *, fr
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = trial_settings(values)
+    settings = TrialSettings.of(values)
     emit = on_event or (lambda event: None)
-    result = TrialResult(status=COMPLETE, settings=settings)
+    result = TrialResult(status=COMPLETE, settings=settings.as_dict())
     started = time.perf_counter()
     try:
         with ExitStack() as cleanup:
@@ -241,7 +241,7 @@ class _Job:
     """What `run_trial` hands the training: the recipe, the trial's settings and what kind of job it is."""
 
     recipe: Recipe
-    settings: dict[str, Any]
+    settings: TrialSettings
     out: Path
     fractions: list[float]
     emit: EventFn
@@ -299,7 +299,8 @@ def _run(job: _Job, cleanup: ExitStack) -> None:
     t0 = time.perf_counter()
     s = _setup(job)
     info["load_s"] = time.perf_counter() - t0
-    trackers = cleanup.enter_context(Trackers(recipe.train.report_to, job.out, f"trial-{job.trial_number}", job.settings))
+    trackers = cleanup.enter_context(Trackers(recipe.train.report_to, job.out, f"trial-{job.trial_number}",
+                                                  job.settings.as_dict()))
     evaluator = _Evaluator(job, s, trackers)
     first, last = (s.seg.start_step, s.seg.stop_step) if s.seg else (0, len(s.plan.steps))
     if 0.0 in job.fractions and first == 0:
@@ -325,17 +326,17 @@ def _setup(job: _Job) -> _Setup:
     tokenizer = M.load_tokenizer(recipe.model)
     splits = load_splits(recipe.data)
     info["data_fingerprint"] = splits.fingerprint
-    seq_len = int(settings["sequence_len"])
+    seq_len = settings.sequence_len
     cache = Path(recipe.output_dir) / ".cache" / "tokens"  # shared by the search's trials (token_cache.py)
     train_examples, dropped = encode_cached(splits.train, recipe.data, tokenizer, seq_len, cache_dir=cache,
                                             data_fingerprint=splits.fingerprint, split="train")
     eval_examples, _ = encode_cached(splits.eval, recipe.data, tokenizer, recipe.data.eval_max_length, cache_dir=cache,
                                      data_fingerprint=splits.fingerprint, split="eval")
     t_plan = time.perf_counter()
-    batch_size = global_batch(settings, recipe.train.gradient_accumulation_steps)
+    batch_size = settings.global_batch(recipe.train.gradient_accumulation_steps)
     plan = D.plan_batches(train_examples, budget=recipe.train.budget, batch_size=batch_size,
-                          micro_batch_size=int(settings["micro_batch_size"]), sequence_len=seq_len,
-                          packing=bool(settings["sample_packing"]), pad_id=tokenizer.pad_token_id, seed=recipe.train.seed)
+                          micro_batch_size=settings.micro_batch_size, sequence_len=seq_len,
+                          packing=settings.sample_packing, pad_id=tokenizer.pad_token_id, seed=recipe.train.seed)
     eval_set = D.eval_batches(eval_examples, recipe.train.eval_batch_size, tokenizer.pad_token_id)
     info["plan_s"] = time.perf_counter() - t_plan  # batching and padding: what a collator costs elsewhere
     info.update(plan=plan.totals(), batch_size=batch_size, padding_share=D.padding_share(plan), dropped_examples=dropped,
@@ -343,10 +344,9 @@ def _setup(job: _Job) -> _Setup:
                 eval_examples=len(eval_examples), eval_tokens=sum(b.label_tokens for b in eval_set))
     model, packed_mask, trainable = _setup_model(job, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(recipe.train.optimizer, params, float(settings["learning_rate"]), recipe.train.weight_decay)
+    optimizer = make_optimizer(recipe.train.optimizer, params, settings.learning_rate, recipe.train.weight_decay)
     n_steps = len(plan.steps)
-    warmup = settings.get("warmup_steps")
-    warmup = int(warmup) if warmup is not None else int(math.ceil(float(settings["warmup_ratio"]) * n_steps))
+    warmup = settings.warmup(n_steps)
     from transformers import get_scheduler
 
     scheduler = get_scheduler(recipe.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=n_steps)
@@ -365,7 +365,7 @@ def _setup_model(job: _Job, device: str, dtype: torch.dtype) -> tuple[Any, torch
     info = job.result.info
     base = M.load_base(job.recipe.model, job.settings, device, dtype)
     packed_mask = None
-    if job.settings["sample_packing"]:  # can this model keep packed examples apart, and how?
+    if job.settings.sample_packing:  # can this model keep packed examples apart, and how?
         info["packing_mode"] = mode = packing_mode(base)
         if mode == "none":
             raise TargetError(f"search.sample_packing: {base.config.model_type} cannot keep packed examples apart "

@@ -17,7 +17,8 @@ from optuna.trial import TrialState
 
 from llmtune import hardware
 from llmtune.config.recipe import Recipe
-from llmtune.config.space import Choice, Fixed, Range, resolve_target_modules, trial_settings
+from llmtune.config.settings import TrialSettings
+from llmtune.config.space import Choice, Fixed, Range, resolve_target_modules
 from llmtune.study.attrs import INFO, METRICS_KEY, STATUS
 from llmtune.study.calibration import MemoryCalibration
 from llmtune.study.memory import GIB, MemoryEstimate, estimate_memory
@@ -36,15 +37,15 @@ def _config_source(recipe: Recipe) -> str:
 
 def estimate_for(recipe: Recipe, values: dict[str, Any], device: str = "cuda") -> MemoryEstimate:
     """The estimator's prediction for one trial of this recipe."""
-    s = trial_settings(values)
+    s = TrialSettings.of(values)
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     return estimate_memory(
-        _config_source(recipe), quantization=s["quantization"], bnb_4bit_quant_type=s["bnb_4bit_quant_type"],
-        bnb_4bit_use_double_quant=bool(s["bnb_4bit_use_double_quant"]), dtype=dtype, lora_r=int(s["lora_r"]),
-        lora_target_modules=resolve_target_modules(s["lora_target_modules"]), micro_batch_size=int(s["micro_batch_size"]),
-        sequence_len=int(s["sequence_len"]), sample_packing=bool(s["sample_packing"]),
-        gradient_checkpointing=bool(s["gradient_checkpointing"]), optimizer=recipe.train.optimizer, device=device,
-        lora_dropout=float(s["lora_dropout"]),
+        _config_source(recipe), quantization=s.quantization, bnb_4bit_quant_type=s.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=s.bnb_4bit_use_double_quant, dtype=dtype, lora_r=s.lora_r,
+        lora_target_modules=resolve_target_modules(s.lora_target_modules), micro_batch_size=s.micro_batch_size,
+        sequence_len=s.sequence_len, sample_packing=s.sample_packing,
+        gradient_checkpointing=s.gradient_checkpointing, optimizer=recipe.train.optimizer, device=device,
+        lora_dropout=s.lora_dropout,
     )
 
 

@@ -31,7 +31,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from llmtune.config.recipe import Recipe
-from llmtune.config.space import PERTURBABLE, trial_settings
+from llmtune.config.settings import TrialSettings
+from llmtune.config.space import PERTURBABLE
 from llmtune.errors import SearchError
 from llmtune.study import attrs, engine
 from llmtune.study.pbt_plan import Member, next_generation, pbt_settings
@@ -223,8 +224,8 @@ class PBTStrategy(Strategy):
         lineage = dict(storage.get_trial(tid).user_attrs[attrs.LINEAGE])
         m, k = int(lineage["member"]), int(lineage["segment"])
         values = search.space.suggest(trial)
-        chosen = trial_settings(values)
-        entry = {"until": self.bounds[k], "values": {p: chosen[p] for p in PERTURBABLE if chosen.get(p) is not None}}
+        chosen = TrialSettings.of(values).as_dict()
+        entry = {"until": self.bounds[k], "values": {p: chosen[p] for p in PERTURBABLE if chosen[p] is not None}}
         lineage.update(schedule=[*lineage.get("schedule", []), entry], state=f"m{m:03d}-s{k:02d}",
                        start=self.bounds[k - 1] if k else 0.0, stop=self.bounds[k], final=k == len(self.bounds) - 1)
         storage.set_trial_user_attr(tid, attrs.LINEAGE, lineage)

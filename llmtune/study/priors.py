@@ -206,7 +206,7 @@ def recipe_facts(recipe: Any, space: SearchSpace | None = None) -> ModelFacts | 
     (steps from examples or tokens at the space's fixed or default batch; epochs leave it unknown). None
     when the config cannot be read: the rule then assumes a 7B-class model."""
     from llmtune.builtin.names import resolve_model_name
-    from llmtune.config.space import global_batch
+    from llmtune.config.settings import TrialSettings
 
     try:
         from transformers import AutoConfig
@@ -217,9 +217,9 @@ def recipe_facts(recipe: Any, space: SearchSpace | None = None) -> ModelFacts | 
         return None
     space = space or recipe.space
     fixed = {n: s.value for n, s in space.specs.items() if isinstance(s, Fixed)}
-    batch_settings = {"batch_size": fixed.get("batch_size"),
-                      "micro_batch_size": fixed.get("micro_batch_size") or PARAMS["micro_batch_size"].default}
-    batch = global_batch(batch_settings, recipe.train.gradient_accumulation_steps)
+    batch = TrialSettings.of({"batch_size": fixed.get("batch_size"),
+                              "micro_batch_size": fixed.get("micro_batch_size") or PARAMS["micro_batch_size"].default}
+                             ).global_batch(recipe.train.gradient_accumulation_steps)
     budget, steps = recipe.train.budget, None
     if budget.kind == "examples":
         steps = max(1, int(budget.amount) // batch)
