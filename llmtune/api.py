@@ -24,8 +24,8 @@ from llmtune.trial.result import TrialResult
 if TYPE_CHECKING:  # pragma: no cover
     from llmtune.deliver.hub import Export, Push
 
-RecipeLike = str | os.PathLike | Recipe | dict[str, Any]
-RunLike = str | os.PathLike | SearchResult
+RecipeLike = str | os.PathLike[str] | Recipe | dict[str, Any]
+RunLike = str | os.PathLike[str] | SearchResult
 
 
 def _silent(message: str) -> None:
@@ -53,7 +53,7 @@ def load(recipe: RecipeLike, overrides: list[str] | None = None, values: dict[st
     return recipe_from_dict(data, source=source)
 
 
-def init_recipe(model: str, data: str | os.PathLike, *, output: str | os.PathLike = "recipe.yaml",
+def init_recipe(model: str, data: str | os.PathLike[str], *, output: str | os.PathLike[str] = "recipe.yaml",
                 gpu_memory_gb: float | None = None, overwrite: bool = False,
                 log: Callable[[str], None] | None = None) -> Path:
     """Write a commented recipe for `model` and the data file `data` to `output` and return its path:
@@ -95,7 +95,7 @@ def validate(recipe: RecipeLike, *, overrides: list[str] | None = None,
 
 def search(recipe: RecipeLike, *, n_trials: int | None = None, storage: str | None = None,
            study_name: str | None = None, workers: int = 1, gpus: str | list[str] | None = None,
-           output_dir: str | os.PathLike | None = None, quiet: bool = True, overrides: list[str] | None = None,
+           output_dir: str | os.PathLike[str] | None = None, quiet: bool = True, overrides: list[str] | None = None,
            log: Callable[[str], None] | None = None) -> SearchResult:
     """Run (or resume) the recipe's search; returns the results (Pareto front, chosen trial, table).
 
@@ -141,7 +141,7 @@ def search(recipe: RecipeLike, *, n_trials: int | None = None, storage: str | No
 MAX_WORKERS = 64
 
 
-def _output_dir_given(output_dir: str | os.PathLike | None) -> list[Problem]:
+def _output_dir_given(output_dir: str | os.PathLike[str] | None) -> list[Problem]:
     """An empty ``output_dir`` (``--output-dir ""``) would write into the current folder."""
     if output_dir is not None and not os.fspath(output_dir).strip():
         return [Problem("output_dir (--output-dir)", f"{os.fspath(output_dir)!r} is empty, which would write into the "
@@ -168,9 +168,9 @@ def _check_gpus(entries: list[str]) -> list[str]:
     return entries
 
 
-def train(recipe: RecipeLike, values: dict[str, Any] | None = None, *, output_dir: str | os.PathLike | None = None,
+def train(recipe: RecipeLike, values: dict[str, Any] | None = None, *, output_dir: str | os.PathLike[str] | None = None,
           overrides: list[str] | None = None, in_process: bool = False,
-          schedule: str | os.PathLike | None = None) -> TrialResult:
+          schedule: str | os.PathLike[str] | None = None) -> TrialResult:
     """One trial with the given settings; the other searched settings take their midpoints / first choices.
 
     ``schedule``: a PBT member's schedule file (best/schedule.json of a population-based search): the
@@ -220,12 +220,12 @@ def train(recipe: RecipeLike, values: dict[str, Any] | None = None, *, output_di
     return run_trial_process(job)
 
 
-def _output_field(path: str | os.PathLike, given: str | os.PathLike | None) -> tuple[str, str]:
+def _output_field(path: str | os.PathLike[str], given: str | os.PathLike[str] | None) -> tuple[str, str]:
     """(folder, the field it came from) for the preflight's check of where a command writes."""
     return os.fspath(path), "output_dir (--output-dir)" if given is not None else "output_dir"
 
 
-def _writable(path: str | os.PathLike, given: str | os.PathLike | None) -> None:
+def _writable(path: str | os.PathLike[str], given: str | os.PathLike[str] | None) -> None:
     """Raise `RecipeError` when the folder a command would write cannot be made, before it reads anything."""
     from llmtune.preflight import folder_problem
 
@@ -279,7 +279,7 @@ def load_results(run: RunLike, *, study_name: str | None = None, storage: str | 
 
 
 def report(run: RunLike, *, study_name: str | None = None, storage: str | None = None,
-           output_dir: str | os.PathLike | None = None) -> SearchResult:
+           output_dir: str | os.PathLike[str] | None = None) -> SearchResult:
     """Write trials.csv/json, best/ and report.html of a finished or running search (default: into its
     output_dir); returns the results."""
     from llmtune.deliver.finalize import finalize
@@ -294,7 +294,7 @@ def report(run: RunLike, *, study_name: str | None = None, storage: str | None =
     return finalize(result.study, result.recipe)
 
 
-def export_adapter(run: RunLike, output_dir: str | os.PathLike, *, trial: int | None = None, merge: bool = False,
+def export_adapter(run: RunLike, output_dir: str | os.PathLike[str], *, trial: int | None = None, merge: bool = False,
                    tokenizer: bool | None = None, study_name: str | None = None, storage: str | None = None) -> Export:
     """Write a trial's adapter (default: the chosen one) as a PEFT folder with a model card into ``output_dir``
     (new, empty, or an earlier export). ``merge`` adds the merged full model (16/32-bit bases only)."""
@@ -307,7 +307,7 @@ def export_adapter(run: RunLike, output_dir: str | os.PathLike, *, trial: int | 
 
 def push_to_hub(run: RunLike, repo_id: str | None = None, *, private: bool | None = None, trial: int | None = None,
                 revision: str | None = None, dry_run: bool = False, token: str | None = None,
-                output_dir: str | os.PathLike | None = None, study_name: str | None = None,
+                output_dir: str | os.PathLike[str] | None = None, study_name: str | None = None,
                 storage: str | None = None, endpoint: str | None = None) -> Push:
     """Export a trial's adapter (into ``output_dir``, default <run>/export/trial-NNNN) and upload it to the Hub
     in one commit; private by default; ``dry_run`` uploads nothing. Token from HF_TOKEN / `hf auth login`;

@@ -10,11 +10,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmtune._version import __version__
 from llmtune.errors import LlmtuneError, Problem, RecipeError
 from llmtune.trial.endings import COMPLETE
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+    from rich.table import Table
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -24,13 +28,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 UNBOUNDED_WIDTH = 10_000
 
 
-def _console():
+def _console() -> Console:
     from rich.console import Console
 
     return Console() if sys.stdout.isatty() else Console(width=UNBOUNDED_WIDTH)
 
 
-def _table(title: str, rows: list[dict[str, Any]]):
+def _table(title: str, rows: list[dict[str, Any]]) -> Table:
     from rich.table import Table
 
     from llmtune.study.progress import fmt_metric
@@ -336,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return int(args.func(args))
     except LlmtuneError as e:  # what users get wrong, or what their machine cannot do: no traceback
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

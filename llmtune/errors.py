@@ -9,6 +9,7 @@ what was asked), so ``except ValueError`` keeps working.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 class LlmtuneError(Exception):
@@ -21,14 +22,14 @@ class LlmtuneError(Exception):
         if code is not None:
             self.exit_code = code
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         # Pickle rebuilds an exception as ``cls(*self.args)``; a subclass whose __init__ takes other
         # arguments (RecipeError takes problems) would get the message there and garble it ("337 problems:
         # - i - z ..."). Rebuild without calling __init__: the message and every attribute as they were.
         return _rebuild, (type(self), self.args, dict(self.__dict__))
 
 
-def _rebuild(cls: type[LlmtuneError], args: tuple, state: dict) -> LlmtuneError:
+def _rebuild(cls: type[LlmtuneError], args: tuple[Any, ...], state: dict[str, Any]) -> LlmtuneError:
     """An error as it was pickled (`LlmtuneError.__reduce__`), without running its __init__."""
     error = cls.__new__(cls)
     Exception.__init__(error, *args)

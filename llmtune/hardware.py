@@ -10,12 +10,13 @@ import functools
 import importlib.util
 import os
 from collections.abc import MutableMapping
+from typing import Any
 
 from llmtune.errors import MissingDependency
 
 
 @functools.lru_cache(maxsize=1)
-def _nvml():
+def _nvml() -> Any:
     """Initialised pynvml module, or None when there is no NVIDIA driver."""
     try:
         import pynvml
@@ -32,7 +33,7 @@ def gpu_count() -> int:
     if nvml is None:
         return 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    n = nvml.nvmlDeviceGetCount()
+    n = int(nvml.nvmlDeviceGetCount())
     if visible is not None:
         return len([v for v in visible.split(",") if v.strip() and v.strip() != "-1"])
     return n

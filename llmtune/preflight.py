@@ -371,7 +371,7 @@ def _cpu_4bit(recipe: Recipe, model: Any) -> list[Problem]:
 # ----------------------------------------------------------------------------------------- where it writes
 
 
-def folder_problem(path: str | os.PathLike, field: str) -> Problem | None:
+def folder_problem(path: str | os.PathLike[str], field: str) -> Problem | None:
     """Why a folder cannot be made (or written) at ``path``, or None. Writes nothing that stays: a probe
     folder is made and removed where the first missing part of the path would go (tests run as root, for
     whom permissions never fail, so only a real attempt tells)."""

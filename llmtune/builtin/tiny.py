@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llmtune.builtin.cache import Log, ensure_built
 from llmtune.builtin.names import TINY_DATA, TINY_MODEL
@@ -209,7 +209,7 @@ def _torch_threads(log: Callable[[str], None]) -> Iterator[None]:
 def ensure_tiny_model(log: Log = print) -> Path:
     """Directory of the tiny Llama + tokenizer, loadable offline with ``from_pretrained``."""
 
-    def build(out: Path, say: Callable[[str], None]) -> dict:
+    def build(out: Path, say: Callable[[str], None]) -> dict[str, Any]:
         with _torch_threads(say):
             return _build_model(out, say)
 

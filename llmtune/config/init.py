@@ -142,7 +142,7 @@ def sequence_len(rows: list[dict[str, Any]]) -> int:
     if not lengths:
         return 512
     p90 = lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))]
-    return min(2048, max(128, 2 ** math.ceil(math.log2(max(p90, 1)))))
+    return int(min(2048, max(128, 2 ** math.ceil(math.log2(max(p90, 1))))))
 
 
 def lora_ranks(rank: int) -> list[int]:

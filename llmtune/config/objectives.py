@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llmtune.config.problems import did_you_mean, fmt, one_of
 
@@ -62,7 +62,7 @@ def needs_generations(recipe: Recipe) -> bool:
     return bool(named & set(TASK_METRICS) or named & set(recipe.measure.metrics))
 
 
-def _user_metric(recipe: Recipe, name: str, spec: dict, add: Callable[[str, str], None]) -> str | None:
+def _user_metric(recipe: Recipe, name: str, spec: dict[str, Any], add: Callable[[str, str], None]) -> str | None:
     """``{metric: 'module:function', direction: ...}``: the user's metric goes to measure.metrics; its direction."""
     path = f"objectives.{name}"
     unknown = set(spec) - {"metric", "direction"}

@@ -17,7 +17,7 @@ from llmtune.errors import Problem, RecipeError
 MAX_NODES = 10_000
 
 
-def read_recipe_file(path: str | os.PathLike) -> Any:
+def read_recipe_file(path: str | os.PathLike[str]) -> Any:
     """A recipe file's YAML as plain data (its ``name`` defaults to the file's stem); not validated yet.
 
     A key given twice in one mapping is an error: YAML would silently keep the last one (a searched

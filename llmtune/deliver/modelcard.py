@@ -89,7 +89,7 @@ def card_metadata(result: SearchResult, trial: FrozenTrial, repo_id: str | None,
     card = ModelCardData(
         base_model=base or recipe.model.name, library_name="peft", pipeline_tag="text-generation", tags=tags,
         datasets=[data] if data else None, model_name=(repo_id or recipe.name).split("/")[-1], eval_results=evals or None)
-    meta = yaml.safe_load(card.to_yaml())
+    meta: dict[str, Any] = yaml.safe_load(card.to_yaml())
     meta["llmtune"] = {"version": versions.get("llmtune", ""), "trial": trial.number, "study": result.study.study_name,
                        "selected_by": recipe.select.by}
     return meta
@@ -176,7 +176,7 @@ def render_card(result: SearchResult, trial: FrozenTrial, *, repo_id: str | None
         "## Framework versions\n",
         "".join(f"- {k}: {v}\n" for k, v in versions.items() if v),
     ]
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + "\n".join(body)
+    return "---\n" + str(yaml.safe_dump(meta, sort_keys=False)) + "---\n\n" + "\n".join(body)
 
 
 def read_card(path: str | Path) -> tuple[dict[str, Any], str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import sqlalchemy.exc
@@ -15,6 +15,12 @@ from llmtune.deliver.front import feasible, pareto_front, select
 from llmtune.errors import SearchError
 from llmtune.study.attrs import CURVE, DIR, METRICS_KEY, REASON, RECIPE, SETTINGS, STATUS
 from llmtune.study.storage import counted, has_studies, mask_url, open_storage, storage_error
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    from llmtune.deliver.hub import Export, Push
 
 
 class SearchResult:
@@ -56,7 +62,7 @@ class SearchResult:
         return {t.number: t.user_attrs.get(CURVE, []) for t in self.all_trials if t.user_attrs.get(CURVE)}
 
     @property
-    def trials(self):
+    def trials(self) -> pd.DataFrame:
         """One row per trial: number, status, reason, feasibility, Pareto membership, settings, metrics."""
         import pandas as pd
 
@@ -88,26 +94,26 @@ class SearchResult:
             out.append(row)
         return out
 
-    def plot_pareto(self, x: str | None = None, y: str | None = None):
+    def plot_pareto(self, x: str | None = None, y: str | None = None) -> go.Figure:
         """Plotly figure of the trials in two objectives, the front and the chosen trial marked."""
         from llmtune.deliver.figures import pareto_figure
 
         return pareto_figure(self, x, y)
 
-    def plot_curves(self):
+    def plot_curves(self) -> go.Figure | None:
         """Plotly figure of every trial's eval loss over the training budget (None before any eval)."""
         from llmtune.deliver.figures import curves_figure
 
         return curves_figure(self)
 
-    def export(self, output_dir: str | Path, trial: int | None = None, merge: bool = False, tokenizer: bool | None = None):
+    def export(self, output_dir: str | Path, trial: int | None = None, merge: bool = False, tokenizer: bool | None = None) -> Export:
         """Write a trial's adapter (default: the chosen one) as a PEFT folder with a model card
         (see `llmtune.deliver.hub.export_adapter`)."""
         from llmtune.deliver.hub import export_adapter
 
         return export_adapter(self, output_dir, trial=trial, merge=merge, tokenizer=tokenizer)
 
-    def push_to_hub(self, repo_id: str | None = None, **kwargs: Any):
+    def push_to_hub(self, repo_id: str | None = None, **kwargs: Any) -> Push:
         """Export a trial's adapter and upload it to the Hub in one commit (see `llmtune.deliver.hub.push_to_hub`:
         private, trial, revision, dry_run, token, output_dir)."""
         from llmtune.deliver.hub import push_to_hub

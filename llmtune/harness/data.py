@@ -45,7 +45,7 @@ def segments(row: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> list[tuple
 
     def render(part: list[dict[str, Any]], **kwargs: Any) -> str:
         try:
-            return tokenizer.apply_chat_template(part, tokenize=False, **kwargs)
+            return str(tokenizer.apply_chat_template(part, tokenize=False, **kwargs))
         except Exception as e:  # the template is the model's code: whatever it raises, say which row and why
             raise template_refused(row, messages, shape, tokenizer, e) from None
 
@@ -132,8 +132,9 @@ def _token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     if backend is not None and backend.truncation is None and backend.padding is None:
         # The Rust tokenizer directly: the same ids, without building an offsets/mask dict per text
         # (that conversion costs as much as tokenizing).
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [list(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    ids: list[list[int]] = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return ids
 
 
 def encode_all(rows: list[dict[str, Any]], cfg: DataConfig, tokenizer: Any, max_len: int) -> tuple[list[Example], int]:

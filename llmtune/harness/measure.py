@@ -11,6 +11,7 @@ import resource
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -92,7 +93,7 @@ def release_memory(device: str) -> None:
 
 
 @contextmanager
-def track_peak_memory(device: str):
+def track_peak_memory(device: str) -> Iterator[MemoryPeak]:
     """Measure the peak memory of the block; yields a MemoryPeak filled on exit."""
     peak = MemoryPeak()
     if device == "cuda":

@@ -35,7 +35,7 @@ def checkpoint_dtype(cfg: ModelConfig) -> str | None:
     return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
-def quantization_config(settings: TrialSettings, dtype: torch.dtype):
+def quantization_config(settings: TrialSettings, dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
     q = settings.quantization
@@ -58,7 +58,7 @@ def resolved_model_path(cfg: ModelConfig) -> str:
     return resolve_model_name(cfg.name, log=None)
 
 
-def load_tokenizer(cfg: ModelConfig):
+def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolved_model_path(cfg), revision=cfg.revision,
@@ -68,7 +68,7 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_base(cfg: ModelConfig, settings: TrialSettings, device: str, dtype: torch.dtype):
+def load_base(cfg: ModelConfig, settings: TrialSettings, device: str, dtype: torch.dtype) -> Any:
     """The frozen base model on `device`, quantized as the trial asks."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -90,7 +90,7 @@ def load_base(cfg: ModelConfig, settings: TrialSettings, device: str, dtype: tor
     return model
 
 
-def apply_lora(model: Any, settings: TrialSettings):
+def apply_lora(model: Any, settings: TrialSettings) -> Any:
     """Wrap the base with the trial's LoRA adapter; gradient checkpointing as asked."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 

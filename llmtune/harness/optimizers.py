@@ -27,7 +27,7 @@ def _bnb(paged: bool) -> Callable[[list[Any], float, float], Any]:
     def build(params: list[Any], lr: float, weight_decay: float) -> Any:
         import bitsandbytes as bnb
 
-        cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
+        cls = getattr(bnb.optim, "PagedAdamW8bit" if paged else "AdamW8bit")  # not in bnb.optim's __all__
         return cls(params, lr=lr, weight_decay=weight_decay)
 
     return build

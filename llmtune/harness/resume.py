@@ -163,8 +163,8 @@ class SegmentRun:
 
             dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
             sched = get_scheduler(self.kind, dummy, num_warmup_steps=warmup, num_training_steps=self.n_steps)
-            self._factors[warmup] = sched.lr_lambdas[0]  # type: ignore[attr-defined]
-        return float(self.value(step, "learning_rate")) * self._factors[warmup](step)
+            self._factors[warmup] = sched.lr_lambdas[0]
+        return float(self.value(step, "learning_rate")) * float(self._factors[warmup](step))
 
     def before_step(self, step: int) -> None:
         index = self._entry_index(step)

@@ -23,6 +23,7 @@ from llmtune import hardware
 from llmtune.config.objectives import needs_generations
 from llmtune.config.recipe import Recipe
 from llmtune.config.settings import TrialSettings
+from llmtune.errors import DataError
 from llmtune.harness import data as D
 from llmtune.harness import model as M
 from llmtune.harness.data_sources import load_splits
@@ -161,7 +162,7 @@ def evaluate(model: Any, batches: list[D.Batch], device: str) -> float:
         count += b.label_tokens
     model.train(was_training)
     if not count:  # never a loss over no tokens: it would read 0 and win (`D.eval_batches` refuses such a set)
-        raise D.DataError("the eval set has no answer token to score; raise data.eval_max_length",
+        raise DataError("the eval set has no answer token to score; raise data.eval_max_length",
                           field="data.eval_max_length")
     return total / count
 

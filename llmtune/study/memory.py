@@ -162,7 +162,8 @@ def _load_config(model: Any) -> PretrainedConfig:
 
         name = resolve_model_name(os.fspath(model), log=lambda _: None)  # a built-in name: its local folder
         try:
-            return AutoConfig.from_pretrained(name)
+            config: PretrainedConfig = AutoConfig.from_pretrained(name)
+            return config
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RecipeError([Problem("model", f"{os.fspath(model)!r}: its config could not be read ({first[:300]}); "
@@ -173,7 +174,7 @@ def _load_config(model: Any) -> PretrainedConfig:
 
         raise RecipeError([Problem("model", f"{type(model).__name__} {model!r:.80}: give a local model folder, a Hub "
                                             "name or a transformers config")], source="estimate_memory")
-    return model
+    return model  # type: ignore[no-any-return]  # a config by duck type (to_json_string)
 
 
 def _model_shape(config: PretrainedConfig) -> _Shape:
@@ -204,8 +205,8 @@ def _model_shape(config: PretrainedConfig) -> _Shape:
             quantizable = mod is not head and name != last_module
             linears.append(_Linear(name, int(in_f), int(out_f), quantizable, mod is head, in_layer))
         elif type(mod).__name__.endswith("Norm") or isinstance(mod, torch.nn.LayerNorm):
-            w = getattr(mod, "weight", None)
-            dim = int(w.shape[-1]) if w is not None else hidden
+            nw = getattr(mod, "weight", None)
+            dim = int(nw.shape[-1]) if nw is not None else hidden
             # q_norm / k_norm normalise each head separately: dim == head_dim, applied heads times per token
             mult = (heads if "q" in name.rsplit(".", 1)[-1] else kv_heads) if dim == head_dim != hidden else 1
             norm[in_layer][0] += dim * mult
@@ -346,7 +347,7 @@ def _activation_bytes(shape: _Shape, targeted: list[_Linear], *, r: int, batch: 
 
 
 def estimate_memory(
-    model: PretrainedConfig | str | os.PathLike,
+    model: PretrainedConfig | str | os.PathLike[str],
     *,
     quantization: str = "none",
     bnb_4bit_quant_type: str = "nf4",

@@ -106,7 +106,7 @@ class LiveProgress(PlainProgress):
         self.console.print(f"trial {number}: [bold]{result.status}[/bold]{reason}  " + "  ".join(
             f"{k}={fmt_metric(k, result.metrics.get(k))}" for k in self.search.recipe.objectives))
 
-    def _render(self):
+    def _render(self) -> Any:
         from rich.console import Group
         from rich.table import Table
 
@@ -132,7 +132,7 @@ class LiveProgress(PlainProgress):
             parts.append(front)
         return Group(*parts)
 
-    def _front_table(self, table_cls: Any):
+    def _front_table(self, table_cls: Any) -> Any:
         if not self.search or not getattr(self.search, "study", None):
             return None
         from llmtune.deliver.results import SearchResult

@@ -135,7 +135,7 @@ def penalty_values(study: optuna.Study, recipe: Recipe, result: TrialResult) -> 
         seen_feasible = [t.values[i] for t in feasible if finite(t.values[i])]
         worst = worse(seen_feasible) if seen_feasible else None
         if worst is not None:
-            v = worse(v, worst)  # type: ignore[arg-type]  # finite or replaced above
+            v = worse(v, worst)
         worst_feasible.append(worst)
         out.append(float(v))  # type: ignore[arg-type]  # finite or replaced above
     if out and all(w is not None and v == w for v, w in zip(out, worst_feasible, strict=True)):
@@ -373,4 +373,4 @@ def add_variant(study: optuna.Study, recipe: Recipe, params: dict[str, Any],
 def environment_wait(study: optuna.Study, trial: optuna.Trial) -> float:
     """Seconds the worker that saw an `environment` ending waits before its next trial: twice as long each
     time the same settings failed so (up to ENVIRONMENT_WAIT_MAX_S)."""
-    return min(ENVIRONMENT_WAIT_MAX_S, ENVIRONMENT_WAIT_S * 2 ** retries(study, trial, ENVIRONMENT))
+    return float(min(ENVIRONMENT_WAIT_MAX_S, ENVIRONMENT_WAIT_S * 2 ** retries(study, trial, ENVIRONMENT)))

@@ -65,7 +65,7 @@ def mask_url(url: str) -> str:
 def masked_recipe(recipe: Recipe) -> dict[str, Any]:
     """The recipe as JSON for the study and the trial processes, with the storage password masked
     (the URL was expanded from ${ENV} at load; it must not land in spec.json or the dashboard)."""
-    d = json.loads(json.dumps(recipe.to_dict(), default=str))
+    d: dict[str, Any] = json.loads(json.dumps(recipe.to_dict(), default=str))
     if d.get("study", {}).get("storage"):
         d["study"]["storage"] = mask_url(d["study"]["storage"])
     return d
