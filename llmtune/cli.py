@@ -69,7 +69,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
               f"{', '.join(f'{n} {space.specs[n].describe()}' for n in probes.probed_settings(space))}: "
               f"{len(variants)} variants measured by short probes per learning configuration")
     if recipe.study.strategy == "pbt":
-        from llmtune.study.pbt_plan import pbt_settings
+        from llmtune.config.pbt_settings import pbt_settings
 
         pbt = pbt_settings(recipe)
         print(f"  population-based training: {pbt.population} members x {len(pbt.bounds)} segments "

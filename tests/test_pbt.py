@@ -114,7 +114,8 @@ def test_pbt_settings_are_checked_with_the_recipe(tmp_path):
 def test_explore_changes_only_the_settings_it_may_and_exploit_copies_the_best(tmp_path):
     import random
 
-    from llmtune.study.pbt_plan import Member, explore, next_generation, pbt_settings, rank
+    from llmtune.config.pbt_settings import pbt_settings
+    from llmtune.study.pbt_plan import Member, explore, next_generation, rank
 
     recipe = recipe_from_dict(_pbt_dict(tmp_path))
     settings, space = pbt_settings(recipe), recipe.space

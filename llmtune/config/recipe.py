@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,8 +23,19 @@ from typing import Any
 
 import yaml
 
+from llmtune.config.choices import (
+    OPTIMIZER_NAMES,
+    PRUNER_SETTINGS,
+    SAMPLER_CHOICES,
+    SAMPLER_LIMITS,
+    STRATEGIES,
+    TRACKER_NAMES,
+    sampler_problem,
+)
 from llmtune.config.objectives import TASK_METRICS, check_objectives
-from llmtune.config.problems import did_you_mean, fmt, one_of, yaml_bool_hint
+from llmtune.config.pbt_settings import check_pbt
+from llmtune.config.problems import did_you_mean, fmt, one_of
+from llmtune.config.pruner_settings import check_pruner_settings
 from llmtune.config.recipe_file import read_recipe_file
 from llmtune.config.sections import (
     SECTIONS,
@@ -39,12 +49,8 @@ from llmtune.config.sections import (
     TrainConfig,
 )
 from llmtune.config.space import PARAMS, Range, SearchSpace, check_search
+from llmtune.config.values import coerce
 from llmtune.errors import Problem, RecipeError
-from llmtune.harness.optimizers import OPTIMIZERS
-from llmtune.harness.trackers import TRACKERS
-from llmtune.study.pbt_plan import STRATEGIES, check_pbt
-from llmtune.study.pruners import PRUNERS, make_pruner
-from llmtune.study.samplers import SAMPLER_CHOICES, SAMPLERS
 
 
 @dataclass
@@ -108,10 +114,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("text", "instruction", "chat"),
     "data.train_on": ("completions", "all"),
     "train.lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
-    "train.optimizer": tuple(OPTIMIZERS),
+    "train.optimizer": OPTIMIZER_NAMES,
     "train.device": ("auto", "cuda", "cpu"),
     "study.sampler": SAMPLER_CHOICES,
-    "study.pruner": tuple(PRUNERS),
+    "study.pruner": tuple(PRUNER_SETTINGS),
     "study.memory_gate": ("auto", "on", "off"),
     "study.strategy": STRATEGIES,
     "study.execution": ("probe", "search"),
@@ -164,38 +170,15 @@ class _Checker:
                 return self.build(section_cls, value, path)
         if value is None and "None" in t:
             return None
-        if t.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            self.add(path, f"{fmt(value)} is not true or false")
-        elif t.startswith("int"):
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            self.add(path, f"{fmt(value)} is not a whole number")
-        elif t.startswith("float"):
-            number = None
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                number = float(value) if abs(value) < 1e308 else math.inf
-            elif isinstance(value, str):
-                try:
-                    number = float(value)  # YAML reads '1e-4' without a dot as a string
-                except ValueError:
-                    pass
-            if number is not None and math.isfinite(number):
-                return number
-            if number is not None:  # .nan, .inf, "nan": every comparison with them is false, no check holds
-                like = f" like {f.default:g}" if isinstance(f.default, float) else ""
-                self.add(path, f"{fmt(value)} is not a finite number; give a number{like}")
-            else:
-                self.add(path, f"{fmt(value)} is not a number")
-        elif t.startswith("str"):
-            if isinstance(value, str):
-                return value
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "name" in path:
+        kind = next((k for k in (bool, int, float, str) if t.startswith(k.__name__)), None)
+        if kind is not None:
+            if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool) and "name" in path:
                 return str(value)
-            self.add(path, f"{fmt(value)} is not text{yaml_bool_hint(value)}")
+            like = f.default if kind is float else None
+            value, why = coerce(value, kind, like)
+            if why is None:
+                return value
+            self.add(path, why)
         elif t.startswith("list"):
             if isinstance(value, str):
                 return [value]
@@ -265,8 +248,8 @@ def _check_values(recipe: Recipe, ck: _Checker) -> None:
     if t.max_grad_norm is not None and t.max_grad_norm < 0:
         ck.add("train.max_grad_norm", f"{t.max_grad_norm} must be >= 0 (0 disables clipping)")
     for i, tracker in enumerate(t.report_to or []):
-        if tracker not in TRACKERS:
-            ck.add(f"train.report_to[{i}]", one_of(tracker, list(TRACKERS)))
+        if tracker not in TRACKER_NAMES:
+            ck.add(f"train.report_to[{i}]", one_of(tracker, list(TRACKER_NAMES)))
 
     if recipe.measure.latency_prompts is not None and recipe.measure.latency_prompts < 1:
         ck.add("measure.latency_prompts", f"{recipe.measure.latency_prompts} must be at least 1")
@@ -288,12 +271,9 @@ def _check_values(recipe: Recipe, ck: _Checker) -> None:
             ck.add(dotted, why)
     _unexpanded_variables(recipe, ck)
 
-    if s.pruner in CHOICES["study.pruner"] and isinstance(s.pruner_settings, dict):
-        try:
-            make_pruner(s.pruner, **s.pruner_settings)
-        except (ValueError, TypeError) as e:
-            for problem in str(e).splitlines():  # each bad setting on its own line
-                ck.add("study.pruner_settings", problem)
+    if s.pruner in PRUNER_SETTINGS and isinstance(s.pruner_settings, dict):
+        for problem in check_pruner_settings(s.pruner, s.pruner_settings):
+            ck.add("study.pruner_settings", problem)
 
     check_objectives(recipe, ck.add)
 
@@ -301,14 +281,14 @@ def _check_values(recipe: Recipe, ck: _Checker) -> None:
     ck.problems += search_problems
     if s.strategy in STRATEGIES and isinstance(s.pbt_settings, dict) and not search_problems:
         ck.problems += check_pbt(recipe)
-    kind = SAMPLERS.get(s.sampler)
-    if kind is not None and not search_problems and isinstance(recipe.objectives, dict):
+    if s.sampler in SAMPLER_LIMITS and not search_problems and isinstance(recipe.objectives, dict):
         space = SearchSpace.from_dict(recipe.search)
-        why = kind.problem(space, len(recipe.objectives))
+        why = sampler_problem(s.sampler, space, len(recipe.objectives))
         if why:
             ranges = [f"search.{n} {space.specs[n].describe()}" for n in space.searched
                       if isinstance(space.specs[n], Range) and not space.specs[n].step]  # type: ignore[union-attr]
-            ck.add("study.sampler", why + (f" (here: {', '.join(ranges)})" if kind.discrete_only and ranges else ""))
+            discrete_only = SAMPLER_LIMITS[s.sampler].discrete_only
+            ck.add("study.sampler", why + (f" (here: {', '.join(ranges)})" if discrete_only and ranges else ""))
 
 
 MAX_WEIGHT_DECAY = 1.0

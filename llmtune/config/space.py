@@ -24,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llmtune.config.problems import did_you_mean, fmt, one_of, yaml_bool_hint
+from llmtune.config.problems import did_you_mean, fmt, one_of
+from llmtune.config.values import coerce, to_str
 from llmtune.errors import Problem, RecipeError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -154,30 +155,14 @@ Spec = Fixed | Choice | Range
 
 
 def _coerce(param: Param, value: Any) -> tuple[Any, str | None]:
-    """Value in the parameter's type, or the reason it is not."""
+    """Value in the parameter's type, or the reason it is not (`llmtune.config.values`)."""
     if value is None:
         return None, (None if param.default is None else "must not be empty")
-    if param.type is bool:
-        return (value, None) if isinstance(value, bool) else (value, f"{fmt(value)} is not true or false")
-    if param.type is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value, None
-        if isinstance(value, float) and value.is_integer():
-            return int(value), None
-        return value, f"{fmt(value)} is not a whole number"
-    if param.type is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)  # YAML reads '1e-4' (no dot) as text
-            except ValueError:
-                return value, f"{fmt(value)} is not a number"
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value), None
-        return value, f"{fmt(value)} is not a number"
     if isinstance(value, list) and param.name == "lora_target_modules":
         return ",".join(str(v) for v in value), None  # a list of module names inside {choices: [...]}
-    meant = "none" if param.name == "quantization" and value is False else ""
-    return (value, None) if isinstance(value, str) else (value, f"{fmt(value)} is not text{yaml_bool_hint(value, meant)}")
+    if param.type is str:
+        return to_str(value, meant="none" if param.name == "quantization" and value is False else "")
+    return coerce(value, param.type, param.default)
 
 
 def _check_value(param: Param, value: Any) -> str | None:

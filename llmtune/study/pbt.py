@@ -30,12 +30,13 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from llmtune.config.pbt_settings import pbt_settings
 from llmtune.config.recipe import Recipe
 from llmtune.config.settings import TrialSettings
 from llmtune.config.space import PERTURBABLE
 from llmtune.errors import SearchError
 from llmtune.study import attrs, engine
-from llmtune.study.pbt_plan import Member, next_generation, pbt_settings
+from llmtune.study.pbt_plan import Member, next_generation
 from llmtune.study.storage import worker_id
 from llmtune.study.strategy import RUN, Claim, Job, Strategy
 from llmtune.trial.endings import (

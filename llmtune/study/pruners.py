@@ -10,16 +10,18 @@ measurements as well as their loss.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any, Protocol, runtime_checkable
 
 import optuna
 
-from llmtune.study.rungs import (
+from llmtune.config.choices import PRUNER_SETTINGS
+from llmtune.config.pruner_settings import (
     DEFAULT_METRIC_TOLERANCE,
-    FRACTION_TOL,
+    check_pruner_settings,
+    check_rung_settings,
+)
+from llmtune.study.rungs import (
     PARTIAL_METRICS,
     asha_prunes,
     geometric_rungs,
@@ -47,54 +49,6 @@ class Pruner(Protocol):
     def describe(self) -> str:
         """One line for logs."""
         ...
-
-
-def _check_tolerance(tolerance: Any) -> float:
-    ok = isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool)
-    if not ok or not 0.0 <= float(tolerance) < 1.0:
-        raise ValueError(f"setting 'metric_tolerance'={tolerance!r} is invalid: use a relative difference in [0, 1), "
-                         "e.g. metric_tolerance=0.1 to treat throughput within 10% as equal")
-    return float(tolerance)
-
-
-def _check_eta(eta: Any) -> int:
-    if isinstance(eta, float) and eta.is_integer():
-        eta = int(eta)  # YAML/CLI may hand over 3.0
-    if isinstance(eta, bool) or not isinstance(eta, int) or eta < 2:
-        raise ValueError(f"setting 'eta'={eta!r} is invalid: use an integer >= 2 (e.g. eta=3)")
-    return eta
-
-
-def _check_min_fraction(min_fraction: Any) -> float:
-    ok = isinstance(min_fraction, (int, float)) and not isinstance(min_fraction, bool)
-    if not ok or not (0.0 < float(min_fraction) < 1.0 - FRACTION_TOL):
-        raise ValueError(
-            f"setting 'min_fraction'={min_fraction!r} is invalid: use a number in (0, 1), "
-            "e.g. min_fraction=1/9 (1 would never prune: use pruner 'none' for that)"
-        )
-    return float(min_fraction)
-
-
-def _check_min_trials(min_trials: Any, eta: int) -> int:
-    # Default eta: with fewer than eta trials at a rung the top-1/eta share rounds down to zero
-    # trials, i.e. there is no evidence yet to rank anyone out; from eta on, the best continues.
-    if min_trials is None:
-        return eta
-    if isinstance(min_trials, bool) or not isinstance(min_trials, int) or min_trials < 1:
-        raise ValueError(
-            f"setting 'min_trials_per_rung'={min_trials!r} is invalid: use an integer >= 1 "
-            f"or leave it unset (defaults to eta={eta})"
-        )
-    return min_trials
-
-
-def _check_pause(pause: Any) -> bool:
-    if isinstance(pause, str) and pause.strip().lower() in ("true", "false"):  # from --set or a replay's spec
-        pause = pause.strip().lower() == "true"
-    if not isinstance(pause, bool):
-        raise ValueError(f"setting 'pause'={pause!r} is invalid: use true (a stopped trial keeps its state and may "
-                         "be promoted later) or false (stopped trials are killed, nothing kept)")
-    return pause
 
 
 def _ranked_on(objectives: dict[str, str]) -> str:
@@ -126,27 +80,20 @@ class NopPruner:
 
 
 class _RungSettings:
-    """The settings ASHA and Hyperband share, checked once; ``_rungs`` are the geometric rungs they give."""
+    """The settings ASHA and Hyperband share, checked once (`config.pruner_settings.check_rung_settings`);
+    ``_rungs`` are the geometric rungs they give."""
 
     def __init__(self, eta: int, min_fraction: float, min_trials_per_rung: int | None,
                  objectives: dict[str, str] | None, metric_tolerance: float, pause: bool = True) -> None:
-        problems: list[str] = []
-
-        def checked(check: Callable[..., Any], *args: Any) -> Any:
-            try:
-                return check(*args)
-            except ValueError as e:  # every bad setting is reported, not only the first
-                problems.append(str(e))
-                return None
-
-        self.eta = checked(_check_eta, eta) or 3
-        self.min_fraction = checked(_check_min_fraction, min_fraction) or 1 / 9
-        self.min_trials_per_rung = checked(_check_min_trials, min_trials_per_rung, self.eta) or self.eta
-        self.objectives = dict(objectives or {})
-        self.metric_tolerance = checked(_check_tolerance, metric_tolerance) or 0.0
-        self.pause = checked(_check_pause, pause) is not False  # a stopped trial is paused (study/promotion.py)
+        values, problems = check_rung_settings(eta, min_fraction, min_trials_per_rung, metric_tolerance, pause)
         if problems:
             raise ValueError("\n".join(problems))
+        self.eta: int = values["eta"]
+        self.min_fraction: float = values["min_fraction"]
+        self.min_trials_per_rung: int = values["min_trials_per_rung"]
+        self.objectives = dict(objectives or {})
+        self.metric_tolerance: float = values["metric_tolerance"]
+        self.pause: bool = values["pause"]  # a stopped trial is paused (study/promotion.py)
         self._rungs = geometric_rungs(self.min_fraction, self.eta)
 
 
@@ -293,24 +240,15 @@ class PrunerKind:
     help: str
 
 
-_RUNG_SETTINGS = ("eta", "min_fraction", "min_trials_per_rung", "metric_tolerance", "pause")
-# study.pruner's choices are this registry's names.
+# study.pruner's choices are this registry's names; the settings each takes, and their rules, are config's
+# (`llmtune.config.choices.PRUNER_SETTINGS`, `llmtune.config.pruner_settings`), so that a recipe is checked
+# without this module.
 PRUNERS: dict[str, PrunerKind] = {k.name: k for k in [
-    PrunerKind("none", NopPruner, (), "every trial runs its whole budget"),
-    PrunerKind("asha", ASHAPruner, _RUNG_SETTINGS, "asynchronous successive halving, multi-objective ranks at each rung"),
-    PrunerKind("hyperband", HyperbandPruner, _RUNG_SETTINGS, "several ASHA brackets, from aggressive to none"),
+    PrunerKind("none", NopPruner, PRUNER_SETTINGS["none"], "every trial runs its whole budget"),
+    PrunerKind("asha", ASHAPruner, PRUNER_SETTINGS["asha"],
+               "asynchronous successive halving, multi-objective ranks at each rung"),
+    PrunerKind("hyperband", HyperbandPruner, PRUNER_SETTINGS["hyperband"], "several ASHA brackets, from aggressive to none"),
 ]}
-
-
-def _coerce(value: Any) -> Any:
-    """Numbers written as text in YAML/CLI ("3", "1/9", "0.05") become numbers."""
-    if not isinstance(value, str):
-        return value
-    try:
-        number = Fraction(value.strip())
-    except (ValueError, ZeroDivisionError):
-        return value  # left as text so the pruner's own check names it
-    return int(number) if number.denominator == 1 else float(number)
 
 
 def make_pruner(
@@ -324,14 +262,9 @@ def make_pruner(
     kind = PRUNERS.get(key)
     if kind is None:
         raise ValueError(f"unknown pruner {name!r}: use one of {', '.join(repr(k) for k in PRUNERS)}")
-    for setting, value in settings.items():
-        if setting not in kind.settings:
-            fix = f"allowed settings: {', '.join(kind.settings)}" if kind.settings else "it takes no settings"
-            raise ValueError(f"pruner {key!r} has no setting {setting!r} (given {value!r}); {fix}")
+    problems = check_pruner_settings(kind.name, settings)
+    if problems:
+        raise ValueError("\n".join(problems))
     if not kind.settings:
         return kind.cls()
-    kwargs = {k: _coerce(v) for k, v in settings.items()}
-    try:
-        return kind.cls(**kwargs, objectives=objectives)
-    except ValueError as err:
-        raise ValueError(f"pruner {key!r}: {err}") from None
+    return kind.cls(**settings, objectives=objectives)

@@ -24,6 +24,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from llmtune.config.pruner_settings import DEFAULT_METRIC_TOLERANCE, FRACTION_TOL
 from llmtune.study.attrs import CURVE, RESUME_OF, RUNG_METRICS, STATUS
 from llmtune.trial.endings import pruner_ignores
 
@@ -31,14 +32,6 @@ from llmtune.trial.endings import pruner_ignores
 # the steps so far; train_time_s is extrapolated to the whole budget by the search loop).  Latency
 # and generation memory are only measured after training, so they never take part in pruning.
 PARTIAL_METRICS = frozenset({"train_throughput", "peak_memory_gb", "trainable_params", "train_time_s"})
-# Measured objectives are noisy (throughput varied ~12% between identical runs of the tabular benchmark),
-# so a pruner setting `metric_tolerance` makes values within that relative difference tie: a trial that
-# barely trains then cannot survive on a 1% throughput fluke. Default 0: in the replay benchmark a 5-10%
-# tolerance cost more training seconds to reach 90% of the front (1.2x -> 1.7-2.1x with llmtune's sampler)
-# and did not help on the raw-timing table, so it is for users who see noisy fronts, not the default.
-DEFAULT_METRIC_TOLERANCE = 0.0
-# Fractions travel through JSON and arithmetic on several machines; compare with a tolerance.
-FRACTION_TOL = 1e-6
 # A rung decides only while its losses rank the final losses. On public LoRA sweeps of real models the
 # loss at 1/9 of the budget ranked the final loss anywhere from -0.69 to +0.62 (Spearman, issue 21), so the
 # rule measures it online: over the study's finished trials (losses at the rung vs at the end), and once

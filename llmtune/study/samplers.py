@@ -35,7 +35,7 @@ from optuna.samplers import BaseSampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
-from llmtune import hardware
+from llmtune.config.choices import SAMPLER_CHOICES, sampler_problem
 from llmtune.config.problems import one_of
 from llmtune.config.space import Choice, Fixed, SearchSpace, is_active
 from llmtune.errors import SearchError
@@ -274,39 +274,27 @@ def _cmaes(space: SearchSpace, n_objectives: int, n_trials: int, seed: int | Non
 
 @dataclass(frozen=True)
 class SamplerKind:
-    """One entry of `study.sampler`: how to build it and what it cannot do (checked at validation)."""
+    """One entry of `study.sampler`: how to build it. What it cannot do (several objectives, a continuous
+    space, a missing module) is config's (`llmtune.config.choices.SAMPLER_LIMITS`), checked with the recipe."""
 
     name: str
     help: str
     build: Callable[[SearchSpace, int, int, int | None, bool], BaseSampler]
-    multi_objective: bool = True  # handles several objectives
-    discrete_only: bool = False   # needs every searched setting to be choices or a stepped range
-    needs: str | None = None      # a module it imports, with its pip name after a colon
 
     def problem(self, space: SearchSpace, n_objectives: int) -> str | None:
-        """Why this sampler cannot run this search, with the fix; None when it can."""
-        if not self.multi_objective and n_objectives > 1:
-            return f"{self.name!r} handles one objective only, and the recipe has {n_objectives}; use auto, tpe or nsga2"
-        if self.discrete_only and space.grid() is None:
-            return (f"{self.name!r} needs every searched setting to be a list of choices or a range with step; "
-                    "give the float ranges a step, or use auto")
-        if self.needs:
-            module, _, pip_name = self.needs.partition(":")
-            if not hardware.installed(module):
-                return f"{self.name!r} needs {module}: pip install {pip_name or module}"
-        return None
+        """Why this sampler cannot run this search, with the fix; None when it can (`sampler_problem`)."""
+        return sampler_problem(self.name, space, n_objectives)
 
 
-# study.sampler's choices are this registry's names plus "auto" (see `make_sampler`).
+# study.sampler's choices are this registry's names plus "auto" (see `make_sampler`): `SAMPLER_CHOICES`.
 SAMPLERS: dict[str, SamplerKind] = {k.name: k for k in [
     SamplerKind("tpe", "multivariate TPE (Optuna), an eighth of n_trials random at the start", _tpe),
     SamplerKind("nsga2", "NSGA-II, for many objectives and large budgets", _nsga2),
-    SamplerKind("gp", "Gaussian-process Bayesian optimisation", _gp, needs="scipy"),
+    SamplerKind("gp", "Gaussian-process Bayesian optimisation", _gp),
     SamplerKind("random", "uniform random search", _random),
-    SamplerKind("grid", "every point of a discrete space", _grid, discrete_only=True),
-    SamplerKind("cmaes", "CMA-ES, one objective", _cmaes, multi_objective=False, needs="cmaes"),
+    SamplerKind("grid", "every point of a discrete space", _grid),
+    SamplerKind("cmaes", "CMA-ES, one objective", _cmaes),
 ]}
-SAMPLER_CHOICES = ("auto", *SAMPLERS)
 
 
 def make_sampler(name: str, space: SearchSpace, n_objectives: int, n_trials: int | None, seed: int | None,
