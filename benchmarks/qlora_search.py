@@ -53,8 +53,9 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results/qlora_search")
     args = p.parse_args()
 
-    import llmtune
     from harness_speed import build_model
+
+    import llmtune
     from llmtune.study.gate import estimate_for
 
     out = Path(args.out)

@@ -161,7 +161,7 @@ class _Checker:
                     kwargs[name] = None
         return cls(**kwargs)
 
-    def convert(self, f: dataclasses.Field, value: Any, path: str) -> Any:
+    def convert(self, f: dataclasses.Field[Any], value: Any, path: str) -> Any:
         t = str(f.type)
         if t == "Budget":
             return self.build(Budget, value, path)
@@ -357,7 +357,7 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
         for n in sorted({n for n in names if names.count(n) > 1}):
             ck.add(f"objectives.{n}", f"is named {names.count(n)} times in {fmt(data['objectives'])}; give each metric once")
         data["objectives"] = {n: None for n in names}
-    recipe = ck.build(Recipe, data, "")
+    recipe: Recipe = ck.build(Recipe, data, "")
     _check_values(recipe, ck)
     if not recipe.output_dir:
         recipe.output_dir = str(Path("runs") / (recipe.name or "llmtune"))
@@ -366,7 +366,7 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply ``key.path=value`` overrides, validate it all at once."""
     data = read_recipe_file(path)
     if overrides and isinstance(data, dict):

@@ -45,8 +45,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from llmtune.config.pruner_settings import FRACTION_TOL
 from llmtune.study.attrs import CURVE, PAUSED, RESUME_OF, RUNG_METRICS, SETTINGS, STATUS
-from llmtune.study.rungs import FRACTION_TOL, configuration
+from llmtune.study.rungs import configuration
 from llmtune.trial.endings import SURPLUS
 
 PAUSE_FOLDER = "paused-state"  # in the trial's folder: the state a paused trial goes on from

@@ -10,6 +10,7 @@ measurements as well as their loss.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -235,7 +236,7 @@ class PrunerKind:
     """One entry of `study.pruner`: its class and the settings `study.pruner_settings` may give it."""
 
     name: str
-    cls: type
+    cls: Callable[..., Pruner]  # the pruner class: takes its settings and the objectives
     settings: tuple[str, ...]
     help: str
 

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
+from llmtune.config.pruner_settings import FRACTION_TOL
 from llmtune.config.recipe import Recipe
 from llmtune.config.space import SearchSpace
 from llmtune.study import engine, probes, promotion, record
 from llmtune.study.attrs import PRIOR, PROBES
 from llmtune.study.priors import COST_METRICS, cheap_config, prior_configs, recipe_facts
-from llmtune.study.rungs import FRACTION_TOL
 from llmtune.study.storage import counted
 from llmtune.trial.endings import COMPLETE, ENDINGS, OVER_BUDGET, SegmentEnd, no_layout_fits, not_run
 from llmtune.trial.result import TrialResult
