@@ -548,3 +548,23 @@ def test_a_fork_server_exits_promptly_when_its_parent_dies_before_the_first_tria
     took = time.time() - killed
     assert _gone(server) and took < 3, f"the fork server outlived its parent by {took:.1f}s"  # importing takes longer
     print(f"fork server gone {took:.2f}s after its parent")
+
+
+def test_causes_walks_an_error_chain_once_even_through_a_cycle():
+    import sqlalchemy.exc
+
+    from llmtune.study.outages import causes, dropped
+
+    root = sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionResetError("server closed the connection"))
+    try:
+        try:
+            raise root
+        except sqlalchemy.exc.OperationalError as e:
+            raise RuntimeError("StorageInternalError: the data is broken") from e
+    except RuntimeError as wrapped:
+        outer = wrapped
+    assert list(causes(outer)) == [outer, root]
+    assert dropped(outer) is root and dropped(RuntimeError("a refused statement")) is None
+    a, b = ValueError("a"), ValueError("b")
+    a.__context__, b.__context__ = b, a  # a cycle ends the walk
+    assert list(causes(a)) == [a, b]

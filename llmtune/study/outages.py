@@ -20,7 +20,7 @@ import functools
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from llmtune.errors import SearchError
@@ -47,20 +47,23 @@ class StorageLost(SearchError):
     """The study storage stayed unreachable for longer than the heartbeat grace period."""
 
 
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """The error and each it was raised from or during, once each (a cycle ends the walk)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in seen:
+        seen.append(current)
+        yield current
+        current = current.__cause__ or current.__context__
+
+
 def dropped(error: BaseException) -> BaseException | None:
     """The lost or refused database connection behind an error (Optuna wraps SQLAlchemy's errors in a
     StorageInternalError whose words blame the data), or None for a refused statement."""
     import sqlalchemy.exc
 
-    seen: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and current not in seen:
-        seen.append(current)
-        if isinstance(current, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or \
-                getattr(current, "connection_invalidated", False):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
+    return next((e for e in causes(error) if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
+                 or getattr(e, "connection_invalidated", False)), None)
 
 
 class _Outage:

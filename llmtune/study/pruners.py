@@ -82,10 +82,17 @@ class NopPruner:
 
 class _RungSettings:
     """The settings ASHA and Hyperband share, checked once (`config.pruner_settings.check_rung_settings`);
-    ``_rungs`` are the geometric rungs they give."""
+    ``_rungs`` are the geometric rungs they give. ``min_fraction`` unset is the pruner's own `MIN_FRACTION`."""
 
-    def __init__(self, eta: int, min_fraction: float, min_trials_per_rung: int | None,
-                 objectives: dict[str, str] | None, metric_tolerance: float, pause: bool = True) -> None:
+    MIN_FRACTION = 1 / 9
+
+    def __init__(
+        self, eta: int = 3, min_fraction: float | None = None, min_trials_per_rung: int | None = None,
+        objectives: dict[str, str] | None = None, metric_tolerance: float = DEFAULT_METRIC_TOLERANCE,
+        pause: bool = True,
+    ) -> None:
+        if min_fraction is None:
+            min_fraction = self.MIN_FRACTION
         values, problems = check_rung_settings(eta, min_fraction, min_trials_per_rung, metric_tolerance, pause)
         if problems:
             raise ValueError("\n".join(problems))
@@ -96,6 +103,10 @@ class _RungSettings:
         self.metric_tolerance: float = values["metric_tolerance"]
         self.pause: bool = values["pause"]  # a stopped trial is paused (study/promotion.py)
         self._rungs = geometric_rungs(self.min_fraction, self.eta)
+        self._brackets()
+
+    def _brackets(self) -> None:
+        """Hyperband's brackets over `_rungs`; ASHA has one."""
 
 
 class ASHAPruner(_RungSettings):
@@ -118,12 +129,7 @@ class ASHAPruner(_RungSettings):
     when the rule, asked again, lets it continue (`llmtune.study.promotion`).
     """
 
-    def __init__(
-        self, eta: int = 3, min_fraction: float = 1 / 9, min_trials_per_rung: int | None = None,
-        objectives: dict[str, str] | None = None, metric_tolerance: float = DEFAULT_METRIC_TOLERANCE,
-        pause: bool = True,
-    ) -> None:
-        super().__init__(eta, min_fraction, min_trials_per_rung, objectives, metric_tolerance, pause)
+    MIN_FRACTION = 1 / 9
 
     def rungs(self) -> list[float]:
         return list(self._rungs)
@@ -177,12 +183,9 @@ class HyperbandPruner(_RungSettings):
     coordination.  Decisions follow the ASHA rule, comparing only trials of the same bracket.
     """
 
-    def __init__(
-        self, eta: int = 3, min_fraction: float = 1 / 27, min_trials_per_rung: int | None = None,
-        objectives: dict[str, str] | None = None, metric_tolerance: float = DEFAULT_METRIC_TOLERANCE,
-        pause: bool = True,
-    ) -> None:
-        super().__init__(eta, min_fraction, min_trials_per_rung, objectives, metric_tolerance, pause)
+    MIN_FRACTION = 1 / 27
+
+    def _brackets(self) -> None:
         base = self._rungs
         self.bracket_rungs: list[list[float]] = [base[b:] for b in range(len(base) + 1)]
         n = len(self.bracket_rungs)

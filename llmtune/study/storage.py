@@ -29,7 +29,7 @@ from llmtune.config.recipe import Recipe
 from llmtune.errors import SearchError
 from llmtune.study import engine
 from llmtune.study.attrs import OWNER, RESUME_OF, RETRY_OF, STATUS, VARIANT_OF
-from llmtune.study.outages import STORAGE_CALLS, StorageLost, reconnect_all
+from llmtune.study.outages import STORAGE_CALLS, StorageLost, causes, reconnect_all
 from llmtune.study.record import lost, retry
 from llmtune.trial.endings import counts, retried
 
@@ -125,14 +125,8 @@ def storage_error(url: str, error: BaseException) -> str:
 
 def _schema_race(error: BaseException) -> bool:
     """Whether an error (or one it was raised from) is another process creating the same schema."""
-    seen: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and current not in seen:
-        seen.append(current)
-        if isinstance(current, sqlalchemy.exc.IntegrityError) or any(m in str(current) for m in _RACE_MARKERS):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    return any(isinstance(e, sqlalchemy.exc.IntegrityError) or any(m in str(e) for m in _RACE_MARKERS)
+               for e in causes(error))
 
 
 def _until_settled(step: Callable[[], T]) -> T:
