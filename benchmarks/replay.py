@@ -149,7 +149,7 @@ def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trial
                for combo in itertools.product(*(table.grid[n] for n in table.execution))]
     spent, front = 0.0, []
     out: dict[str, list] = {"seconds": [], "hv_ratio": [], "pruned": [], "cost": [], "rung": [], "key": [],
-                            "probe_s": [], "resumed": [], "regret": []}
+                            "probe_s": [], "resumed": [], "regret": [], "missing": []}
     # Single-objective view: the best loss found so far over the table's best (relative regret)
     loss = table.objectives[0][0]
     table_best = min(float(r[loss]) for r in table.rows.values() if r["status"] == "complete" and r.get(loss) is not None)
@@ -191,6 +191,8 @@ def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trial
         out["key"].append(key)
         out["probe_s"].append(probe_s)
         out["resumed"].append(resume is not None)
+        # a grid point a partial table (--missing fail) does not hold: charged 0 s and no configuration
+        out["missing"].append(table.rows.get(key, {}).get("status") == "missing")
         configurations += resume is None
         if stop_at_front and out["hv_ratio"][-1] >= 1.0 - 1e-9:
             break

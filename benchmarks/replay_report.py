@@ -44,10 +44,12 @@ def hv_at_seconds(run: dict[str, list], seconds: float) -> float:
 
 def configurations(run: dict[str, list]) -> list[int]:
     """How many configurations each told trial of a run had reached: a paused trial's continuation
-    (`resumed`) is the same configuration trained on, so it counts for no trial budget."""
+    (`resumed`) is the same configuration trained on, so it counts for no trial budget; nor does a grid point
+    a partial table does not hold (`missing`: the replay reads the table as the search space it recorded)."""
     out, n = [], 0
-    for resumed in run.get("resumed") or [False] * len(run["hv_ratio"]):
-        n += not resumed
+    told = len(run["hv_ratio"])
+    for resumed, missing in zip(run.get("resumed") or [False] * told, run.get("missing") or [False] * told, strict=True):
+        n += not (resumed or missing)
         out.append(n)
     return out
 
