@@ -52,6 +52,7 @@ from replay_report import (  # noqa: E402
     targets,
 )
 from replay_table import (  # noqa: E402  (re-exported: tests and other benchmarks use them from here)
+    DONE,
     REF,
     Table,
     at_rung,
@@ -315,16 +316,20 @@ def replay_trial(study: optuna.Study, trial: optuna.Trial, row: dict[str, Any], 
     storage, tid = engine.storage(study), engine.trial_id(trial)
     start = resume.fraction if resume is not None else 0.0
     spent = charge(row, start) if start else 0.0
-    if row["status"] != "complete":
+    if row["status"] not in DONE:
         storage.set_trial_user_attr(tid, STATUS, row["status"])
         study.tell(trial, state=TrialState.FAIL)
         return charge(row) - spent, None
+    last = max((float(k.partition("@")[2]) for k, v in row.items() if k.startswith("loss@") and v is not None),
+               default=1.0) if row["status"] == "stopped" else 1.0
     curve: list[list[float]] = list(resume.curve) if resume is not None else []
     partial: list[list[Any]] = list(resume.rung_metrics) if resume is not None else []
     config = resume.first if resume is not None else trial.number
     for rung in pruner.rungs_for_trial(config):
         if rung <= start + FRACTION_TOL:
             continue  # reached (and recorded) before it was paused
+        if rung > last + FRACTION_TOL:
+            break  # an early-stopped row has no curve past where its sweep stopped it
         loss = at_rung(row, "loss", rung)
         if loss is None:
             if not any(k.startswith("loss@") and row[k] is not None for k in row):
@@ -345,6 +350,14 @@ def replay_trial(study: optuna.Study, trial: optuna.Trial, row: dict[str, Any], 
                 storage.set_trial_user_attr(tid, PAUSED, {"fraction": rung, "state": "(replayed)"})
             study.tell(trial, state=TrialState.PRUNED)
             return charge(row, rung) - spent, rung
+    if row["status"] == "stopped":  # its sweep stopped it at `last`: pruned there, by another's rule
+        loss = at_rung(row, "loss", last)
+        if loss is not None and (not curve or curve[-1][0] < last - FRACTION_TOL):
+            curve.append([last, loss])
+        storage.set_trial_user_attr(tid, CURVE, curve)
+        storage.set_trial_user_attr(tid, STATUS, "pruned")
+        study.tell(trial, state=TrialState.PRUNED)
+        return charge(row) - spent, last
     curve.append([1.0, final_loss(row, objectives)])
     storage.set_trial_user_attr(tid, CURVE, curve)
     storage.set_trial_user_attr(tid, STATUS, "complete")

@@ -5,7 +5,13 @@ for a JSON table, ``<name>.meta.json``). Columns:
 
 - configuration columns: the meta's ``settings`` (else every column that is not reserved, below), named
   as llmtune settings; the meta's ``execution`` names those that are execution settings;
-- ``status`` (optional): anything but ``complete`` is a failed or infeasible trial;
+- ``status`` (optional): ``complete``; ``stopped``, a run its own sweep stopped early (its curve ends where
+  it stopped, ``train_time_s`` is what it spent): replayed like a complete run up to its last curve point,
+  where it ends pruned unless llmtune's pruner stopped it first; anything else is a failed or infeasible
+  trial (a diverged run: ``train_time_s`` is what it cost before it was stopped);
+- repeated runs of one configuration (several rows with the same settings, e.g. seeds): replayed as one
+  configuration whose numbers are their mean over the runs that completed (``runs``: how many were averaged;
+  the configuration fails only when no run completed), so that seed noise does not pick the front;
 - ``train_time_s`` (required): training seconds of the whole run;
 - curve: ``loss@F`` (F a fraction of the budget) or ``loss@step:N`` (step N of ``steps``, the row's
   step count, else of the largest N in the table); ``train_s@F`` / ``train_s@step:N`` seconds spent
@@ -225,6 +231,7 @@ def load_table(path: str | Path, objectives: list[tuple[str, str]], missing: str
     table = Table(grid=grid, objectives=objectives, rungs=[float(r) for r in meta.get("rungs", [1 / 9, 1 / 3])],
                   execution=[n for n in meta.get("execution", []) if n in grid])
     dropped = 0
+    runs: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for raw in raws:
         params = {name: _parse(raw[name], choices) for name, choices in grid.items()}
         row: dict[str, Any] = {"status": str(raw.get("status") or "complete")}
@@ -232,10 +239,12 @@ def load_table(path: str | Path, objectives: list[tuple[str, str]], missing: str
             if k not in grid and k != "status" and "@step:" not in k:
                 row[k] = _number(v)  # an empty curve cell stays None: that point was never evaluated
         row.update(_curve_columns(raw, largest))
-        if row["status"] == "complete" and any(row.get(m) is None for m, _ in objectives + [("train_time_s", "")]):
+        needed = [m for m, _ in objectives] if row["status"] == "complete" else []  # a stopped run: its cost and curve
+        if row["status"] in DONE and any(row.get(m) is None for m in [*needed, "train_time_s"]):
             dropped += 1  # a partly recorded row (its costs not measured yet): no trial can land on it
             row["status"] = "unrecorded"
-        table.rows[table.key(params)] = row
+        runs.setdefault(table.key(params), []).append(row)
+    table.rows = {key: mean_of_runs(rows) for key, rows in runs.items()}
     size = math.prod(len(v) for v in grid.values())
     table.unrecorded = dropped + size - len(table.rows)
     if table.unrecorded and missing == "error":
@@ -247,6 +256,25 @@ def load_table(path: str | Path, objectives: list[tuple[str, str]], missing: str
             key = tuple(grid[n][i] for n, i in zip(names, combo, strict=True))
             table.rows.setdefault(key, {"status": "missing", "train_time_s": 0.0})
     return table.finish()
+
+
+DONE = ("complete", "stopped")  # rows with a curve and their objectives measured
+
+
+def mean_of_runs(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's repeated runs as one row: every number averaged over the runs that completed
+    (else over those stopped early, else over all: a failure's cost is what the failures cost on average)."""
+    if len(rows) == 1:
+        return rows[0]
+    done = [r for r in rows if r["status"] == "complete"] or [r for r in rows if r["status"] in DONE] or rows
+    out: dict[str, Any] = {"status": done[0]["status"], "runs": len(done)}
+    for k in dict.fromkeys(k for r in done for k in r):
+        if k in ("status", "runs"):
+            continue
+        values = [r.get(k) for r in done]
+        numbers = [float(v) for v in values if isinstance(v, float | int) and not isinstance(v, bool)]
+        out[k] = float(np.mean(numbers)) if numbers and len(numbers) == len(values) else values[0]
+    return out
 
 
 def exclude(table: Table, item: str) -> Table:

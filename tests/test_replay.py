@@ -288,3 +288,27 @@ def test_a_table_of_another_tools_sweep_replays(tmp_path) -> None:
         assert set(run["key"]) == set(table.rows) and run["hv_ratio"][-1] == pytest.approx(1.0)
         diverged = run["key"].index(("lora", 1e-4, 4))
         assert run["cost"][diverged] == 10.0 and run["rung"][diverged] is None
+
+
+def test_repeated_runs_are_averaged_and_an_early_stopped_run_ends_pruned_where_its_sweep_stopped(tmp_path) -> None:
+    """Two seeds of one configuration replay as their mean; a run its own sweep stopped at half its budget
+    costs what it spent and ends pruned there, never a member of the front."""
+    rows = [
+        {"learning_rate": 1e-4, "status": "complete", "eval_loss": 3.0, "train_time_s": 10.0, "loss@0.5": 3.5},
+        {"learning_rate": 1e-4, "status": "complete", "eval_loss": 2.0, "train_time_s": 12.0, "loss@0.5": 2.5},
+        {"learning_rate": 1e-4, "status": "diverged", "eval_loss": "", "train_time_s": 4.0, "loss@0.5": ""},
+        {"learning_rate": 1e-3, "status": "stopped", "eval_loss": "", "train_time_s": 6.0, "loss@0.5": 2.2},
+        {"learning_rate": 1e-2, "status": "complete", "eval_loss": 2.8, "train_time_s": 8.0, "loss@0.5": 3.0},
+    ]
+    with open(tmp_path / "seeds.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = R.load_table(tmp_path / "seeds.csv", [("eval_loss", "minimize"), ("train_time_s", "minimize")])
+    mean = table.rows[(1e-4,)]
+    assert mean["runs"] == 2 and mean["eval_loss"] == pytest.approx(2.5) and mean["train_time_s"] == pytest.approx(11.0)
+    assert mean["loss@0.5"] == pytest.approx(3.0) and table.rows[(1e-3,)]["status"] == "stopped"
+    run = R.replay(table, "grid", "none", seed=0, n_trials=3)
+    stopped = run["key"].index((1e-3,))
+    assert run["cost"][stopped] == 6.0 and run["rung"][stopped] == pytest.approx(0.5)
+    assert run["hv_ratio"][-1] == pytest.approx(1.0)  # the front: the two complete configurations
