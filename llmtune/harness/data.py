@@ -259,9 +259,9 @@ def plan_batches(examples: list[Example], *, budget: Budget, batch_size: int, mi
 
     An optimizer step takes the next ``batch_size`` examples of the shuffled stream (fewer only where
     the budget ends): that is what the model learns from, the same for every layout. How a step's
-    examples are laid out is execution only: rows of ``micro_batch_size`` padded examples, or (packing)
-    rows of concatenated examples up to ``sequence_len`` tokens, ``micro_batch_size`` rows a forward
-    pass. A step's loss is averaged over its label tokens whatever the layout, so packing, micro batch
+    examples are laid out is execution only (longest first, `_lay_out`): rows of ``micro_batch_size``
+    padded examples, or (packing) rows of concatenated examples up to ``sequence_len`` tokens,
+    ``micro_batch_size`` rows a forward pass. A step's loss is averaged over its label tokens whatever the layout, so packing, micro batch
     size and gradient checkpointing give the same learning curve (tests/test_execution.py).
     """
     if not examples:
@@ -285,18 +285,27 @@ def plan_batches(examples: list[Example], *, budget: Budget, batch_size: int, mi
 
 def _lay_out(examples: list[Example], micro_batch_size: int, sequence_len: int, packing: bool,
              pad_id: int) -> list[Batch]:
-    """One step's examples as micro batches, in their order."""
+    """One step's examples as micro batches, laid out to waste few slots.
+
+    Which examples the step learns from is already decided (`plan_batches`); only their layout is chosen
+    here, longest first: padded micro batches then hold examples of similar length (on variable-length
+    data this halves the padded slots; the longest micro batch, which sets the peak memory, is the same
+    as in any order), and packed rows are filled first-fit decreasing (fewer, fuller rows). The step's loss
+    is the sum over its label tokens divided by their count, so the layout changes only float rounding.
+    """
+    ordered = sorted(examples, key=len, reverse=True)  # stable: ties keep the stream's order
     if not packing:
-        return [_pad_batch(examples[i: i + micro_batch_size], pad_id)
-                for i in range(0, len(examples), micro_batch_size)]
+        return [_pad_batch(ordered[i: i + micro_batch_size], pad_id) for i in range(0, len(ordered), micro_batch_size)]
     rows: list[list[Example]] = []
-    used = 0
-    for e in examples:
-        if not rows or used + len(e) > sequence_len:
+    free: list[int] = []  # room left in each row
+    for e in ordered:  # every example fits an empty row: it was cut to sequence_len
+        r = next((r for r, room in enumerate(free) if len(e) <= room), len(rows))
+        if r == len(rows):
             rows.append([])
-            used = 0
-        rows[-1].append(e)
-        used += len(e)
+            free.append(sequence_len)
+        rows[r].append(e)
+        free[r] -= len(e)
+    rows.sort(key=lambda row: sum(len(e) for e in row), reverse=True)  # rows of similar width share a micro batch
     return [_packed_batch(rows[i: i + micro_batch_size], pad_id) for i in range(0, len(rows), micro_batch_size)]
 
 
