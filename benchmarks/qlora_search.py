@@ -66,7 +66,7 @@ def main() -> int:
     started = time.perf_counter()
     result = llmtune.search(spec, quiet=True)
     wall = time.perf_counter() - started
-    loaded = llmtune.load(spec)
+    loaded = result.recipe
     rows, problems = [], []
     for t in result.all_trials:
         folder = Path(spec["output_dir"]) / "trials" / f"{t.number:04d}"
