@@ -8,6 +8,9 @@ probes instead of searching them with full trials (`llmtune.study.probes`).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_recipe_dict
@@ -16,6 +19,9 @@ from llmtune.config.recipe import recipe_from_dict
 from llmtune.config.space import EXECUTION, PARAMS
 from llmtune.harness import data as D
 from llmtune.harness.train import run_trial
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from harness_layout_ab import in_stream_order  # noqa: E402  (the layout before 2026-12-07)
 
 FRACTIONS = [0.0, 0.25, 0.5, 0.75, 1.0]
 VARIANTS = [
@@ -76,20 +82,6 @@ def test_a_probe_runs_a_few_steps_and_the_largest_and_predicts_the_full_runs_cos
     assert 0.4 < ratio < 2.5, ratio
 
 
-def _in_stream_order(examples, micro_batch_size, sequence_len, packing, pad_id):
-    """The layout before 2026-12-07: micro batches, and packed rows filled greedily, in the stream's order."""
-    if not packing:
-        return [D._pad_batch(examples[i: i + micro_batch_size], pad_id) for i in range(0, len(examples), micro_batch_size)]
-    rows, used = [], 0
-    for e in examples:
-        if not rows or used + len(e) > sequence_len:
-            rows.append([])
-            used = 0
-        rows[-1].append(e)
-        used += len(e)
-    return [D._packed_batch(rows[i: i + micro_batch_size], pad_id) for i in range(0, len(rows), micro_batch_size)]
-
-
 @pytest.mark.parametrize("packing", [False, True])
 def test_laying_a_step_out_longest_first_changes_only_the_padding(tmp_path, monkeypatch, tiny_model_path,
                                                                    tiny_data_path, packing):
@@ -98,7 +90,7 @@ def test_laying_a_step_out_longest_first_changes_only_the_padding(tmp_path, monk
     from safetensors.torch import load_file
 
     runs = []
-    for name, layout in (("in-order", _in_stream_order), ("longest-first", D._lay_out)):
+    for name, layout in (("in-order", in_stream_order), ("longest-first", D._lay_out)):
         monkeypatch.setattr(D, "_lay_out", layout)
         recipe = recipe_from_dict(tiny_recipe_dict(
             tmp_path, train={"budget": {"examples": 64}, "eval_points": 2, "eval_batch_size": 16, "seed": 7},
