@@ -90,6 +90,11 @@ LONG: dict[str, Any] = {
 # configuration trained for 150 optimizer steps with 8 evaluations plus the pruners' rungs, in one execution
 # layout (packed rows). Recorded in a shuffled order that alternates the tasks, so a partial table is a
 # uniform sample of each grid; resumable: runs already in the raw file are skipped.
+# The dtype of every run in them: SmolLM2's own (bf16), which `model.dtype: auto` picked on the CPUs with native
+# bf16 (AMX) that recorded the runs before 2026-12-07 17:33 UTC (those rows have no dtype column; their
+# throughput, ~1.5-2x that of the later fp32 runs, says so). On 2026-12-07 a session on a CPU without it
+# (AMD EPYC) recorded 11 runs in fp32 through `auto`: they stay in the raw runs, marked, and out of the tables.
+REAL_DTYPE = "bfloat16"
 REAL: dict[str, Any] = {
     "model": "llmtune/smollm2-135m",
     # 6 x 3 x 2 x 2 x 2 = 144 learning configurations per task.
@@ -202,7 +207,18 @@ def run_one(job: tuple[int, dict[str, Any], dict[str, Any], str] | tuple[int, di
     row["latency_s"] = result.info.get("latency_s")
     row["padding_share"] = result.info.get("padding_share")
     row["steps"] = (result.info.get("plan") or {}).get("steps")
+    row["dtype"] = result.info.get("dtype")  # a table holds one dtype: write_real_tables leaves others out
+    row["cpu"] = cpu_model()
     return row
+
+
+def cpu_model() -> str:
+    """The CPU's model name (platform.platform() names the kernel, which two different CPUs may share)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
 
 
 def _key(row: dict[str, Any], names: list[str]) -> tuple[Any, ...]:
@@ -358,7 +374,7 @@ def real_recipe(args: argparse.Namespace, task: str) -> dict[str, Any]:
         data["source"] = str(text_task_data(Path(tempfile.gettempdir()) / "llmtune-tabular-text"))
     return {
         "name": f"tabular-smollm2-{task}",
-        "model": {"name": REAL["model"], "dtype": "auto"},
+        "model": {"name": REAL["model"], "dtype": REAL_DTYPE},
         "data": {**data, "eval_max_length": REAL["eval_max_length"], "max_eval_examples": REAL["eval_examples"]},
         "train": {"budget": {"examples": REAL["examples"]}, "eval_points": REAL["eval_points"], "eval_batch_size": 16,
                   "device": args.device, "seed": 42, "lr_scheduler": "cosine"},
@@ -402,6 +418,7 @@ def real_jobs(args: argparse.Namespace, work: str) -> list[tuple[Any, ...]]:
 
 def record_real(args: argparse.Namespace) -> int:
     """Record (or go on recording) the real-model tables; rebuild each task's CSV from the raw runs."""
+    from llmtune import hardware
     from llmtune.builtin.names import resolve_data_source, resolve_model_name
 
     resolve_model_name(REAL["model"], log=print)
@@ -411,6 +428,12 @@ def record_real(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or "smollm2"
     raw_path = out / f"tabular_{tag}_raw.jsonl"
+    if args.device == "cpu" and not args.expand_only and not hardware.cpu_has_fast_bf16():
+        print(f"not recording: the real tables are {REAL_DTYPE} runs (SmolLM2's own dtype) on a CPU that multiplies "
+              f"bf16 natively (AMX / AVX512-BF16); this CPU ({cpu_model() or 'unknown'}) does not, so a run would "
+              "take many times as long and its timings would not compare with the table's. Record on such a CPU "
+              "(or a GPU: --device cuda); the tables are rebuilt from the raw runs recorded so far.", flush=True)
+        args.expand_only = True
     raw = [json.loads(line) for line in raw_path.read_text().splitlines() if line.strip()] if raw_path.is_file() else []
     done = {(r["kind"], r["config_id"]) for r in raw}
     jobs = [j for j in real_jobs(args, tempfile.mkdtemp(prefix="llmtune-tabular-")) if (j[4]["kind"], j[0]) not in done]
@@ -437,7 +460,9 @@ def write_real_tables(args: argparse.Namespace, out: Path, tag: str, raw: list[d
     """One replayable CSV per task (the table format) and its meta, from the raw runs recorded so far."""
     names = list(REAL["learning"])
     for task in REAL["tasks"]:
-        rows = [{k: v for k, v in r.items() if k not in ("kind", "recorded")} for r in raw if r["kind"] == task]
+        rows = [{k: v for k, v in r.items() if k not in ("kind", "recorded")} for r in raw
+                if r["kind"] == task and r.get("dtype", REAL_DTYPE) == REAL_DTYPE]
+        left_out = sum(r["kind"] == task and r.get("dtype", REAL_DTYPE) != REAL_DTYPE for r in raw)
         rows.sort(key=lambda r: r["config_id"])
         csv_path, meta_path = out / f"tabular_{tag}-{task}.csv", out / f"tabular_{tag}-{task}.json"
         if rows:
@@ -450,7 +475,8 @@ def write_real_tables(args: argparse.Namespace, out: Path, tag: str, raw: list[d
                 "grid": REAL["learning"], "settings": names, "execution": [], "rungs": RUNGS,
                 "recipe": real_recipe(args, task), "machine": machine(args), "format": "benchmarks/README.md#table-format",
                 "recorded": len(rows), "of": len(grid_points(REAL["learning"])),
-                "statuses": {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}}
+                "statuses": {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}},
+                "left_out": {"runs": left_out, "why": f"recorded in another dtype than {REAL_DTYPE} (kept in the raw runs)"}}
         meta_path.write_text(json.dumps(meta, indent=1, default=str))
 
 
