@@ -387,17 +387,19 @@ def real_recipe(args: argparse.Namespace, task: str) -> dict[str, Any]:
 
 def prior_ids(args: argparse.Namespace, task: str) -> list[int]:
     """The grid points a new search on this task starts from (`llmtune.study.priors`, for SmolLM2-135M and
-    this budget): recorded first, so that the priors' regret can be read off a partial table."""
+    this budget): the priors' starts and the cheap end of the front (`cheap_config`, queued where a cost is an
+    objective), recorded first so that a replay of a partial table finds every queued start in it. (Until
+    2026-12-07 the cheap start was not among them: on the partial text table it fell on an unrecorded row.)"""
     from llmtune.config.recipe import recipe_from_dict
     from llmtune.config.space import SearchSpace
-    from llmtune.study.priors import prior_configs, recipe_facts
+    from llmtune.study.priors import cheap_config, prior_configs, recipe_facts
 
     space = SearchSpace.from_dict({**REAL["learning"], **REAL["fixed"]})
     facts = recipe_facts(recipe_from_dict(real_recipe(args, task)), space)
     points = grid_points(REAL["learning"])
     names = list(REAL["learning"])
-    return [i for c in prior_configs(space, 3, facts) for i, p in enumerate(points)
-            if all(p[n] == c.get(n, p[n]) for n in names)]
+    starts = prior_configs(space, 3, facts) + [c for c in (cheap_config(space, facts), cheap_config(space, facts, True)) if c]
+    return list(dict.fromkeys(i for c in starts for i, p in enumerate(points) if all(p[n] == c.get(n, p[n]) for n in names)))
 
 
 def real_jobs(args: argparse.Namespace, work: str) -> list[tuple[Any, ...]]:
