@@ -144,8 +144,17 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(grid[n] for n in names))]
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, stream_order: bool = False) -> None:
     os.environ["LLMTUNE_THREADS"] = str(threads)  # run_trial sets torch's threads from this
+    if stream_order:
+        # The real tables' runs before 2026-12-07 laid each step out in the stream's order (packed rows filled
+        # greedily); since then llmtune lays them out longest first, which pads less and runs faster. Later runs
+        # keep the old layout, so that every row of a table times the same work.
+        from harness_layout_ab import in_stream_order
+
+        from llmtune.harness import data as D
+
+        D._lay_out = in_stream_order
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     import warnings
 
@@ -165,6 +174,7 @@ def run_one(job: tuple[int, dict[str, Any], dict[str, Any], str] | tuple[int, di
     {"rungs": [...] (where to evaluate besides the recipe's points), "probe_steps": n (a probe, not a trial),
     "kind": a label for the row}."""
     from llmtune.config.recipe import recipe_from_dict
+    from llmtune.harness import data as D
     from llmtune.harness.train import eval_fractions, run_trial
 
     index, params, recipe_dict, work = job[:4]
@@ -208,6 +218,7 @@ def run_one(job: tuple[int, dict[str, Any], dict[str, Any], str] | tuple[int, di
     row["padding_share"] = result.info.get("padding_share")
     row["steps"] = (result.info.get("plan") or {}).get("steps")
     row["dtype"] = result.info.get("dtype")  # a table holds one dtype: write_real_tables leaves others out
+    row["layout"] = D._lay_out.__name__  # in_stream_order for the real tables (`_init_worker`)
     row["cpu"] = cpu_model()
     return row
 
@@ -444,7 +455,7 @@ def record_real(args: argparse.Namespace) -> int:
     if not args.expand_only and jobs:
         print(f"recording {len(jobs)} runs ({len(done)} already in {raw_path}) with {args.workers} worker(s)", flush=True)
         t0 = time.time()
-        with mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(args.threads,)) as pool, \
+        with mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(args.threads, True)) as pool, \
                 open(raw_path, "a") as f:
             for row in pool.imap_unordered(run_one, jobs):
                 row["recorded"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
