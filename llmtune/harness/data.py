@@ -291,7 +291,8 @@ def _lay_out(examples: list[Example], micro_batch_size: int, sequence_len: int, 
     here, longest first: padded micro batches then hold examples of similar length (on variable-length
     data this halves the padded slots; the longest micro batch, which sets the peak memory, is the same
     as in any order), and packed rows are filled first-fit decreasing (fewer, fuller rows). The step's loss
-    is the sum over its label tokens divided by their count, so the layout changes only float rounding.
+    is the sum over its label tokens divided by their count, so the layout changes only float rounding (and,
+    where the base model has dropout of its own, as GPT-2's config does, which tokens its masks hit).
     """
     ordered = sorted(examples, key=len, reverse=True)  # stable: ties keep the stream's order
     if not packing:
