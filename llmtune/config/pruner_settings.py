@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmtune.config.choices import PRUNER_SETTINGS
-from llmtune.config.values import as_number, to_bool
+from llmtune.config.values import as_number, to_bool, to_int
 
 # Measured objectives are noisy (throughput varied ~12% between identical runs of the tabular benchmark),
 # so a pruner setting `metric_tolerance` makes values within that relative difference tie: a trial that
@@ -74,9 +74,7 @@ def check_rung_settings(eta: Any = 3, min_fraction: Any = 1 / 9, min_trials_per_
             return default
         return value
 
-    eta = as_number(eta)
-    if isinstance(eta, float) and eta.is_integer():
-        eta = int(eta)  # YAML/CLI may hand over 3.0
+    eta = to_int(as_number(eta))[0]  # YAML/CLI may hand over 3.0 or "3"; what is not a whole number stays as read
     eta = checked(eta, _eta(eta), 3)
     min_fraction = as_number(min_fraction)
     min_fraction = float(checked(min_fraction, _min_fraction(min_fraction), 1 / 9))
