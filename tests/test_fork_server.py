@@ -142,3 +142,26 @@ def test_an_idle_server_exits_quietly_and_the_next_search_starts_another(monkeyp
     monkeypatch.delenv("LLMTUNE_FORK_SERVER_IDLE")
     following = fork_server.prewarm()
     assert following is not None and following is not idle and following.wait_ready()
+
+
+def test_the_server_preloads_bitsandbytes_where_no_cuda_is_visible(server):
+    """peft imports bitsandbytes when it wraps the first layer (~1.6 s, most of a tiny model's load): on a
+    machine without CUDA the server has it loaded, so a forked trial does not import it again."""
+    import torch
+
+    with open(f"/proc/{server.proc.pid}/maps") as f:
+        mapped = f.read()
+    assert ("libbitsandbytes_cpu" in mapped) == (not torch.cuda.is_available())
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_bitsandbytes_is_preloaded_only_without_cuda(cuda):
+    """With a CUDA device, importing bitsandbytes reads its capability: a CUDA context, and no usable fork."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, torch; torch.cuda.is_available = lambda: {cuda}\n"
+            "from llmtune.trial import fork_server; fork_server._preload_without_cuda()\n"
+            "print('bitsandbytes' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == str(not cuda)
