@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU-side check of llmtune in one call, for a session that is lent a GPU (H100/H200) for minutes:
-#   1. the GPU tests (pytest -m gpu: bf16 / 8-bit / 4-bit trials, paged 8-bit optimizer, two workers on one GPU)
+#   1. the GPU tests (pytest -m gpu: bf16 / 8-bit / 4-bit trials, paged 8-bit optimizer, two workers on one GPU,
+#      Liger's kernels against the plain ones: the same curve)
 #   2. predicted vs measured peak GPU memory (benchmarks/memory_accuracy.py), time-capped
 #   3. harness speed vs transformers.Trainer + peft, with MFU (benchmarks/harness_speed.py --device cuda)
 #   4. a 3-trial QLoRA search through llmtune.search on a Llama-1.1B shape with random weights

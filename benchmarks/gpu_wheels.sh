@@ -13,7 +13,7 @@ get() {
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any \
     -d .whl "$@"
 }
-get optuna alembic sqlalchemy mako colorlog greenlet datasets dill multiprocess plotly nvidia-ml-py
+get optuna alembic sqlalchemy mako colorlog greenlet datasets dill multiprocess plotly nvidia-ml-py liger-kernel
 size=$(du -sm .whl | cut -f1)
 if [ "$size" -lt 20 ]; then
   get bitsandbytes || echo "bitsandbytes not fetched" >&2

@@ -328,6 +328,7 @@ def _model(recipe: Recipe) -> list[Problem]:
                                 "apart (its attention ignores position ids and takes no block mask); set "
                                 "sample_packing: false"))
     problems += _cpu_4bit(recipe, model)
+    problems += _liger(recipe, config.model_type)
     dropouts = [float(d) for d in _options(recipe, "lora_dropout")]
     for targets in _options(recipe, "lora_target_modules"):
         try:
@@ -342,13 +343,32 @@ def _model(recipe: Recipe) -> list[Problem]:
     return problems
 
 
+def _on_cpu(recipe: Recipe) -> bool:
+    return recipe.train.device == "cpu" or (recipe.train.device == "auto" and hardware.gpu_count() == 0)
+
+
+def _liger(recipe: Recipe, model_type: str) -> list[Problem]:
+    """`liger_kernels: true` needs a CUDA device (Triton kernels), the package, and kernels for the architecture."""
+    if True not in _options(recipe, "liger_kernels"):
+        return []
+    fix = "or set liger_kernels: false"
+    if _on_cpu(recipe):
+        return [Problem("search.liger_kernels", "true, but Liger's kernels are Triton GPU kernels and this search trains "
+                                                f"on the CPU (train.device {recipe.train.device!r}); train on a CUDA GPU, {fix}")]
+    if not hardware.installed("liger_kernel"):
+        return [Problem("search.liger_kernels", f"true, but liger-kernel is not installed: pip install liger-kernel, {fix}")]
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return [Problem("search.liger_kernels", f"true, but Liger has no kernels for {model_type} models (it has them for "
+                                                f"{', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN)[:12])}, ...); {fix}")]
+    return []
+
+
 def _cpu_4bit(recipe: Recipe, model: Any) -> list[Problem]:
     """On a CPU with AVX512-BF16, bitsandbytes repacks each 4-bit weight for its CPU kernel at the first
     evaluation, which needs out_features in blocks of 32 and an even in_features: other shapes crash every trial."""
-    from llmtune import hardware
-
-    on_cpu = recipe.train.device == "cpu" or (recipe.train.device == "auto" and hardware.gpu_count() == 0)
-    if "4bit" not in _options(recipe, "quantization") or not on_cpu or not hardware.bnb_cpu_packs_4bit():
+    if "4bit" not in _options(recipe, "quantization") or not _on_cpu(recipe) or not hardware.bnb_cpu_packs_4bit():
         return []
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     shapes: dict[tuple[int, int], str] = {}

@@ -33,7 +33,7 @@ VARIANTS = [
 
 
 def test_the_recipe_says_which_settings_are_execution_settings():
-    assert set(EXECUTION) == {"sample_packing", "micro_batch_size", "gradient_checkpointing"}
+    assert set(EXECUTION) == {"sample_packing", "micro_batch_size", "gradient_checkpointing", "liger_kernels"}
     assert not PARAMS["batch_size"].execution and not PARAMS["learning_rate"].execution
 
 
@@ -110,3 +110,56 @@ def test_laying_a_step_out_longest_first_changes_only_the_padding(tmp_path, monk
     assert adapter_after.keys() == adapter_before.keys()
     for k, v in adapter_before.items():
         assert torch.allclose(adapter_after[k], v, rtol=1e-3, atol=1e-5), k  # measured: <= 3e-6 of 0.09
+
+
+def _fake_liger(monkeypatch, calls: list) -> None:
+    """A stand-in for liger-kernel (Triton, CUDA only) that records how llmtune calls it and computes what the
+    real kernels compute: tests/test_gpu.py runs the real ones."""
+    import types
+
+    def apply(model, **flags):
+        calls.append(("apply", model.config.model_type, flags))
+
+    class FusedLinearCrossEntropy:
+        def __init__(self, reduction: str):
+            self.reduction = reduction
+
+        def __call__(self, weight, hidden, target, bias=None):
+            calls.append(("loss", tuple(hidden.shape), weight.requires_grad))
+            logits = torch.nn.functional.linear(hidden, weight, bias)
+            return torch.nn.functional.cross_entropy(logits.float(), target, reduction=self.reduction)
+
+    modules = {name: types.ModuleType(name) for name in (
+        "liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.monkey_patch",
+        "liger_kernel.transformers.fused_linear_cross_entropy")}
+    modules["liger_kernel.transformers.monkey_patch"]._apply_liger_kernel_to_instance = apply
+    modules["liger_kernel.transformers.fused_linear_cross_entropy"].LigerFusedLinearCrossEntropyLoss = FusedLinearCrossEntropy
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_liger_kernels_patch_the_base_and_fuse_the_training_loss(tmp_path, monkeypatch, tiny_model_path, tiny_data_path):
+    """`liger_kernels: true` asks Liger for its RMSNorm, SwiGLU and RoPE kernels (never its loss patches: the loss
+    is llmtune's) and trains with the output layer fused into the loss, on the label positions only; evaluations
+    keep the plain loss. With kernels that compute the same, the curve is the same."""
+    calls: list = []
+    _fake_liger(monkeypatch, calls)
+    runs = {}
+    for liger in (False, True):
+        recipe = recipe_from_dict(tiny_recipe_dict(
+            tmp_path, train={"budget": {"examples": 32}, "eval_points": 2, "eval_batch_size": 16, "seed": 7},
+            measure={"latency": False},
+            search={"learning_rate": 3e-3, "lora_r": 8, "sequence_len": 128, "batch_size": 8, "micro_batch_size": 4,
+                    "lora_target_modules": "all-linear", "lora_dropout": 0.0, "liger_kernels": liger}))
+        runs[liger] = run_trial(recipe, recipe.space.complete({}), tmp_path / f"liger-{liger}", fractions=[0.0, 0.5, 1.0],
+                                save_adapter=False)
+        assert runs[liger].status == "complete", runs[liger].reason
+    applied = [c for c in calls if c[0] == "apply"]
+    assert applied == [("apply", "llama", {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                                           "fused_linear_cross_entropy": False})]
+    losses = [c for c in calls if c[0] == "loss"]
+    assert len(losses) == runs[True].info["plan"]["micro_batches"]  # every training micro batch, no evaluation
+    assert all(shape[0] < 4 * 128 and not grad for _, shape, grad in losses)  # label positions; the frozen output layer
+    assert runs[True].curve[-1][1] < runs[True].curve[0][1] - 0.05  # it learned
+    for (_, a), (_, b) in zip(runs[False].curve, runs[True].curve, strict=True):
+        assert b == pytest.approx(a, rel=1e-6)

@@ -37,3 +37,27 @@ def test_trial_on_cuda(tmp_path, tiny_model_path, tiny_data_path, quantization, 
     else:
         assert layers.get("Linear8bitLt" if quantization == "8bit" else "Linear4bit", 0) >= 4 * 7
     assert res.metrics["latency_ms"] > 0 and res.metrics["ttft_ms"] > 0
+
+
+def test_liger_kernels_learn_the_same_curve(tmp_path, tiny_model_path, tiny_data_path):
+    """The execution-equivalence test for `liger_kernels` (tests/test_execution.py runs the same for the
+    layout settings on CPU): Liger's RMSNorm, SwiGLU, RoPE and fused loss give the plain curve within float
+    rounding, in float32 so that rounding stays small."""
+    pytest.importorskip("liger_kernel")
+    from llmtune.config.recipe import recipe_from_dict
+    from llmtune.harness.train import run_trial
+
+    curves = {}
+    for liger in (False, True):
+        recipe = recipe_from_dict(tiny_recipe_dict(
+            tmp_path, model={"name": "llmtune/tiny", "dtype": "float32"}, measure={"latency": False},
+            train={"device": "cuda", "budget": {"examples": 64}, "eval_points": 4, "eval_batch_size": 16, "seed": 7},
+            search={"learning_rate": 3e-3, "lora_r": 8, "sequence_len": 128, "batch_size": 8, "micro_batch_size": 4,
+                    "lora_target_modules": "all-linear", "lora_dropout": 0.0, "liger_kernels": liger}))
+        res = run_trial(recipe, recipe.space.complete({}), tmp_path / f"liger-{liger}",
+                        fractions=[0.0, 0.25, 0.5, 0.75, 1.0], save_adapter=False)
+        assert res.status == "complete", res.reason
+        curves[liger] = res.curve
+    assert curves[False][-1][1] < curves[False][0][1] - 0.05  # it learned
+    for (_, a), (_, b) in zip(curves[False], curves[True], strict=True):
+        assert b == pytest.approx(a, rel=2e-3)

@@ -45,6 +45,17 @@ def test_quantization_choices_fit_the_gpu_memory(tiny_model_path, tmp_path: Path
     assert 'quantization: ["none", "8bit", "4bit"]' in text and "format: text" in text
 
 
+@pytest.mark.parametrize("installed", [False, True])
+def test_liger_kernels_are_offered_for_a_gpu_where_the_package_is_installed(tiny_model_path, tmp_path: Path,
+                                                                            monkeypatch, installed: bool) -> None:
+    from llmtune import hardware
+
+    monkeypatch.setattr(hardware, "installed", lambda name: installed or name != "liger_kernel")
+    data = write_jsonl(tmp_path / "t.jsonl", [{"text": "hello world " * 20}] * 10)
+    assert ("liger_kernels: [false, true]" in recipe_text("llmtune/tiny", data, gpu_memory_gb=24)) == installed
+    assert "liger_kernels: [" not in recipe_text("llmtune/tiny", data)  # this machine: no CUDA
+
+
 @pytest.mark.parametrize("row, fmt", [
     ({"text": "x"}, "text"),
     ({"instruction": "a", "output": "b"}, "instruction"),

@@ -239,6 +239,8 @@ def recipe_text(model: str, data: str | Path, *, gpu_memory_gb: float | None = N
     ranks = lora_ranks(prior_rank(facts))
     lr_low, lr_high, lr_why = learning_rates(facts, ranks[1])
     quant, quant_why = fitting_quantizations(path_or_name, gpu_memory_gb, seq, max(ranks))
+    liger = ("  liger_kernels: [false, true]    # Liger's fused kernels (liger-kernel is installed): probed too\n"
+             if not on_cpu and hardware.installed("liger_kernel") else "")
     stem = source.rsplit("/", 1)[-1] if source != str(path.resolve()) else path.stem
     name = name or f"{model.rsplit('/', 1)[-1]}-{stem}".lower().replace(".", "-")
     field_lines = "".join(f"  {k}: {_yaml(v)}\n" for k, v in fields.items())
@@ -273,7 +275,7 @@ search:
   # steps per configuration (study.execution: probe), not searched with full trials.
   micro_batch_size: [4, 8]
   gradient_checkpointing: [false, true]
-  # {quant_why}
+{liger}  # {quant_why}
   quantization: {_yaml(quant if len(quant) > 1 else quant[0])}
 objectives:
   eval_loss: minimize

@@ -91,7 +91,7 @@ class StudyConfig:
     seed: int = field(default=0, metadata={"help": "Sampler seed."})
     strategy: str = field(default="search", metadata={"help": "search: the sampler proposes trials (and the pruner stops weak ones); pbt: population-based training, a population trained in segments whose worst members copy the best and perturb their learning rate, warmup or dropout (see pbt_settings)."})
     pbt_settings: dict[str, Any] = field(default_factory=dict, metadata={"help": "Settings of strategy pbt: population, interval (fraction of the budget per segment), quantile, perturb, factors, resample_probability, checkpoint_dir."})
-    execution: str = field(default="probe", metadata={"help": "How execution settings searched as choices (sample_packing, micro_batch_size, gradient_checkpointing) are chosen: probe (each learning configuration trains once, its execution variants are measured by short probes, every pair is recorded) or search (sampled like any setting, a full trial each)."})
+    execution: str = field(default="probe", metadata={"help": "How execution settings searched as choices (sample_packing, micro_batch_size, gradient_checkpointing, liger_kernels) are chosen: probe (each learning configuration trains once, its execution variants are measured by short probes, every pair is recorded) or search (sampled like any setting, a full trial each)."})
     memory_gate: str = field(default="auto", metadata={"help": "Skip configs whose predicted peak GPU memory exceeds constraints.peak_memory_gb.max: auto (when trials run on a GPU), on, off."})
 
 

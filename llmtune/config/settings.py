@@ -39,6 +39,7 @@ class TrialSettings:
     bnb_4bit_quant_type: str
     bnb_4bit_use_double_quant: bool
     gradient_checkpointing: bool
+    liger_kernels: bool
     micro_batch_size: int
 
     @classmethod

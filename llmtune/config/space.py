@@ -112,6 +112,7 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("bnb_4bit_quant_type", str, "nf4", "4-bit data type.", choices=("nf4", "fp4"), when=("quantization", "4bit")),
     Param("bnb_4bit_use_double_quant", bool, True, "Quantize the 4-bit scales too.", when=("quantization", "4bit")),
     Param("gradient_checkpointing", bool, False, "Recompute activations in backward to save memory.", execution=True),
+    Param("liger_kernels", bool, False, "Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, and the loss fused with the output layer): the same arithmetic in fewer GPU kernels and less memory; CUDA only, pip install liger-kernel.", execution=True),
     Param("micro_batch_size", int, 4, "Rows per forward pass (examples, or packed rows); the global batch is batch_size.", _at_least(1, 2**20), log=True, execution=True),
 ]}
 

@@ -87,7 +87,32 @@ def load_base(cfg: ModelConfig, settings: TrialSettings, device: str, dtype: tor
         device_map={"": device} if (qconfig is not None or device == "cuda") else None,
     )
     model.config.use_cache = False  # no KV cache while training; generation turns it back on
+    if settings.liger_kernels:
+        apply_liger(model)
     return model
+
+
+def apply_liger(model: Any) -> None:
+    """Liger's fused Triton kernels (`liger_kernels: true`, CUDA only; preflight checks the device, the package
+    and the architecture): RMSNorm, the SwiGLU MLP and RoPE of the base model's own layers, before the adapter
+    wraps its linear layers (Liger's MLP still calls them, so LoRA on the MLP works). The loss is llmtune's own
+    (`harness.train._loss_sum`), so Liger's loss patches of the model's forward stay off; its fused output layer
+    + cross-entropy is what training's loss uses instead (`fused_loss`). The same arithmetic in other kernels:
+    it changes float rounding, not what is learned (tests/test_gpu.py compares the curves)."""
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
+def fused_loss(settings: TrialSettings) -> Any:
+    """Training's loss as (output weight, hidden states at the labels, targets, output bias) -> summed
+    cross-entropy, fused so that the labels' logits are never all held (`liger_kernels`), or None."""
+    if not settings.liger_kernels:
+        return None
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
 
 def apply_lora(model: Any, settings: TrialSettings) -> Any:

@@ -95,8 +95,13 @@ def _tensors(batch: D.Batch, device: str, packed_mask: torch.dtype | None = None
     return out
 
 
-def _loss_sum(model: Any, batch: D.Batch, device: str, packed_mask: torch.dtype | None = None) -> torch.Tensor:
-    """Summed next-token cross-entropy over the batch's label tokens (float32)."""
+def _loss_sum(model: Any, batch: D.Batch, device: str, packed_mask: torch.dtype | None = None,
+              fused: Any = None) -> torch.Tensor:
+    """Summed next-token cross-entropy over the batch's label tokens (float32).
+
+    ``fused``: a loss that takes the output layer's weight and the hidden states at the label positions
+    (Liger's fused linear cross-entropy, `harness.model.fused_loss`), so the label positions' logits are
+    never held at once; training only: evaluations keep the plain path, the same for every trial."""
     shifted = [row[1:] + [D.IGNORE] for row in batch.labels]  # shift the labels: no copy of the logits
     split = _split_head(model)
     if split is None:
@@ -110,9 +115,12 @@ def _loss_sum(model: Any, batch: D.Batch, device: str, packed_mask: torch.dtype 
     flat = [t for row in shifted for t in row]
     keep = [i for i, t in enumerate(flat) if t != D.IGNORE]
     hidden = decoder(**_tensors(batch, device, packed_mask), use_cache=False)[0].flatten(0, 1)
-    logits = head(hidden.index_select(0, torch.tensor(keep, device=device)))
+    at_labels = hidden.index_select(0, torch.tensor(keep, device=device))
     targets = torch.tensor([flat[i] for i in keep], device=device)
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    if fused is not None and type(head) is torch.nn.Linear:  # not an adapted output layer: its weight is all
+        fused_sum: torch.Tensor = fused(head.weight, at_labels, targets, head.bias)
+        return fused_sum.float()
+    return torch.nn.functional.cross_entropy(head(at_labels).float(), targets, reduction="sum")
 
 
 def _split_head(model: Any) -> tuple[Any, Any] | None:
@@ -273,6 +281,7 @@ class _Setup:
     scheduler: Any
     warmup: int
     seg: Any  # harness.resume.SegmentRun, for a segment
+    fused_loss: Any = None  # liger_kernels: the output layer fused with the loss (`_loss_sum`)
 
 
 @dataclass
@@ -358,7 +367,7 @@ def _setup(job: _Job) -> _Setup:
         seg = SegmentRun(SegmentSpec.from_dict(job.segment), plan, settings, recipe.train.lr_scheduler, model, optimizer,
                          device)
     return _Setup(device, dtype, tokenizer, splits, plan, eval_set, model, packed_mask, trainable, params, optimizer,
-                  scheduler, warmup, seg)
+                  scheduler, warmup, seg, M.fused_loss(settings))
 
 
 def _setup_model(job: _Job, device: str, dtype: torch.dtype) -> tuple[Any, torch.dtype | None, int]:
@@ -491,7 +500,7 @@ def _one_step(job: _Job, s: _Setup, step: list[D.Batch], out: _Steps) -> float:
     n_labels = max(1, sum(b.label_tokens for b in step))
     loss_sum = torch.zeros((), device=device)
     for batch in step:
-        loss = _loss_sum(s.model, batch, device, s.packed_mask) / n_labels
+        loss = _loss_sum(s.model, batch, device, s.packed_mask, s.fused_loss) / n_labels
         loss.backward()
         loss_sum += loss.detach()  # stays on the device: no host sync per micro batch
     if job.recipe.train.max_grad_norm > 0:
