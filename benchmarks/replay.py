@@ -68,7 +68,7 @@ from replay_table import (  # noqa: E402  (re-exported: tests and other benchmar
 from llmtune.config.space import PARAMS, Choice, Fixed, SearchSpace  # noqa: E402
 from llmtune.study import engine, probes, promotion  # noqa: E402
 from llmtune.study.attrs import CURVE, PAUSED, PRIOR, RUNG_METRICS, STATUS, VARIANT_OF  # noqa: E402
-from llmtune.study.priors import COST_METRICS, cheap_config, prior_configs  # noqa: E402
+from llmtune.study.priors import starting_points  # noqa: E402
 from llmtune.study.pruners import make_pruner  # noqa: E402
 from llmtune.study.rungs import FRACTION_TOL, PARTIAL_METRICS  # noqa: E402
 
@@ -138,13 +138,8 @@ def replay(table: Table, sampler_name: str, pruner_name: str, seed: int, n_trial
     pruner = replay_pruner(pruner_name, table)
     study = optuna.create_study(directions=[d for _, d in table.objectives], sampler=sampler)
     if sampler_name in PRIORS_SAMPLERS and not isinstance(sampler, optuna.samplers.GridSampler):
-        # As Strategy.created does for `sampler: auto`: 2 known-good points (a quarter of a small budget),
-        # and the cheap end of the front where an objective is a cost.
-        configs = prior_configs(sample_space, min(2, max(1, budget // 4)), facts)
-        names = {m for m, _ in table.objectives}
-        cheap = (cheap_config(sample_space, facts, smallest_rank="trainable_params" in names)
-                 if COST_METRICS & names and budget >= 8 else None)
-        for config in configs + ([cheap] if cheap is not None and cheap not in configs else []):
+        # As Strategy.created does for `sampler: auto`
+        for config in starting_points(sample_space, facts, {m for m, _ in table.objectives}, budget):
             study.enqueue_trial(config, user_attrs={PRIOR: True}, skip_if_exists=True)
     options = [dict(zip(table.execution, combo, strict=True))
                for combo in itertools.product(*(table.grid[n] for n in table.execution))]

@@ -144,9 +144,9 @@ def test_a_new_study_queues_the_priors_first_and_a_resumed_one_does_not(tiny_mod
     # the tiny model (width 128, 6 steps) wants more than the space's top: 5e-4, then the third start's 1.7e-4
     assert [t.system_attrs["fixed_params"] for t in waiting] == [
         {"learning_rate": 5e-4, "lora_r": 16, "lora_target_modules": "all-linear"},
-        {"learning_rate": 1.7e-4, "lora_r": 16, "lora_target_modules": "all-linear"},
-        # peak_memory_gb is an objective: the cheap end of the front too (attention only)
-        {"learning_rate": 5e-4, "lora_r": 16, "lora_target_modules": "attention"}]
+        # peak_memory_gb is an objective: the cheap end of the front (attention only), second
+        {"learning_rate": 5e-4, "lora_r": 16, "lora_target_modules": "attention"},
+        {"learning_rate": 1.7e-4, "lora_r": 16, "lora_target_modules": "all-linear"}]
     assert all(t.user_attrs[PRIOR] for t in waiting)
     space = distributions(recipe.space)
     for t in waiting:
@@ -195,3 +195,19 @@ def test_a_cost_objective_queues_the_cheap_end_of_the_front() -> None:
     # alpha = 2 x r: a 4x smaller rank is a 4x smaller alpha, so the rule's learning rate is 4x larger
     assert cheap["learning_rate"] == pytest.approx(4 * first["learning_rate"], rel=0.05)
     assert cheap_config(SearchSpace.from_dict({"learning_rate": [1e-4, 1e-3]}), facts) is None
+
+
+def test_the_starting_points_span_the_front_before_they_hedge_the_learning_rate() -> None:
+    """With a cost objective the first two starts are the two ends of the front (the loss end, then the cheap
+    end), the learning-rate hedge third; a loss-only search or a small one gets the two learning-rate starts."""
+    from llmtune.config.space import SearchSpace
+    from llmtune.study.priors import ModelFacts, cheap_config, prior_configs, starting_points
+
+    space = SearchSpace.from_dict({"learning_rate": {"low": 1e-6, "high": 1e-1, "log": True}, "lora_r": [4, 16, 64],
+                                   "lora_target_modules": ["attention", "all-linear"]})
+    facts = ModelFacts(576, 1.35e8, steps=2000)
+    first, hedge = prior_configs(space, 2, facts)
+    assert starting_points(space, facts, {"eval_loss", "train_time_s"}, 20) == [first, cheap_config(space, facts), hedge]
+    assert starting_points(space, facts, {"eval_loss", "trainable_params"}, None)[1] == cheap_config(space, facts, True)
+    assert starting_points(space, facts, {"eval_loss"}, 20) == [first, hedge]
+    assert starting_points(space, facts, {"eval_loss", "train_time_s"}, 7) == [first]  # a quarter of 7, no cheap end

@@ -22,9 +22,10 @@ The rule (`lora_prior`), and where each part comes from:
   and a **rank that grows with the model**: 16 below 1B parameters, 32 below 10B, 64 above (QLoRA's 64
   at 7B-65B; small models have less to adapt and train on small data, where a low rank loses nothing).
 
-Where an objective is a cost (time, memory, size, latency), one more start is queued: the cheap end of the
-front (`cheap_config`: the shortest context and the fewest adapted layers the space offers, and the
-smallest rank where the adapter's size is an objective), which a sampler chasing the loss would reach only by chance.
+Where an objective is a cost (time, memory, size, latency), one more start is queued, second: the cheap end
+of the front (`cheap_config`: the shortest context and the fewest adapted layers the space offers, and the
+smallest rank where the adapter's size is an objective), which a sampler chasing the loss would reach only by
+chance. `starting_points` gives the queue in order.
 
 Without a readable model config the rule assumes a 7B-class model (hidden 4096).
 """
@@ -183,6 +184,23 @@ def cheap_config(space: SearchSpace, facts: ModelFacts | None = None, smallest_r
         lr = float(f"{lr_alpha_product(facts) / _effective_alpha(values):.2g}")
         values["learning_rate"] = _snap(space.specs["learning_rate"], lr, True)
     return active_params(space, {name: values[name] for name in space.searched})
+
+
+def starting_points(space: SearchSpace, facts: ModelFacts | None, objectives: set[str] | frozenset[str],
+                    n_trials: int | None) -> list[dict[str, Any]]:
+    """What a new `sampler: auto` study runs first, in order (`Strategy.created`; the replay and the table
+    recorder ask here too). Few: 2 starts, or a quarter of a small n_trials; they anchor the sampler, not
+    replace it. Where an objective is a cost and the search has 8 or more trials, the cheap end of the front
+    (`cheap_config`) runs second, before the learning-rate hedge: the first start aims at the loss end of the
+    front and the cheap one at its other end, so two trials already span it, and the cheap one is the
+    cheapest trial of the queue."""
+    n = 2 if n_trials is None else min(2, max(1, n_trials // 4))
+    configs = prior_configs(space, n, facts)
+    cheap = (cheap_config(space, facts, smallest_rank="trainable_params" in objectives)
+             if COST_METRICS & set(objectives) and (n_trials is None or n_trials >= 8) else None)
+    if cheap is not None and cheap not in configs:
+        configs.insert(1, cheap)  # the cheap end of the front, which chasing the loss finds only by chance
+    return configs
 
 
 def _next_option(spec: Choice, value: Any, up: bool) -> Any:

@@ -30,7 +30,7 @@ from llmtune.config.recipe import Recipe
 from llmtune.config.space import SearchSpace
 from llmtune.study import engine, probes, promotion, record
 from llmtune.study.attrs import PRIOR, PROBES
-from llmtune.study.priors import COST_METRICS, cheap_config, prior_configs, recipe_facts
+from llmtune.study.priors import recipe_facts, starting_points
 from llmtune.study.storage import counted
 from llmtune.trial.endings import COMPLETE, ENDINGS, OVER_BUDGET, SegmentEnd, no_layout_fits, not_run
 from llmtune.trial.result import TrialResult
@@ -86,26 +86,17 @@ class Strategy:
         return None
 
     def created(self, search: Search) -> None:
-        """The study was created by this process: queue known-good starting points first (`prior_configs`:
-        from the model's width and size and the budget), with `sampler: auto` (not the grid). Few (2, or a
-        quarter of a small n_trials): they anchor the sampler, not replace it; with a cost objective and 8
-        or more trials, also the cheap end of the front (`cheap_config`); a resumed or joined study gets
-        none."""
+        """The study was created by this process: queue known-good starting points first (`starting_points`:
+        from the model's width and size, the budget and the objectives), with `sampler: auto` (not the grid);
+        a resumed or joined study gets none."""
         if self.recipe.study.sampler != "auto" or isinstance(search.sampler, optuna.samplers.GridSampler):
             return
-        n = 2 if search.n_trials is None else min(2, max(1, search.n_trials // 4))
         facts = recipe_facts(self.recipe, search.space)
         search.log("first trials: " + (f"the learning rate for width {facts.hidden_size}, ~{facts.parameters / 1e9:.2g}B "
                                        f"parameters{f', {facts.steps} steps' if facts.steps else ''}" if facts else
                                        "the model's config could not be read: priors for a 7B-class model")
                    + " (study/priors.py)")
-        configs = prior_configs(search.sample_space, n, facts)
-        objectives = set(self.recipe.objectives)
-        cheap = (cheap_config(search.sample_space, facts, smallest_rank="trainable_params" in objectives)
-                 if COST_METRICS & objectives else None)
-        if cheap is not None and cheap not in configs and (search.n_trials is None or search.n_trials >= 8):
-            configs.append(cheap)  # the cheap end of the front, which chasing the loss finds only by chance
-        for config in configs:
+        for config in starting_points(search.sample_space, facts, set(self.recipe.objectives), search.n_trials):
             search.study.enqueue_trial(config, user_attrs={PRIOR: True}, skip_if_exists=True)
 
     def prepare(self, search: Search) -> None:
