@@ -6,8 +6,8 @@
 #   3. harness speed vs transformers.Trainer + peft, with MFU (benchmarks/harness_speed.py --device cuda)
 #   4. a 3-trial QLoRA search through llmtune.search on a Llama-1.1B shape with random weights
 #      (benchmarks/qlora_search.py: every trial complete, its base Linear4bit, peak memory vs the estimate)
-# Each step has its own time cap (together 9 minutes at most, under the device's 10 minutes a command; the
-# steps usually end well before their caps, about 6-8 minutes in all); a step that fails or runs out of
+# Each step has its own time cap (together 8 minutes at most, under the device's 10 minutes a command; the
+# steps usually end well before their caps); a step that fails or runs out of
 # time is recorded and the next one still runs. Results (logs, JSON, Markdown) go to $OUT when the device
 # tool sets it, else to benchmarks/results/gpu_check/; commit them from there.
 #
@@ -47,12 +47,12 @@ step() {  # name, seconds, command...
 }
 
 # The tiny model is built once (CPU, ~1 min on 16 cores), before the clocks of the steps start.
-step build_tiny 90 python3 -c 'from llmtune.builtin.tiny import ensure_tiny_model; ensure_tiny_model()'
-step gpu_tests 120 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
-step memory_accuracy 90 python3 benchmarks/memory_accuracy.py --device cuda --max-seconds 70 \
+step build_tiny 75 python3 -c 'from llmtune.builtin.tiny import ensure_tiny_model; ensure_tiny_model()'
+step gpu_tests 135 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+step memory_accuracy 70 python3 benchmarks/memory_accuracy.py --device cuda --max-seconds 55 \
   --out "$RESULTS/memory_accuracy"
-step harness_speed 120 python3 benchmarks/harness_speed.py --device cuda --model llama-1b --rounds 2 \
+step harness_speed 100 python3 benchmarks/harness_speed.py --device cuda --model llama-1b --rounds 2 \
   --no-overhead --out "$RESULTS/harness_speed_cuda"
-step qlora_search 120 python3 benchmarks/qlora_search.py --device cuda --model llama-1b --quantization 4bit \
+step qlora_search 100 python3 benchmarks/qlora_search.py --device cuda --model llama-1b --quantization 4bit \
   --n-trials 3 --examples 128 --out "$RESULTS/qlora_search"
 cat "$RESULTS/summary.txt"
