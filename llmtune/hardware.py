@@ -152,6 +152,18 @@ def installed(module: str) -> bool:
         return False
 
 
+def liger_model_types() -> frozenset[str] | str:
+    """The model types Liger-Kernel has kernels for (`liger_kernels: true`), or why it cannot be asked: not
+    installed, or an import that fails (its Triton kernels need a CUDA build of torch)."""
+    if not installed("liger_kernel"):
+        return "liger-kernel is not installed: pip install 'liger-kernel>=0.7'"
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except Exception as e:
+        return f"liger-kernel does not import here ({type(e).__name__}: {str(e)[:160]})"
+    return frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
 def module_ready(module: str, why: str, pip_name: str | None = None) -> None:
     """Raise a clear error when an optional library a setting needs (``why``) is not installed."""
     if not installed(module):

@@ -355,13 +355,13 @@ def _liger(recipe: Recipe, model_type: str) -> list[Problem]:
     if _on_cpu(recipe):
         return [Problem("search.liger_kernels", "true, but Liger's kernels are Triton GPU kernels and this search trains "
                                                 f"on the CPU (train.device {recipe.train.device!r}); train on a CUDA GPU, {fix}")]
-    if not hardware.installed("liger_kernel"):
-        return [Problem("search.liger_kernels", f"true, but liger-kernel is not installed: pip install liger-kernel, {fix}")]
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
-    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+    known = hardware.liger_model_types()
+    if isinstance(known, str):
+        return [Problem("search.liger_kernels", f"true, but {known}; {fix}")]
+    if model_type not in known:
+        usual = [t for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral") if t in known]
         return [Problem("search.liger_kernels", f"true, but Liger has no kernels for {model_type} models (it has them for "
-                                                f"{', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN)[:12])}, ...); {fix}")]
+                                                f"{len(known)} types: {', '.join(usual)}, ...); {fix}")]
     return []
 
 

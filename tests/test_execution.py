@@ -113,12 +113,25 @@ def test_laying_a_step_out_longest_first_changes_only_the_padding(tmp_path, monk
 
 
 def _fake_liger(monkeypatch, calls: list) -> None:
-    """A stand-in for liger-kernel (Triton, CUDA only) that records how llmtune calls it and computes what the
-    real kernels compute: tests/test_gpu.py runs the real ones."""
+    """A stand-in for liger-kernel (Triton, CUDA only) that patches as Liger does (a bound forward on each RMSNorm,
+    the modeling module's RoPE function), records how llmtune calls it, and computes what the real kernels
+    compute: tests/test_gpu.py runs the real ones."""
     import types
+
+    from transformers.models.llama import modeling_llama
 
     def apply(model, **flags):
         calls.append(("apply", model.config.model_type, flags))
+        for module in model.modules():
+            if type(module).__name__ == "LlamaRMSNorm":
+                module.forward = types.MethodType(type(module).forward, module)
+        rope = modeling_llama.apply_rotary_pos_emb
+
+        def counted_rope(*args, **kwargs):
+            calls.append(("rope",))
+            return rope(*args, **kwargs)
+
+        monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", counted_rope)
 
     class FusedLinearCrossEntropy:
         def __init__(self, reduction: str):
@@ -141,14 +154,30 @@ def _fake_liger(monkeypatch, calls: list) -> None:
 def test_liger_kernels_patch_the_base_and_fuse_the_training_loss(tmp_path, monkeypatch, tiny_model_path, tiny_data_path):
     """`liger_kernels: true` asks Liger for its RMSNorm, SwiGLU and RoPE kernels (never its loss patches: the loss
     is llmtune's) and trains with the output layer fused into the loss, on the label positions only; evaluations
-    keep the plain loss. With kernels that compute the same, the curve is the same."""
+    keep the plain loss, and latency is measured with the model's own kernels again. With kernels that compute
+    the same, the curve is the same."""
+    from transformers.models.llama import modeling_llama
+
+    from llmtune.harness import train as T
+
+    own_rope = modeling_llama.apply_rotary_pos_emb
     calls: list = []
     _fake_liger(monkeypatch, calls)
+    measured_plain: list[bool] = []
+
+    def latency_with_own_kernels(model, *args, **kwargs):
+        norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+        measured_plain.append(modeling_llama.apply_rotary_pos_emb is own_rope
+                              and bool(norms) and not any("forward" in vars(m) for m in norms))
+        return measure_latency(model, *args, **kwargs)
+
+    measure_latency = T.measure_latency
+    monkeypatch.setattr(T, "measure_latency", latency_with_own_kernels)
     runs = {}
     for liger in (False, True):
         recipe = recipe_from_dict(tiny_recipe_dict(
             tmp_path, train={"budget": {"examples": 32}, "eval_points": 2, "eval_batch_size": 16, "seed": 7},
-            measure={"latency": False},
+            measure={"latency_prompts": 1, "max_new_tokens": 2},
             search={"learning_rate": 3e-3, "lora_r": 8, "sequence_len": 128, "batch_size": 8, "micro_batch_size": 4,
                     "lora_target_modules": "all-linear", "lora_dropout": 0.0, "liger_kernels": liger}))
         runs[liger] = run_trial(recipe, recipe.space.complete({}), tmp_path / f"liger-{liger}", fractions=[0.0, 0.5, 1.0],
@@ -157,9 +186,13 @@ def test_liger_kernels_patch_the_base_and_fuse_the_training_loss(tmp_path, monke
     applied = [c for c in calls if c[0] == "apply"]
     assert applied == [("apply", "llama", {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
                                            "fused_linear_cross_entropy": False})]
+    assert runs[True].info["liger_patched"] > 4 and "liger_patched" not in runs[False].info
+    assert ("rope",) in calls and measured_plain == [True, True]  # trained with the patches, measured without
     losses = [c for c in calls if c[0] == "loss"]
-    assert len(losses) == runs[True].info["plan"]["micro_batches"]  # every training micro batch, no evaluation
-    assert all(shape[0] < 4 * 128 and not grad for _, shape, grad in losses)  # label positions; the frozen output layer
+    plan = runs[True].info["plan"]
+    assert len(losses) == plan["micro_batches"]  # every training micro batch, no evaluation
+    assert sum(shape[0] for _, shape, _ in losses) == plan["label_tokens"]  # the label positions only
+    assert not any(grad for *_, grad in losses)  # the frozen output layer
     assert runs[True].curve[-1][1] < runs[True].curve[0][1] - 0.05  # it learned
     for (_, a), (_, b) in zip(runs[False].curve, runs[True].curve, strict=True):
         assert b == pytest.approx(a, rel=1e-6)

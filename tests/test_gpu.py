@@ -57,6 +57,7 @@ def test_liger_kernels_learn_the_same_curve(tmp_path, tiny_model_path, tiny_data
         res = run_trial(recipe, recipe.space.complete({}), tmp_path / f"liger-{liger}",
                         fractions=[0.0, 0.25, 0.5, 0.75, 1.0], save_adapter=False)
         assert res.status == "complete", res.reason
+        assert (res.info.get("liger_patched", 0) > 0) == liger  # Liger's kernels ran (it only logs for a model it lacks)
         curves[liger] = res.curve
     assert curves[False][-1][1] < curves[False][0][1] - 0.05  # it learned
     for (_, a), (_, b) in zip(curves[False], curves[True], strict=True):

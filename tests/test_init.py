@@ -50,10 +50,13 @@ def test_liger_kernels_are_offered_for_a_gpu_where_the_package_is_installed(tiny
                                                                             monkeypatch, installed: bool) -> None:
     from llmtune import hardware
 
-    monkeypatch.setattr(hardware, "installed", lambda name: installed or name != "liger_kernel")
+    monkeypatch.setattr(hardware, "liger_model_types", lambda: frozenset({"llama"}) if installed else "not installed")
     data = write_jsonl(tmp_path / "t.jsonl", [{"text": "hello world " * 20}] * 10)
     assert ("liger_kernels: [false, true]" in recipe_text("llmtune/tiny", data, gpu_memory_gb=24)) == installed
-    assert "liger_kernels: [" not in recipe_text("llmtune/tiny", data)  # this machine: no CUDA
+    monkeypatch.setattr(hardware, "cuda_available", lambda: False)
+    assert "liger_kernels: [" not in recipe_text("llmtune/tiny", data)  # no GPU: never
+    monkeypatch.setattr(hardware, "liger_model_types", lambda: frozenset({"mistral"}))  # not for this architecture
+    assert "liger_kernels: [" not in recipe_text("llmtune/tiny", data, gpu_memory_gb=24)
 
 
 @pytest.mark.parametrize("row, fmt", [

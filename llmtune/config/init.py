@@ -162,6 +162,21 @@ def model_facts(model: str, examples: int) -> Any:
         return None
 
 
+def _liger_has_kernels_for(model: str) -> bool:
+    """Whether liger-kernel is installed and has kernels for this model's architecture."""
+    from llmtune import hardware
+
+    known = hardware.liger_model_types()
+    if isinstance(known, str):
+        return False
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model).model_type in known
+    except Exception:  # unreadable here: `llmtune validate` says why
+        return False
+
+
 def learning_rates(facts: Any, rank: int) -> tuple[float, float, str]:
     """The learning-rate range (low, high) around the priors' first start for this model and budget, and why."""
     from llmtune.study.priors import lr_alpha_product
@@ -240,7 +255,7 @@ def recipe_text(model: str, data: str | Path, *, gpu_memory_gb: float | None = N
     lr_low, lr_high, lr_why = learning_rates(facts, ranks[1])
     quant, quant_why = fitting_quantizations(path_or_name, gpu_memory_gb, seq, max(ranks))
     liger = ("  liger_kernels: [false, true]    # Liger's fused kernels (liger-kernel is installed): probed too\n"
-             if not on_cpu and hardware.installed("liger_kernel") else "")
+             if not on_cpu and _liger_has_kernels_for(path_or_name) else "")
     stem = source.rsplit("/", 1)[-1] if source != str(path.resolve()) else path.stem
     name = name or f"{model.rsplit('/', 1)[-1]}-{stem}".lower().replace(".", "-")
     field_lines = "".join(f"  {k}: {_yaml(v)}\n" for k, v in fields.items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -87,22 +88,52 @@ def load_base(cfg: ModelConfig, settings: TrialSettings, device: str, dtype: tor
         device_map={"": device} if (qconfig is not None or device == "cuda") else None,
     )
     model.config.use_cache = False  # no KV cache while training; generation turns it back on
-    if settings.liger_kernels:
-        apply_liger(model)
     return model
 
 
-def apply_liger(model: Any) -> None:
-    """Liger's fused Triton kernels (`liger_kernels: true`, CUDA only; preflight checks the device, the package
-    and the architecture): RMSNorm, the SwiGLU MLP and RoPE of the base model's own layers, before the adapter
-    wraps its linear layers (Liger's MLP still calls them, so LoRA on the MLP works). The loss is llmtune's own
-    (`harness.train._loss_sum`), so Liger's loss patches of the model's forward stay off; its fused output layer
-    + cross-entropy is what training's loss uses instead (`fused_loss`). The same arithmetic in other kernels:
-    it changes float rounding, not what is learned (tests/test_gpu.py compares the curves)."""
+_ABSENT = object()
+
+
+def apply_liger(model: Any) -> tuple[Callable[[], None], int]:
+    """Liger's fused Triton kernels for training (`liger_kernels: true`, CUDA only; preflight checks the device,
+    the package and the architecture): RMSNorm, the gated MLP (SwiGLU; GeGLU for Gemma) and RoPE of the base
+    model's own layers, patched before the adapter wraps its linear layers (Liger's MLP still calls them, so
+    LoRA on the MLP works). The loss is llmtune's own (`harness.train._loss_sum`), so Liger's loss patches of
+    the model's forward stay off; its fused output layer + cross-entropy is training's loss instead
+    (`fused_loss`). The same arithmetic in other kernels: float rounding, not what is learned
+    (tests/test_gpu.py compares the curves).
+
+    Returns ``(undo, patched)``: how many attributes Liger replaced, and a function that puts them back (the
+    modules' own forward passes, the modeling module's functions), so that what is measured after training
+    (latency, generations, forgetting) runs as a user's plain transformers runs the adapter, the same in
+    every execution variant (`study.probes` copies those metrics across variants)."""
+    import sys
+
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
+    modeling = sys.modules[type(model).__module__]
+    modules = list(model.modules())
+    before = [(dict(vars(m)), dict(m._modules)) for m in modules]
+    module_globals = dict(vars(modeling))
     _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
+    changed: list[tuple[dict[str, Any], str, Any]] = []
+    for m, (attrs, children) in zip(modules, before, strict=True):
+        changed += [(vars(m), k, attrs.get(k, _ABSENT)) for k, v in vars(m).items() if attrs.get(k, _ABSENT) is not v]
+        changed += [(m._modules, k, children.get(k, _ABSENT)) for k, v in m._modules.items()
+                    if children.get(k, _ABSENT) is not v]
+    changed += [(vars(modeling), k, module_globals.get(k, _ABSENT)) for k, v in vars(modeling).items()
+                if module_globals.get(k, _ABSENT) is not v]
+
+    def undo() -> None:
+        for namespace, key, old in changed:
+            if old is _ABSENT:
+                namespace.pop(key, None)
+            else:
+                namespace[key] = old
+        changed.clear()
+
+    return undo, len(changed)
 
 
 def fused_loss(settings: TrialSettings) -> Any:

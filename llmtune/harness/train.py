@@ -101,7 +101,8 @@ def _loss_sum(model: Any, batch: D.Batch, device: str, packed_mask: torch.dtype 
 
     ``fused``: a loss that takes the output layer's weight and the hidden states at the label positions
     (Liger's fused linear cross-entropy, `harness.model.fused_loss`), so the label positions' logits are
-    never held at once; training only: evaluations keep the plain path, the same for every trial."""
+    never held at once; training's loss only (evaluations compute the plain loss, on the forward pass the
+    model has: under `liger_kernels`, Liger's)."""
     shifted = [row[1:] + [D.IGNORE] for row in batch.labels]  # shift the labels: no copy of the logits
     split = _split_head(model)
     if split is None:
@@ -117,7 +118,7 @@ def _loss_sum(model: Any, batch: D.Batch, device: str, packed_mask: torch.dtype 
     hidden = decoder(**_tensors(batch, device, packed_mask), use_cache=False)[0].flatten(0, 1)
     at_labels = hidden.index_select(0, torch.tensor(keep, device=device))
     targets = torch.tensor([flat[i] for i in keep], device=device)
-    if fused is not None and type(head) is torch.nn.Linear:  # not an adapted output layer: its weight is all
+    if fused is not None and keep and type(head) is torch.nn.Linear:  # not an adapted output layer: its weight is all
         fused_sum: torch.Tensor = fused(head.weight, at_labels, targets, head.bias)
         return fused_sum.float()
     return torch.nn.functional.cross_entropy(head(at_labels).float(), targets, reduction="sum")
@@ -282,6 +283,7 @@ class _Setup:
     warmup: int
     seg: Any  # harness.resume.SegmentRun, for a segment
     fused_loss: Any = None  # liger_kernels: the output layer fused with the loss (`_loss_sum`)
+    undo_liger: Any = None  # liger_kernels: puts the model's own kernels back (`model.apply_liger`)
 
 
 @dataclass
@@ -352,7 +354,7 @@ def _setup(job: _Job) -> _Setup:
     info.update(plan=plan.totals(), batch_size=batch_size, padding_share=D.padding_share(plan), dropped_examples=dropped,
                 truncated_examples=sum(e.truncated for e in train_examples),
                 eval_examples=len(eval_examples), eval_tokens=sum(b.label_tokens for b in eval_set))
-    model, packed_mask, trainable = _setup_model(job, device, dtype)
+    model, packed_mask, trainable, undo_liger = _setup_model(job, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(recipe.train.optimizer, params, settings.learning_rate, recipe.train.weight_decay)
     n_steps = len(plan.steps)
@@ -367,13 +369,17 @@ def _setup(job: _Job) -> _Setup:
         seg = SegmentRun(SegmentSpec.from_dict(job.segment), plan, settings, recipe.train.lr_scheduler, model, optimizer,
                          device)
     return _Setup(device, dtype, tokenizer, splits, plan, eval_set, model, packed_mask, trainable, params, optimizer,
-                  scheduler, warmup, seg, M.fused_loss(settings))
+                  scheduler, warmup, seg, M.fused_loss(settings), undo_liger)
 
 
-def _setup_model(job: _Job, device: str, dtype: torch.dtype) -> tuple[Any, torch.dtype | None, int]:
-    """The base model with its LoRA adapter, how packed rows keep their examples apart, the trainable count."""
+def _setup_model(job: _Job, device: str, dtype: torch.dtype) -> tuple[Any, torch.dtype | None, int, Any]:
+    """The base model with its LoRA adapter, how packed rows keep their examples apart, the trainable count,
+    and under `liger_kernels` the function that takes Liger's kernels out again (else None)."""
     info = job.result.info
     base = M.load_base(job.recipe.model, job.settings, device, dtype)
+    undo_liger = None
+    if job.settings.liger_kernels:
+        undo_liger, info["liger_patched"] = M.apply_liger(base)
     packed_mask = None
     if job.settings.sample_packing:  # can this model keep packed examples apart, and how?
         info["packing_mode"] = mode = packing_mode(base)
@@ -386,7 +392,7 @@ def _setup_model(job: _Job, device: str, dtype: torch.dtype) -> tuple[Any, torch
     job.result.metrics["trainable_params"] = float(trainable)
     info.update(total_params=total, quantized_layers=M.quantized_layer_types(model),
                 gradient_checkpointing=M.checkpointing_enabled(model))
-    return model, packed_mask, trainable
+    return model, packed_mask, trainable, undo_liger
 
 
 class _Evaluator:
@@ -559,6 +565,8 @@ def _finish(job: _Job, s: _Setup, steps: _Steps, peak: Any, evaluator: _Evaluato
         return
     if s.seg is not None:
         s.seg.save(i + 1)  # before latency, which may draw random numbers: the state is the training's own
+    if s.undo_liger is not None:  # measured as the adapter is used: with the model's own kernels
+        s.undo_liger()
     if recipe.measure.latency:
         job.emit({"event": "phase", "phase": "latency"})
         t = time.perf_counter()

@@ -188,8 +188,8 @@ def cheap_config(space: SearchSpace, facts: ModelFacts | None = None, smallest_r
 
 def starting_points(space: SearchSpace, facts: ModelFacts | None, objectives: set[str] | frozenset[str],
                     n_trials: int | None) -> list[dict[str, Any]]:
-    """What a new `sampler: auto` study runs first, in order (`Strategy.created`; the replay and the table
-    recorder ask here too). Few: 2 starts, or a quarter of a small n_trials; they anchor the sampler, not
+    """What a new `sampler: auto` study runs first, in order (`Strategy.created`; benchmarks/replay.py asks here
+    too). Few: 2 starts, or a quarter of a small n_trials; they anchor the sampler, not
     replace it. Where an objective is a cost and the search has 8 or more trials, the cheap end of the front
     (`cheap_config`) runs second, before the learning-rate hedge: the first start aims at the loss end of the
     front and the cheap one at its other end, so two trials already span it, and the cheap one is the

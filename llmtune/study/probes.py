@@ -1,8 +1,8 @@
 """Execution settings measured by short probes instead of searched with full trials.
 
 Execution settings (`llmtune.config.space` PARAMS with ``execution=True``: sample packing, micro batch
-size, gradient checkpointing) change how a step's examples are laid out, never what the model learns
-(tests/test_execution.py). So under ``study.execution: probe`` (the default) the sampler searches the
+size, gradient checkpointing, Liger's kernels) change how a step's examples are laid out or which kernels
+compute them, never what the model learns (tests/test_execution.py; Liger's: tests/test_gpu.py). So under ``study.execution: probe`` (the default) the sampler searches the
 learning settings only, and for each learning configuration the search
 
 1. probes every execution variant (each choice of the searched execution settings) in its own trial
@@ -40,7 +40,8 @@ from llmtune.trial.endings import COMPLETE, ENDINGS, OVER_BUDGET, not_run
 from llmtune.trial.result import TrialResult, finite
 
 PROBE_STEPS = 2  # timed steps after the warm-up step; the largest step comes on top
-# What a variant takes from the full trial: measured after training, the same in every layout.
+# What a variant takes from the full trial: measured after training, the same in every layout (a trial
+# measures them with the model's own kernels, Liger's taken out: `harness.model.apply_liger`).
 FROM_FULL = ("eval_loss", "latency_ms", "ttft_ms", "generation_memory_gb", "trainable_params")
 SCALED = ("train_throughput", "train_time_s")  # probe value x (full trial / its own probe)
 
