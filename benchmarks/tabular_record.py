@@ -449,7 +449,8 @@ def record_real(args: argparse.Namespace) -> int:
         args.expand_only = True
     raw = [json.loads(line) for line in raw_path.read_text().splitlines() if line.strip()] if raw_path.is_file() else []
     done = {(r["kind"], r["config_id"]) for r in raw}
-    jobs = [j for j in real_jobs(args, tempfile.mkdtemp(prefix="llmtune-tabular-")) if (j[4]["kind"], j[0]) not in done]
+    jobs = [j for j in real_jobs(args, tempfile.mkdtemp(prefix="llmtune-tabular-")) if (j[4]["kind"], j[0]) not in done
+            and (not args.tasks or j[4]["kind"] in args.tasks.split(","))]
     if args.limit:
         jobs = jobs[: args.limit]
     if not args.expand_only and jobs:
@@ -532,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                    "execution variants measured by cost runs and probes")
     p.add_argument("--real", action="store_true", help="the real-model tables (REAL): SmolLM2-135M on two tasks, "
                    "resumable (runs already in the raw file are skipped)")
+    p.add_argument("--tasks", default=None, help="--real: only these tasks (comma-separated; default: every task)")
     p.add_argument("--repeats", type=int, default=2, help="--long: cost runs and probes per computation")
     p.add_argument("--expand-only", action="store_true", help="--long: rebuild the table from the raw runs file")
     args = p.parse_args(argv)
