@@ -94,6 +94,9 @@ LONG: dict[str, Any] = {
 # bf16 (AMX) that recorded the runs before 2026-12-07 17:33 UTC (those rows have no dtype column; their
 # throughput, ~1.5-2x that of the later fp32 runs, says so). On 2026-12-07 a session on a CPU without it
 # (AMD EPYC) recorded 11 runs in fp32 through `auto`: they stay in the raw runs, marked, and out of the tables.
+# From 2026-12-07 20:15 UTC an AMD EPYC with AVX512-BF16 recorded bf16 runs (pinned, `REAL_DTYPE`); per cost
+# class (task, rank, targets) their median training seconds are 0.87-1.19x the AMX runs' (median 1.06x over
+# 10 classes), within the spread of either machine under load, so the tables mix them unscaled (`cpu` names it).
 REAL_DTYPE = "bfloat16"
 REAL: dict[str, Any] = {
     "model": "llmtune/smollm2-135m",
