@@ -2,8 +2,9 @@
 
 Execution settings (`llmtune.config.space` PARAMS with ``execution=True``: sample packing, micro batch
 size, gradient checkpointing, Liger's kernels) change how a step's examples are laid out or which kernels
-compute them, never what the model learns (tests/test_execution.py; Liger's: tests/test_gpu.py). So under ``study.execution: probe`` (the default) the sampler searches the
-learning settings only, and for each learning configuration the search
+compute them, never what the model learns (tests/test_execution.py; Liger's: tests/test_gpu.py). So under
+``study.execution: probe`` (the default) the sampler searches the learning settings only, and for each
+learning configuration the search
 
 1. probes every execution variant (each choice of the searched execution settings) in its own trial
    process: a few optimizer steps plus the plan's largest step (`harness.train.probe_indices`), so the
